@@ -1,0 +1,65 @@
+//! Who is connected here, how messages travel, and who is present, kept apart:
+//! - [`hub::Hub`]: topic → the local channels joined to it, and the fan-out loop;
+//! - [`broker::Broker`]: the seam through which a publish reaches every node (in-memory today;
+//!   a cluster broker later);
+//! - [`presence::Presence`]: the presence state of each topic.
+
+pub mod broker;
+pub mod hub;
+pub mod presence;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use broker::{Broker, LocalBroker};
+pub use hub::{Fanout, FanoutPayload, Hub, Subscriber};
+pub use presence::Presence;
+
+/// Identifies one joined channel (one socket's membership of one topic) for this process's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(u64);
+
+impl ChannelId {
+    pub fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ChannelId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A topic as subscribers share it. Public and private channels of the same name are different
+/// topics and never see each other's messages.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TopicKey {
+    pub private: bool,
+    /// The full topic, `realtime:<name>`, exactly as clients join it.
+    pub topic: Arc<str>,
+}
+
+impl TopicKey {
+    pub fn new(topic: &str, private: bool) -> Self {
+        Self {
+            private,
+            topic: Arc::from(topic),
+        }
+    }
+}
+
+/// The three pieces together, as the server and sessions use them.
+#[derive(Clone)]
+pub struct Channels {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub presence: Arc<Presence>,
+}
+
+impl Channels {
+    /// A single-node setup: the broker delivers to this process's hub.
+    pub fn local() -> Self {
+        let hub = Arc::new(Hub::new());
+        Self {
+            broker: Arc::new(LocalBroker::new(hub.clone())),
+            hub,
+            presence: Arc::new(Presence::new()),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Who is present on each topic, in Phoenix.Presence's shapes.
+//!
+//! Each joined channel tracks at most one entry (its presence key and meta). Tracking, updating
+//! and untracking return the `presence_diff` payload to fan out; [`Presence::state`] gives the
+//! `presence_state` payload for a channel that just joined.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use super::{ChannelId, TopicKey};
+
+const SHARDS: usize = 64;
+
+#[derive(Clone, Debug)]
+struct Entry {
+    channel: ChannelId,
+    phx_ref: String,
+    meta: Map<String, Value>,
+}
+
+impl Entry {
+    fn to_json(&self, prev_ref: Option<&str>) -> Value {
+        let mut m = self.meta.clone();
+        m.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
+        if let Some(prev) = prev_ref {
+            m.insert("phx_ref_prev".into(), Value::String(prev.to_owned()));
+        }
+        Value::Object(m)
+    }
+}
+
+type TopicState = HashMap<String, Vec<Entry>>;
+
+pub struct Presence {
+    shards: Box<[Mutex<HashMap<TopicKey, TopicState>>]>,
+}
+
+/// The result of a track.
+#[derive(Debug, PartialEq)]
+pub enum Tracked {
+    /// A new or changed entry: fan out this `presence_diff` payload.
+    Diff(Value),
+    /// The same meta was tracked again: nothing to send.
+    Unchanged,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Presence {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, key: &TopicKey) -> std::sync::MutexGuard<'_, HashMap<TopicKey, TopicState>> {
+        let mut h = DefaultHasher::new();
+        key.hash(&mut h);
+        self.shards[(h.finish() as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tracks or updates `channel`'s entry under `presence_key`.
+    pub fn track(
+        &self,
+        key: &TopicKey,
+        channel: ChannelId,
+        presence_key: &str,
+        meta: Map<String, Value>,
+    ) -> Tracked {
+        let mut shard = self.shard(key);
+        let topic = shard.entry(key.clone()).or_default();
+        let entries = topic.entry(presence_key.to_owned()).or_default();
+        let new = Entry {
+            channel,
+            phx_ref: new_ref(),
+            meta,
+        };
+        match entries.iter_mut().find(|e| e.channel == channel) {
+            Some(existing) if existing.meta == new.meta => Tracked::Unchanged,
+            Some(existing) => {
+                let old = std::mem::replace(existing, new.clone());
+                Tracked::Diff(json!({
+                    "joins": {presence_key: {"metas": [new.to_json(Some(&old.phx_ref))]}},
+                    "leaves": {presence_key: {"metas": [old.to_json(None)]}},
+                }))
+            }
+            None => {
+                let joined = new.to_json(None);
+                entries.push(new);
+                Tracked::Diff(json!({
+                    "joins": {presence_key: {"metas": [joined]}},
+                    "leaves": {},
+                }))
+            }
+        }
+    }
+
+    /// Removes `channel`'s entry; returns the `presence_diff` payload when there was one.
+    pub fn untrack(&self, key: &TopicKey, channel: ChannelId, presence_key: &str) -> Option<Value> {
+        let mut shard = self.shard(key);
+        let topic = shard.get_mut(key)?;
+        let entries = topic.get_mut(presence_key)?;
+        let at = entries.iter().position(|e| e.channel == channel)?;
+        let gone = entries.remove(at);
+        if entries.is_empty() {
+            topic.remove(presence_key);
+        }
+        if topic.is_empty() {
+            shard.remove(key);
+        }
+        Some(json!({
+            "joins": {},
+            "leaves": {presence_key: {"metas": [gone.to_json(None)]}},
+        }))
+    }
+
+    /// The `presence_state` payload: `{key: {"metas": [...]}}`, `{}` when nobody is present.
+    pub fn state(&self, key: &TopicKey) -> Value {
+        let shard = self.shard(key);
+        let mut out = Map::new();
+        if let Some(topic) = shard.get(key) {
+            for (pkey, entries) in topic {
+                let metas: Vec<Value> = entries.iter().map(|e| e.to_json(None)).collect();
+                out.insert(pkey.clone(), json!({ "metas": metas }));
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+/// An opaque, unique `phx_ref`: a per-process random prefix and a counter, base64url encoded.
+fn new_ref() -> String {
+    static NODE: OnceLock<u32> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let node = *NODE.get_or_init(rand::random::<u32>);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&node.to_be_bytes());
+    bytes[4..].copy_from_slice(&n.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn track_update_untrack_diffs() {
+        let p = Presence::new();
+        let key = TopicKey::new("realtime:room", false);
+        let ch = ChannelId::next();
+        let Tracked::Diff(join) = p.track(&key, ch, "u1", meta(json!({"a":1}))) else {
+            panic!("expected a diff")
+        };
+        let first_ref = join["joins"]["u1"]["metas"][0]["phx_ref"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(join["joins"]["u1"]["metas"][0]["a"], 1);
+        assert_eq!(join["leaves"], json!({}));
+
+        assert_eq!(
+            p.track(&key, ch, "u1", meta(json!({"a":1}))),
+            Tracked::Unchanged
+        );
+
+        let Tracked::Diff(update) = p.track(&key, ch, "u1", meta(json!({"a":2}))) else {
+            panic!("expected a diff")
+        };
+        assert_eq!(
+            update["joins"]["u1"]["metas"][0]["phx_ref_prev"],
+            first_ref.as_str()
+        );
+        assert_eq!(
+            update["leaves"]["u1"]["metas"][0]["phx_ref"],
+            first_ref.as_str()
+        );
+
+        let state = p.state(&key);
+        assert_eq!(state["u1"]["metas"].as_array().unwrap().len(), 1);
+        assert_eq!(state["u1"]["metas"][0]["a"], 2);
+
+        let leave = p.untrack(&key, ch, "u1").unwrap();
+        assert_eq!(leave["leaves"]["u1"]["metas"][0]["a"], 2);
+        assert_eq!(p.state(&key), json!({}));
+        assert!(p.untrack(&key, ch, "u1").is_none());
+    }
+
+    #[test]
+    fn two_channels_share_a_key() {
+        let p = Presence::new();
+        let key = TopicKey::new("realtime:room", false);
+        p.track(&key, ChannelId::next(), "same", meta(json!({"n":1})));
+        p.track(&key, ChannelId::next(), "same", meta(json!({"n":2})));
+        assert_eq!(p.state(&key)["same"]["metas"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn refs_are_unique() {
+        assert_ne!(new_ref(), new_ref());
+    }
+}

@@ -1,0 +1,255 @@
+//! Typed settings. Every setting is a flag and an environment variable; the environment names are
+//! supabase/realtime's wherever it has one, so the image is a drop-in replacement. Defaults live
+//! here as consts and are listed, with their meaning, in `config/walcast.env` and `CONFIG.md`.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub const DEFAULT_PORT: u16 = 4000;
+pub const DEFAULT_CONNECT_ERROR_BACKOFF_MS: u64 = 2_000;
+pub const DEFAULT_CHANNEL_ERROR_BACKOFF_MS: u64 = 5_000;
+pub const DEFAULT_MAX_CHANNELS_PER_CLIENT: usize = 100;
+pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
+pub const DEFAULT_CLIENT_PRESENCE_MAX_CALLS: u32 = 5;
+pub const DEFAULT_CLIENT_PRESENCE_WINDOW_MS: u64 = 30_000;
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "walcast",
+    version,
+    about = "A Supabase Realtime compatible server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the Realtime protocol (WebSocket and REST) on one port.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// TCP port for WebSocket and HTTP.
+    #[arg(long, env = "PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, env = "WALCAST_BIND", default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// HMAC secret that verifies HS256/384/512 JWTs.
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+    pub api_jwt_secret: Option<String>,
+
+    /// A static JWKS (`{"keys":[...]}`) for RS*, PS*, ES256/384, EdDSA and `oct` keys, picked by `kid`.
+    #[arg(long, env = "JWT_JWKS", hide_env_values = true)]
+    pub jwt_jwks: Option<String>,
+
+    /// JSON object of claims every token must carry with exactly these values, e.g. `{"iss":"x"}`.
+    #[arg(long, env = "JWT_CLAIM_VALIDATORS")]
+    pub jwt_claim_validators: Option<String>,
+
+    /// Delay before a refused WebSocket upgrade is answered (slows down retry storms).
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MS)]
+    pub connect_error_backoff_ms: u64,
+
+    /// Delay before a refused channel join is answered.
+    #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CHANNEL_ERROR_BACKOFF_MS)]
+    pub channel_error_backoff_ms: u64,
+
+    /// Channels one socket may have joined at once.
+    #[arg(long, env = "TENANT_MAX_CHANNELS_PER_CLIENT", default_value_t = DEFAULT_MAX_CHANNELS_PER_CLIENT)]
+    pub max_channels_per_client: usize,
+
+    /// Largest broadcast or presence payload, in kilobytes (1,000 bytes) of JSON or raw bytes.
+    #[arg(long, env = "TENANT_MAX_PAYLOAD_SIZE_IN_KB", default_value_t = DEFAULT_MAX_PAYLOAD_SIZE_IN_KB)]
+    pub max_payload_size_in_kb: usize,
+
+    /// Presence messages one channel may send per window.
+    #[arg(long, env = "CLIENT_PRESENCE_MAX_CALLS", default_value_t = DEFAULT_CLIENT_PRESENCE_MAX_CALLS)]
+    pub client_presence_max_calls: u32,
+
+    /// The presence rate window, in milliseconds.
+    #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = DEFAULT_CLIENT_PRESENCE_WINDOW_MS)]
+    pub client_presence_window_ms: u64,
+
+    /// Largest WebSocket frame or message accepted from a client, in bytes; larger closes the socket (1009).
+    #[arg(long, env = "WEBSOCKET_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
+    pub websocket_max_frame_bytes: usize,
+
+    /// A socket that sends nothing (not even a heartbeat) for this long is closed.
+    #[arg(long, env = "WEBSOCKET_IDLE_TIMEOUT_MS", default_value_t = DEFAULT_IDLE_TIMEOUT_MS)]
+    pub websocket_idle_timeout_ms: u64,
+
+    /// Bytes that may wait to be written to one socket; past this the client is disconnected as a slow consumer.
+    #[arg(long, env = "CLIENT_OUTBOUND_QUEUE_BYTES", default_value_t = DEFAULT_OUTBOUND_QUEUE_BYTES)]
+    pub client_outbound_queue_bytes: usize,
+
+    /// How long shutdown waits for sockets to close before exiting anyway.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
+    pub shutdown_timeout_ms: u64,
+
+    /// Log level: error, warning, info or debug (the original's names; `RUST_LOG` overrides).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A setting that cannot work, found before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least the largest payload ({payload} bytes) plus headroom")]
+    QueueSmallerThanPayload { queue: usize, payload: usize },
+    #[error("no way to verify tokens: set API_JWT_SECRET or JWT_JWKS")]
+    NoJwtKeys,
+}
+
+/// Settings after validation, in the units the code uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_error_backoff: Duration,
+    pub channel_error_backoff: Duration,
+    pub max_channels_per_client: usize,
+    pub max_payload_bytes: usize,
+    pub client_presence_max_calls: u32,
+    pub client_presence_window: Duration,
+    pub max_frame_bytes: usize,
+    pub idle_timeout: Duration,
+    pub outbound_queue_bytes: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        if self.api_jwt_secret.as_deref().unwrap_or("").is_empty()
+            && self.jwt_jwks.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(ConfigError::NoJwtKeys);
+        }
+        for (name, v) in [
+            (
+                "TENANT_MAX_CHANNELS_PER_CLIENT",
+                self.max_channels_per_client,
+            ),
+            ("TENANT_MAX_PAYLOAD_SIZE_IN_KB", self.max_payload_size_in_kb),
+            ("WEBSOCKET_MAX_FRAME_BYTES", self.websocket_max_frame_bytes),
+            (
+                "CLIENT_OUTBOUND_QUEUE_BYTES",
+                self.client_outbound_queue_bytes,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if self.websocket_idle_timeout_ms == 0 {
+            return Err(ConfigError::Zero("WEBSOCKET_IDLE_TIMEOUT_MS"));
+        }
+        let max_payload_bytes = self.max_payload_size_in_kb.saturating_mul(1000);
+        if self.client_outbound_queue_bytes < max_payload_bytes.saturating_add(64 * 1024) {
+            return Err(ConfigError::QueueSmallerThanPayload {
+                queue: self.client_outbound_queue_bytes,
+                payload: max_payload_bytes,
+            });
+        }
+        Ok(Settings {
+            connect_error_backoff: Duration::from_millis(self.connect_error_backoff_ms),
+            channel_error_backoff: Duration::from_millis(self.channel_error_backoff_ms),
+            max_channels_per_client: self.max_channels_per_client,
+            max_payload_bytes,
+            client_presence_max_calls: self.client_presence_max_calls,
+            client_presence_window: Duration::from_millis(self.client_presence_window_ms),
+            max_frame_bytes: self.websocket_max_frame_bytes,
+            idle_timeout: Duration::from_millis(self.websocket_idle_timeout_ms),
+            outbound_queue_bytes: self.client_outbound_queue_bytes,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        })
+    }
+
+    /// The `tracing` filter for `LOG_LEVEL`, accepting the original's level names.
+    pub fn log_filter(&self) -> &'static str {
+        match self.log_level.to_ascii_lowercase().as_str() {
+            "emergency" | "alert" | "critical" | "error" => "error",
+            "warning" | "warn" => "warn",
+            "debug" => "debug",
+            "trace" => "trace",
+            _ => "info",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every environment variable the binary reads, from the clap definitions.
+    fn env_names() -> Vec<String> {
+        let cli = Cli::command();
+        let mut names = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    names.push(env.to_string_lossy().into_owned());
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    #[test]
+    fn example_env_file_and_config_doc_list_every_setting() {
+        let example = include_str!("../config/walcast.env");
+        let doc = include_str!("../CONFIG.md");
+        for name in env_names() {
+            assert!(
+                example
+                    .lines()
+                    .any(|l| l.trim_start_matches("# ").starts_with(&format!("{name}="))),
+                "config/walcast.env does not list {name}"
+            );
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "CONFIG.md does not document {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_validate_with_a_secret() {
+        let cli = Cli::try_parse_from(["walcast", "serve", "--api-jwt-secret", "s"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        let s = args.settings().unwrap();
+        assert_eq!(s.max_payload_bytes, 3_000_000);
+        assert_eq!(s.channel_error_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn refuses_to_start_without_keys() {
+        let cli = Cli::try_parse_from(["walcast", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command;
+        assert!(matches!(args.settings(), Err(ConfigError::NoJwtKeys)));
+    }
+}

@@ -1,0 +1,13 @@
+//! Errors that stop the server from starting or running. Errors a client can see are typed
+//! where they arise ([`crate::auth::AuthError`], [`crate::protocol::DecodeError`]) and listed
+//! with their wire strings in `ERROR_CODES.md`.
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::JwtConfigError),
+    #[error("server I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,27 @@
+//! walcast: a Supabase Realtime compatible server.
+//!
+//! # Layout
+//!
+//! - [`config`]: typed settings from flags and environment variables (the original's names).
+//! - [`app`]: the composition root; `app::run(listener, settings, verifier, shutdown)`.
+//! - [`server`]: the axum router: WebSocket upgrade, REST broadcast, health.
+//! - [`session`]: one socket: framing, heartbeat, joins, channel events, timers, and its
+//!   bounded outbound queue.
+//! - [`channels`]: the hub (topic → local subscribers, encode once per serializer), the broker
+//!   seam for multi-node fan-out, and presence.
+//! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary; pure, no I/O.
+//! - [`auth`]: JWT verification (HS*, JWKS) with the protocol's exact error messages.
+//! - [`error`]: start-up errors.
+//!
+//! Control flows `server` → `session` → `channels`; messages flow `session`/`server` →
+//! `channels::Broker` → `channels::Hub` → each subscriber's `session::outbound::Outbound` →
+//! socket. `protocol` knows nothing of sockets; nothing imports `server` or `app`.
+
+pub mod app;
+pub mod auth;
+pub mod channels;
+pub mod config;
+pub mod error;
+pub mod protocol;
+pub mod server;
+pub mod session;

@@ -1,0 +1,61 @@
+//! The Phoenix channel wire format as supabase-js speaks it. Pure: bytes in, typed messages out,
+//! and typed messages to shared frames; no I/O and no clocks.
+//!
+//! Two serializers exist, chosen per socket by the `vsn` query parameter:
+//! - [`Vsn::V1`] (`1.0.0`): JSON objects `{topic, event, payload, ref}`; the server never emits
+//!   `join_ref`.
+//! - [`Vsn::V2`] (`2.0.0`): JSON arrays `[join_ref, ref, topic, event, payload]`, plus binary
+//!   frames for user broadcasts (kind 3 in, kind 4 out; see [`binary`]).
+
+pub mod binary;
+pub mod encode;
+pub mod message;
+pub mod v1;
+pub mod v2;
+
+pub use message::{DecodeError, Encoding, Inbound, InboundPayload, Ref, UserBroadcast};
+
+/// One outgoing WebSocket frame. Cloning shares the encoded bytes.
+pub type Frame = axum::extract::ws::Message;
+
+/// The serializer a socket negotiated with the `vsn` query parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Vsn {
+    V1,
+    V2,
+}
+
+impl Vsn {
+    /// `None` (absent) means 1.0.0, as in Phoenix; any value other than the two known ones is refused.
+    pub fn negotiate(param: Option<&str>) -> Option<Vsn> {
+        match param {
+            None => Some(Vsn::V1),
+            Some("1.0.0") => Some(Vsn::V1),
+            Some("2.0.0") => Some(Vsn::V2),
+            Some(_) => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Vsn::V1 => "1.0.0",
+            Vsn::V2 => "2.0.0",
+        }
+    }
+
+    /// Decodes a text frame with this serializer.
+    pub fn decode_text(self, text: &str) -> Result<Inbound, DecodeError> {
+        match self {
+            Vsn::V1 => v1::decode(text),
+            Vsn::V2 => v2::decode_text(text),
+        }
+    }
+
+    /// Decodes a binary frame. Only V2 has binary frames.
+    pub fn decode_binary(self, bytes: &[u8]) -> Result<Inbound, DecodeError> {
+        match self {
+            Vsn::V1 => Err(DecodeError::BinaryOnV1),
+            Vsn::V2 => binary::decode(bytes),
+        }
+    }
+}

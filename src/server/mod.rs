@@ -1,0 +1,33 @@
+//! The HTTP edge: one axum router on one port for the WebSocket endpoint, the REST broadcast
+//! API and health checks. Every path is served both as the original serves it (`/socket/...`,
+//! `/api/...`) and as supabase-js builds it without a gateway (`/realtime/v1/...`).
+
+mod rest;
+mod socket;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::cors::CorsLayer;
+
+use crate::session::Context;
+
+pub fn router(ctx: Arc<Context>) -> Router {
+    let api = Router::new()
+        .route("/api/ping", get(rest::ping))
+        .route("/api/broadcast", post(rest::broadcast_batch))
+        .route(
+            "/api/broadcast/{topic}/events/{event}",
+            post(rest::broadcast_single),
+        )
+        // Browsers call the broadcast API from other origins, as with the original (CORS `*`).
+        .layer(CorsLayer::very_permissive());
+    Router::new()
+        .route("/socket/websocket", get(socket::upgrade))
+        .route("/realtime/v1/websocket", get(socket::upgrade))
+        .route("/healthcheck", get(rest::healthcheck))
+        .merge(api.clone())
+        .nest("/realtime/v1", api)
+        .with_state(ctx)
+}

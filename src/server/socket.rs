@@ -1,0 +1,79 @@
+//! The WebSocket upgrade: negotiate the serializer, authenticate the socket, hand it to a session.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::protocol::Vsn;
+use crate::session::{self, Connect, Context};
+
+/// Per-socket read buffer. The default (128 KiB) costs ~100 KiB per idle socket; 4 KiB was
+/// measured at ~6 KiB per idle socket (see reference/rust-deps.md).
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 4 * 1024;
+
+pub async fn upgrade(
+    State(ctx): State<Arc<Context>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let params: HashMap<String, String> =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    // An unknown serializer is refused by Phoenix before the socket's connect runs: 403, no body.
+    let Some(vsn) = Vsn::negotiate(params.get("vsn").map(String::as_str)) else {
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    // The `x-api-key` header (set by the self-hosted gateway) wins over the query parameter.
+    let token = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| params.get("apikey").cloned());
+    let Some(token) = token else {
+        return connect_error(&ctx, AuthError::Missing).await;
+    };
+    if let Err(e) = ctx.verifier.verify(&token) {
+        return connect_error(&ctx, e).await;
+    }
+    let log_info = params.get("log_level").map(String::as_str) == Some("info");
+    let max = ctx.settings.max_frame_bytes;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| {
+            session::run(
+                socket,
+                ctx,
+                Connect {
+                    vsn,
+                    token,
+                    log_info,
+                },
+            )
+        })
+}
+
+/// A refused upgrade: HTTP 401 with `{"error": ...}`, after the connect back-off delay.
+async fn connect_error(ctx: &Context, e: AuthError) -> Response {
+    tracing::info!(reason = e.code(), "socket connection refused");
+    let delay = ctx.settings.connect_error_backoff;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({ "error": e.connect_message() })),
+    )
+        .into_response()
+}

@@ -1,0 +1,740 @@
+//! One WebSocket connection: the Phoenix socket and all the channels joined on it.
+//!
+//! A session is two tasks. The reader task (this module's [`run`]) decodes frames, answers
+//! heartbeats and joins, keeps each channel's state, and runs the socket's timers (idle timeout,
+//! token expiry, delayed join errors). The writer task drains the bounded [`outbound::Outbound`]
+//! queue into the socket, so a slow client can only ever fill its own queue.
+//!
+//! All channels of a socket live in the reader task rather than one task each: a channel is a
+//! few hundred bytes of state, and socket-wide ordering (reply, then pushes) comes for free.
+
+pub mod join;
+pub mod outbound;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+use crate::auth::{Claims, JwtVerifier};
+use crate::channels::presence::Tracked;
+use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
+use crate::config::Settings;
+use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, Vsn};
+use outbound::{CloseReason, Drain, Outbound};
+
+/// The topic prefix every channel topic has.
+pub const TOPIC_PREFIX: &str = "realtime:";
+
+/// Join errors waiting for their back-off delay, per socket. Past this many, errors are answered
+/// at once: the delay is there to slow down retry loops, not to hold memory for them.
+const MAX_DELAYED_REPLIES: usize = 128;
+
+/// How long a closing socket may take to flush and say goodbye before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Close code for server shutdown, as the original (1012 "Service Restart").
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
+
+/// What every session shares.
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub verifier: Arc<JwtVerifier>,
+    pub channels: Channels,
+    /// Flips to `true` when the server starts shutting down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Held by every live session; the server waits for all clones to drop on shutdown.
+    pub alive: mpsc::Sender<()>,
+}
+
+/// What the upgrade handler established before handing the socket over.
+pub struct Connect {
+    pub vsn: Vsn,
+    /// The socket's token (from `x-api-key` or `apikey`), already verified.
+    pub token: String,
+    /// `log_level=info` asks for per-message logs for this socket.
+    pub log_info: bool,
+}
+
+/// One joined channel.
+struct Channel {
+    id: ChannelId,
+    key: TopicKey,
+    join_ref: Ref,
+    sub_topic: String,
+    broadcast_self: bool,
+    broadcast_ack: bool,
+    presence_key: String,
+    presence_enabled: bool,
+    token: String,
+    claims: Claims,
+    /// Start of the current presence rate window and the calls made in it.
+    presence_window: Option<(Instant, u32)>,
+}
+
+struct Session {
+    ctx: Arc<Context>,
+    vsn: Vsn,
+    socket_token: String,
+    log_info: bool,
+    outbound: Arc<Outbound>,
+    /// Keyed by the full topic (`realtime:<name>`).
+    channels: HashMap<String, Channel>,
+    delayed: VecDeque<(Instant, Frame)>,
+}
+
+/// Serves one upgraded socket until it closes.
+pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
+    let _alive = ctx.alive.clone();
+    let (sink, mut stream) = socket.split();
+    let outbound = Arc::new(Outbound::new(ctx.settings.outbound_queue_bytes));
+    let mut writer = tokio::spawn(write_loop(sink, outbound.clone()));
+    let mut shutdown = ctx.shutdown.clone();
+    let idle_timeout = ctx.settings.idle_timeout;
+    let mut session = Session {
+        vsn: connect.vsn,
+        socket_token: connect.token,
+        log_info: connect.log_info,
+        outbound: outbound.clone(),
+        channels: HashMap::new(),
+        delayed: VecDeque::new(),
+        ctx,
+    };
+    let mut last_inbound = Instant::now();
+    let mut closing_since: Option<Instant> = None;
+
+    if *shutdown.borrow() {
+        outbound.close(CloseReason::new(
+            CLOSE_SERVICE_RESTART,
+            "server shutting down",
+        ));
+    }
+
+    loop {
+        if closing_since.is_none() && outbound.is_closing() {
+            closing_since = Some(Instant::now());
+        }
+        let open = closing_since.is_none();
+        let idle_at = last_inbound + idle_timeout;
+        let expiry = session.next_token_expiry();
+        let delayed_at = session.delayed.front().map(|(at, _)| *at);
+        let give_up_at = closing_since.map(|at| at + CLOSE_GRACE);
+        tokio::select! {
+            biased;
+            // 1. The writer is done: the socket failed or the close frame went out.
+            _ = &mut writer => break,
+            // 2. A closing socket that does not drain in time is dropped.
+            _ = sleep_until(give_up_at.unwrap_or(idle_at)), if give_up_at.is_some() => break,
+            // 3. Server shutdown: tell the client to come back (1012), after what is queued.
+            changed = shutdown.changed(), if open => {
+                if changed.is_err() || *shutdown.borrow() {
+                    outbound.close(CloseReason::new(CLOSE_SERVICE_RESTART, "server shutting down"));
+                }
+            }
+            // 4. Client frames.
+            frame = stream.next() => match frame {
+                None => break,
+                Some(Err(e)) => {
+                    let too_big = is_capacity_error(&e);
+                    tracing::info!(error = %e, "websocket read failed");
+                    if too_big {
+                        outbound.close(CloseReason::new(1009, "frame too large"));
+                    } else {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) => break,
+                Some(Ok(msg)) => {
+                    last_inbound = Instant::now();
+                    if open {
+                        session.handle_frame(msg);
+                    }
+                }
+            },
+            // 5. Join errors whose back-off delay is over.
+            _ = sleep_until(delayed_at.unwrap_or(idle_at)), if delayed_at.is_some() && open => {
+                session.flush_delayed(Instant::now());
+            }
+            // 6. A channel's token expired.
+            _ = sleep_until(expiry.unwrap_or(idle_at)), if expiry.is_some() && open => {
+                session.expire_tokens();
+            }
+            // 7. Nothing received for the idle timeout (supabase-js heartbeats every 25 s).
+            _ = sleep_until(idle_at), if open => {
+                tracing::debug!("closing idle socket");
+                outbound.close(CloseReason::new(1000, "idle timeout"));
+            }
+        }
+    }
+
+    session.leave_all();
+    outbound.close(CloseReason::new(1000, "bye"));
+    if !writer.is_finished() {
+        // Give the writer a moment to send the close frame, then stop it.
+        if tokio::time::timeout(Duration::from_millis(200), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+}
+
+fn is_capacity_error(e: &axum::Error) -> bool {
+    let text = e.to_string();
+    text.contains("Space limit exceeded")
+        || text.contains("too long")
+        || text.contains("Message too big")
+}
+
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>) {
+    loop {
+        match queue.drain().await {
+            Drain::Frames(frames) => {
+                for frame in frames {
+                    if sink.feed(frame).await.is_err() {
+                        queue.close(CloseReason::new(1011, "write failed"));
+                        return;
+                    }
+                }
+                if sink.flush().await.is_err() {
+                    queue.close(CloseReason::new(1011, "write failed"));
+                    return;
+                }
+            }
+            Drain::Close(frames, reason) => {
+                if queue.overflowed() {
+                    tracing::warn!(code = reason.code, "disconnecting slow consumer");
+                }
+                for frame in frames {
+                    if sink.feed(frame).await.is_err() {
+                        return;
+                    }
+                }
+                let close = Message::Close(Some(CloseFrame {
+                    code: reason.code,
+                    reason: reason.reason.into(),
+                }));
+                let _ = sink.send(close).await;
+                let _ = sink.close().await;
+                return;
+            }
+        }
+    }
+}
+
+impl Session {
+    fn settings(&self) -> &Settings {
+        &self.ctx.settings
+    }
+
+    fn send(&self, frame: Frame) {
+        // A rejected push means the socket is already closing; nothing more to do.
+        let _ = self.outbound.push(frame);
+    }
+
+    fn reply(&self, m: &Inbound, join_ref: &Ref, status: &str, response: &Value) {
+        self.send(encode::reply(
+            self.vsn, join_ref, &m.msg_ref, &m.topic, status, response,
+        ));
+    }
+
+    /// A join error, answered after the back-off delay.
+    fn join_error(&mut self, m: &Inbound, reason: String) {
+        tracing::info!(topic = %m.topic, %reason, "join refused");
+        let frame = encode::reply(
+            self.vsn,
+            &m.join_ref,
+            &m.msg_ref,
+            &m.topic,
+            "error",
+            &json!({ "reason": reason }),
+        );
+        let delay = self.settings().channel_error_backoff;
+        if delay.is_zero() || self.delayed.len() >= MAX_DELAYED_REPLIES {
+            self.send(frame);
+        } else {
+            self.delayed.push_back((Instant::now() + delay, frame));
+        }
+    }
+
+    fn flush_delayed(&mut self, now: Instant) {
+        while let Some((at, _)) = self.delayed.front() {
+            if *at > now {
+                break;
+            }
+            if let Some((_, frame)) = self.delayed.pop_front() {
+                self.send(frame);
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, msg: Message) {
+        let decoded = match &msg {
+            Message::Text(text) => self.vsn.decode_text(text.as_str()),
+            Message::Binary(bytes) => self.vsn.decode_binary(bytes),
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => return,
+        };
+        match decoded {
+            Ok(m) => self.dispatch(m),
+            Err(e) => tracing::warn!(error = %e, "MalformedWebSocketMessage: frame dropped"),
+        }
+    }
+
+    fn dispatch(&mut self, m: Inbound) {
+        if m.topic == "phoenix" && m.event == "heartbeat" {
+            self.reply(&m, &Ref::Null, "ok", &json!({}));
+            return;
+        }
+        if m.event == "phx_join" {
+            self.join(m);
+            return;
+        }
+        if self.channels.contains_key(&m.topic) {
+            self.channel_event(m);
+        } else if m.event == "phx_leave" {
+            self.reply(&m, &m.join_ref, "ok", &json!({}));
+        } else {
+            self.reply(
+                &m,
+                &Ref::Null,
+                "error",
+                &json!({"reason": "unmatched topic"}),
+            );
+        }
+    }
+
+    fn join(&mut self, m: Inbound) {
+        let Some(sub_topic) = m.topic.strip_prefix(TOPIC_PREFIX).map(str::to_owned) else {
+            self.reply(
+                &m,
+                &Ref::Null,
+                "error",
+                &json!({"reason": "unmatched topic"}),
+            );
+            return;
+        };
+        // A second join of a joined topic replaces the channel: close the old one first.
+        if let Some(old) = self.channels.remove(&m.topic) {
+            tracing::debug!(topic = %m.topic, "duplicate join: closing the existing channel");
+            self.send(encode::close(self.vsn, &old.join_ref, &m.topic));
+            self.teardown(&old);
+        }
+        if sub_topic.is_empty() {
+            self.join_error(
+                &m,
+                "TopicNameRequired: You must provide a topic name".into(),
+            );
+            return;
+        }
+        let cfg = match &m.payload {
+            InboundPayload::Json(raw) => join::parse(raw.get()),
+            InboundPayload::UserBroadcast(_) => join::parse("{}"),
+        };
+        if !cfg.problems.is_empty() {
+            tracing::info!(topic = %m.topic, problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
+        }
+        if self.channels.len() >= self.settings().max_channels_per_client {
+            self.join_error(&m, "ChannelRateLimitReached: Too many channels".into());
+            return;
+        }
+        // `sb_...` keys are opaque API keys, not JWTs: the socket's token is used instead.
+        let token = match &cfg.access_token {
+            Some(t) if !t.starts_with("sb_") => t.clone(),
+            _ => self.socket_token.clone(),
+        };
+        let claims = match self.ctx.verifier.verify(&token) {
+            Ok(c) => c,
+            Err(e) => {
+                self.join_error(&m, e.join_reason());
+                return;
+            }
+        };
+        if cfg.private {
+            // Private channels need their read policy on realtime.messages, which this build
+            // cannot evaluate yet. Deny rather than let one through unchecked.
+            self.join_error(
+                &m,
+                format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"),
+            );
+            return;
+        }
+
+        let key = TopicKey::new(&m.topic, cfg.private);
+        let presence_key = if cfg.presence_key.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            cfg.presence_key.clone()
+        };
+        let channel = Channel {
+            id: ChannelId::next(),
+            key,
+            join_ref: m.join_ref.clone(),
+            sub_topic,
+            broadcast_self: cfg.broadcast_self,
+            broadcast_ack: cfg.broadcast_ack,
+            presence_key,
+            presence_enabled: cfg.presence_enabled,
+            token,
+            claims,
+            presence_window: None,
+        };
+
+        let bindings: Vec<Value> = cfg
+            .postgres_changes
+            .iter()
+            .map(|b| {
+                let mut echoed = b.clone();
+                echoed.insert("id".into(), Value::from(binding_id(b)));
+                Value::Object(echoed)
+            })
+            .collect();
+        self.reply(
+            &m,
+            &m.join_ref,
+            "ok",
+            &json!({ "postgres_changes": bindings }),
+        );
+        self.ctx.channels.hub.subscribe(
+            &channel.key,
+            Subscriber {
+                channel: channel.id,
+                vsn: self.vsn,
+                outbound: self.outbound.clone(),
+            },
+        );
+        if !bindings.is_empty() {
+            // Say so instead of leaving the client waiting for changes that will never come.
+            self.push(
+                &channel,
+                "system",
+                &json!({
+                    "extension": "postgres_changes",
+                    "status": "error",
+                    "message": "Postgres changes are not available on this server yet",
+                    "channel": channel.sub_topic,
+                }),
+            );
+        }
+        if channel.presence_enabled {
+            let state = self.ctx.channels.presence.state(&channel.key);
+            self.push(&channel, "presence_state", &state);
+        }
+        tracing::debug!(topic = %m.topic, role = %channel.claims.role, "joined");
+        self.channels.insert(m.topic, channel);
+    }
+
+    fn push(&self, channel: &Channel, event: &str, payload: &Value) {
+        self.send(encode::push(
+            self.vsn,
+            &channel.join_ref,
+            &channel.key.topic,
+            event,
+            payload,
+        ));
+    }
+
+    fn channel_event(&mut self, m: Inbound) {
+        match m.event.as_str() {
+            "phx_leave" => {
+                if let Some(ch) = self.channels.remove(&m.topic) {
+                    self.reply(&m, &ch.join_ref, "ok", &json!({}));
+                    self.send(encode::close(self.vsn, &ch.join_ref, &m.topic));
+                    self.teardown(&ch);
+                }
+            }
+            "broadcast" => self.broadcast(m),
+            "presence" => self.presence(m),
+            "access_token" => self.access_token(m),
+            other => {
+                if self.log_info {
+                    tracing::info!(topic = %m.topic, event = other, "Unexpected message from client");
+                } else {
+                    tracing::debug!(topic = %m.topic, event = other, "Unexpected message from client");
+                }
+            }
+        }
+    }
+
+    fn broadcast(&mut self, m: Inbound) {
+        let Some(ch) = self.channels.get(&m.topic) else {
+            return;
+        };
+        let size = match &m.payload {
+            InboundPayload::Json(raw) => {
+                if !raw.get().trim_start().starts_with('{') {
+                    tracing::info!(topic = %m.topic, "broadcast payload is not an object: dropped");
+                    return;
+                }
+                raw.get().len()
+            }
+            InboundPayload::UserBroadcast(ub) => ub.payload.len(),
+        };
+        let max = self.settings().max_payload_bytes;
+        if size > max {
+            tracing::info!(topic = %m.topic, size, max, "broadcast over the payload limit: dropped");
+            if ch.broadcast_ack {
+                self.reply(&m, &ch.join_ref, "error", &json!("payload_size_exceeded"));
+            }
+            return;
+        }
+        let except = (!ch.broadcast_self).then_some(ch.id);
+        let key = ch.key.clone();
+        let ack = ch.broadcast_ack.then(|| {
+            encode::reply(
+                self.vsn,
+                &ch.join_ref,
+                &m.msg_ref,
+                &m.topic,
+                "ok",
+                &json!({}),
+            )
+        });
+        let payload = match m.payload {
+            InboundPayload::Json(raw) => FanoutPayload::Json {
+                event: "broadcast",
+                payload: raw,
+            },
+            InboundPayload::UserBroadcast(ub) => FanoutPayload::User(ub),
+        };
+        self.ctx
+            .channels
+            .broker
+            .publish(&key, Fanout::new(key.topic.clone(), payload), except);
+        if let Some(ack) = ack {
+            self.send(ack);
+        }
+    }
+
+    fn presence(&mut self, m: Inbound) {
+        let payload: Value = match &m.payload {
+            InboundPayload::Json(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            InboundPayload::UserBroadcast(_) => Value::Null,
+        };
+        let Some(ch) = self.channels.get(&m.topic) else {
+            return;
+        };
+        let join_ref = ch.join_ref.clone();
+        // A payload without an event is accepted and ignored, as the original does.
+        let Some(event) = payload.get("event") else {
+            self.reply(&m, &join_ref, "ok", &json!({}));
+            return;
+        };
+        if !self.presence_allowed(&m.topic) {
+            self.shutdown_channel(&m.topic, "Client presence rate limit exceeded".into());
+            return;
+        }
+        let event = event.as_str().map(str::to_ascii_lowercase);
+        match event.as_deref() {
+            Some("track") => {
+                let meta = match payload.get("payload") {
+                    None | Some(Value::Null) => Map::new(),
+                    Some(Value::Object(meta)) => meta.clone(),
+                    Some(_) => {
+                        self.reply(
+                            &m,
+                            &join_ref,
+                            "error",
+                            &json!({"reason": "Presence track payload must be a map"}),
+                        );
+                        return;
+                    }
+                };
+                let size = serde_json::to_string(&meta)
+                    .map(|s| s.len())
+                    .unwrap_or(usize::MAX);
+                if size > self.settings().max_payload_bytes {
+                    self.shutdown_channel(&m.topic, "Track message size exceeded".into());
+                    return;
+                }
+                let Some(ch) = self.channels.get_mut(&m.topic) else {
+                    return;
+                };
+                ch.presence_enabled = true;
+                let (key, id, pkey) = (ch.key.clone(), ch.id, ch.presence_key.clone());
+                self.reply(&m, &join_ref, "ok", &json!({}));
+                if let Tracked::Diff(diff) = self.ctx.channels.presence.track(&key, id, &pkey, meta)
+                {
+                    self.publish_presence_diff(&key, &diff);
+                }
+            }
+            Some("untrack") => {
+                let Some(ch) = self.channels.get(&m.topic) else {
+                    return;
+                };
+                let (key, id, pkey) = (ch.key.clone(), ch.id, ch.presence_key.clone());
+                self.reply(&m, &join_ref, "ok", &json!({}));
+                if let Some(diff) = self.ctx.channels.presence.untrack(&key, id, &pkey) {
+                    self.publish_presence_diff(&key, &diff);
+                }
+            }
+            _ => {
+                tracing::info!(topic = %m.topic, event = ?payload.get("event"), "UnknownPresenceEvent");
+                self.reply(&m, &join_ref, "error", &json!({}));
+            }
+        }
+    }
+
+    /// Counts a presence call against the channel's window; false when over the limit.
+    fn presence_allowed(&mut self, topic: &str) -> bool {
+        let (max, window) = (
+            self.settings().client_presence_max_calls,
+            self.settings().client_presence_window,
+        );
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return false;
+        };
+        let now = Instant::now();
+        match &mut ch.presence_window {
+            Some((start, count)) if now < *start + window => {
+                if *count >= max {
+                    return false;
+                }
+                *count += 1;
+            }
+            slot => *slot = Some((now, 1)),
+        }
+        true
+    }
+
+    fn publish_presence_diff(&self, key: &TopicKey, diff: &Value) {
+        let Ok(payload) = RawValue::from_string(diff.to_string()) else {
+            return;
+        };
+        self.ctx.channels.broker.publish(
+            key,
+            Fanout::new(
+                key.topic.clone(),
+                FanoutPayload::Json {
+                    event: "presence_diff",
+                    payload,
+                },
+            ),
+            None,
+        );
+    }
+
+    fn access_token(&mut self, m: Inbound) {
+        let payload: Value = match &m.payload {
+            InboundPayload::Json(raw) => serde_json::from_str(raw.get()).unwrap_or(Value::Null),
+            InboundPayload::UserBroadcast(_) => Value::Null,
+        };
+        let Some(ch) = self.channels.get(&m.topic) else {
+            return;
+        };
+        // No reply is ever sent to `access_token`.
+        let token = match payload.get("access_token") {
+            Some(Value::String(t)) if t.starts_with("sb_") || *t == ch.token => return,
+            Some(Value::String(t)) => t.clone(),
+            _ => return,
+        };
+        match self.ctx.verifier.verify(&token) {
+            Ok(claims) => {
+                if let Some(ch) = self.channels.get_mut(&m.topic) {
+                    ch.token = token;
+                    ch.claims = claims;
+                }
+            }
+            Err(e) => self.shutdown_channel(&m.topic, e.to_string()),
+        }
+    }
+
+    /// Stops a channel with a reason: `system` error, then `phx_close`.
+    fn shutdown_channel(&mut self, topic: &str, message: String) {
+        let Some(ch) = self.channels.remove(topic) else {
+            return;
+        };
+        tracing::info!(%topic, %message, "channel shut down");
+        self.push(
+            &ch,
+            "system",
+            &json!({
+                "extension": "system",
+                "status": "error",
+                "message": message,
+                "channel": ch.sub_topic,
+            }),
+        );
+        self.send(encode::close(self.vsn, &ch.join_ref, topic));
+        self.teardown(&ch);
+    }
+
+    /// Removes a channel from the hub and presence. Its presence leave goes to the others.
+    fn teardown(&self, ch: &Channel) {
+        self.ctx.channels.hub.unsubscribe(&ch.key, ch.id);
+        if let Some(diff) = self
+            .ctx
+            .channels
+            .presence
+            .untrack(&ch.key, ch.id, &ch.presence_key)
+        {
+            self.publish_presence_diff(&ch.key, &diff);
+        }
+    }
+
+    fn leave_all(&mut self) {
+        let channels: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        for ch in &channels {
+            self.teardown(ch);
+        }
+    }
+
+    /// When the earliest channel token expires.
+    fn next_token_expiry(&self) -> Option<Instant> {
+        let exp = self.channels.values().map(|c| c.claims.exp).min()?;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let wait_ms = (exp.saturating_mul(1000) - now_ms).max(0) as u64;
+        Some(Instant::now() + Duration::from_millis(wait_ms))
+    }
+
+    fn expire_tokens(&mut self) {
+        let now = crate::auth::now_secs();
+        let expired: Vec<(String, i64)> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.claims.exp <= now)
+            .map(|(t, c)| (t.clone(), c.claims.exp))
+            .collect();
+        for (topic, exp) in expired {
+            self.shutdown_channel(
+                &topic,
+                format!("Token has expired {} seconds ago", now - exp),
+            );
+        }
+    }
+}
+
+/// A stable id for a postgres_changes binding: the same parameters always give the same id (an
+/// integer below 2^27, like the original's `phash2`), so identical bindings share one.
+fn binding_id(binding: &Map<String, Value>) -> u32 {
+    // DefaultHasher::new() uses fixed keys, so ids are stable across restarts.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    Value::Object(binding.clone()).to_string().hash(&mut h);
+    (h.finish() % (1 << 27)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binding_ids_are_stable_and_small() {
+        let a: Map<String, Value> =
+            serde_json::from_str(r#"{"event":"*","schema":"public"}"#).unwrap();
+        let b: Map<String, Value> =
+            serde_json::from_str(r#"{"schema":"public","event":"*"}"#).unwrap();
+        assert_eq!(binding_id(&a), binding_id(&b));
+        assert!(binding_id(&a) < (1 << 27));
+    }
+}

@@ -1,0 +1,216 @@
+//! The bounded outbound queue of one socket.
+//!
+//! Fan-out pushes encoded frames here without waiting; the socket's writer task drains it. The
+//! queue is bounded in bytes: a client that stops reading is disconnected when its backlog passes
+//! the cap (policy: disconnect the slow consumer with a reason), never buffered without limit, and
+//! never allowed to slow down the publisher or other subscribers.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use crate::protocol::Frame;
+
+/// Bookkeeping cost charged per queued frame on top of its payload, so that a flood of tiny
+/// frames is bounded too.
+const FRAME_OVERHEAD: usize = 64;
+
+/// Why the socket is being closed, sent to the client as the WebSocket close frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl CloseReason {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Close code sent to a client whose outbound queue overflowed (1013 "Try Again Later").
+pub const CLOSE_SLOW_CONSUMER: u16 = 1013;
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    close: Option<CloseReason>,
+    overflowed: bool,
+}
+
+pub struct Outbound {
+    state: Mutex<State>,
+    wake: Notify,
+    cap_bytes: usize,
+}
+
+/// What the writer should do next.
+pub enum Drain {
+    Frames(Vec<Frame>),
+    Close(Vec<Frame>, CloseReason),
+}
+
+/// A push that was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The socket is closing; the frame was dropped.
+    Closed,
+    /// This push overflowed the queue; the socket is now being closed.
+    Overflow,
+}
+
+impl Outbound {
+    pub fn new(cap_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            cap_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave State inconsistent (every update is a
+        // single push/pop), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame. Never blocks.
+    pub fn push(&self, frame: Frame) -> Result<(), Rejected> {
+        let size = frame_size(&frame);
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Err(Rejected::Closed);
+        }
+        if st.bytes + size > self.cap_bytes {
+            // Free the backlog now: the client will not read it.
+            st.frames.clear();
+            st.bytes = 0;
+            st.overflowed = true;
+            st.close = Some(CloseReason::new(
+                CLOSE_SLOW_CONSUMER,
+                "slow consumer: outbound queue full",
+            ));
+            drop(st);
+            self.wake.notify_one();
+            return Err(Rejected::Overflow);
+        }
+        st.bytes += size;
+        st.frames.push_back(frame);
+        drop(st);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the writer to send what is queued, then close with `reason`. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.close = Some(reason);
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// True once a push has overflowed the queue.
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// Bytes currently queued (for tests and metrics).
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Waits until there is something to write. Only the socket's writer calls this.
+    pub async fn drain(&self) -> Drain {
+        loop {
+            {
+                let mut st = self.lock();
+                if !st.frames.is_empty() || st.close.is_some() {
+                    let frames: Vec<Frame> = st.frames.drain(..).collect();
+                    st.bytes = 0;
+                    return match st.close.clone() {
+                        Some(reason) => Drain::Close(frames, reason),
+                        None => Drain::Frames(frames),
+                    };
+                }
+            }
+            // notify_one stores a permit when no one is waiting, so a push between the check
+            // above and this await is not lost.
+            self.wake.notified().await;
+        }
+    }
+}
+
+fn frame_size(frame: &Frame) -> usize {
+    use axum::extract::ws::Message;
+    FRAME_OVERHEAD
+        + match frame {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            Message::Ping(b) | Message::Pong(b) => b.len(),
+            Message::Close(_) => 0,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> Frame {
+        Frame::Text("x".repeat(n).into())
+    }
+
+    #[tokio::test]
+    async fn queues_and_drains_in_order() {
+        let q = Outbound::new(10_000);
+        q.push(text(1)).unwrap();
+        q.push(text(2)).unwrap();
+        match q.drain().await {
+            Drain::Frames(f) => assert_eq!(f.len(), 2),
+            Drain::Close(..) => panic!("not closing"),
+        }
+        assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_backlog_and_closes() {
+        let q = Outbound::new(1_000);
+        q.push(text(500)).unwrap();
+        assert_eq!(q.push(text(500)), Err(Rejected::Overflow));
+        assert!(q.overflowed());
+        assert_eq!(q.queued_bytes(), 0);
+        assert_eq!(q.push(text(1)), Err(Rejected::Closed));
+        match q.drain().await {
+            Drain::Close(frames, reason) => {
+                assert!(frames.is_empty());
+                assert_eq!(reason.code, CLOSE_SLOW_CONSUMER);
+            }
+            Drain::Frames(_) => panic!("expected close"),
+        }
+    }
+
+    #[tokio::test]
+    async fn close_flushes_what_was_queued_first() {
+        let q = Outbound::new(10_000);
+        q.push(text(3)).unwrap();
+        q.close(CloseReason::new(1012, "restart"));
+        q.close(CloseReason::new(1000, "ignored"));
+        match q.drain().await {
+            Drain::Close(frames, reason) => {
+                assert_eq!(frames.len(), 1);
+                assert_eq!(reason.code, 1012);
+            }
+            Drain::Frames(_) => panic!("expected close"),
+        }
+    }
+}
