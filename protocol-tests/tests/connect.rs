@@ -1,0 +1,232 @@
+//! Socket connect: endpoints, serializer negotiation, token sources and every refusal.
+
+use jsonwebtoken::{Algorithm, EncodingKey};
+use protocol_tests::*;
+use serde_json::json;
+
+async fn refused(server: &Server, query: &str) -> (u16, serde_json::Value) {
+    match server
+        .connect_url(Vsn::V1, &server.ws_url("/socket/websocket", query), &[])
+        .await
+    {
+        Ok(_) => panic!("connect with {query} should have been refused"),
+        Err((status, body)) => (status, serde_json::from_str(&body).unwrap_or(json!(body))),
+    }
+}
+
+#[tokio::test]
+async fn both_paths_serve_the_socket_and_heartbeats_are_answered() {
+    let server = Server::start().await;
+    let tok = token("anon");
+    for path in ["/socket/websocket", "/realtime/v1/websocket"] {
+        for vsn in BOTH {
+            let url = server.ws_url(path, &format!("apikey={tok}&vsn={}", vsn.param().unwrap()));
+            let mut c = server.connect_url(vsn, &url, &[]).await.expect("connect");
+            c.send(None, Some("7"), "phoenix", "heartbeat", json!({}))
+                .await;
+            let reply = c.recv().await;
+            match vsn {
+                Vsn::V2 => assert_eq!(
+                    c.raw.last().unwrap(),
+                    r#"[null,"7","phoenix","phx_reply",{"status":"ok","response":{}}]"#
+                ),
+                _ => {
+                    assert_eq!(reply.join_ref(), None, "V1 never emits join_ref");
+                    let v: serde_json::Value = serde_json::from_str(c.raw.last().unwrap()).unwrap();
+                    assert_eq!(
+                        v,
+                        json!({"topic":"phoenix","event":"phx_reply","payload":{"status":"ok","response":{}},"ref":"7"})
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn absent_vsn_means_v1_and_unknown_vsn_is_403() {
+    let server = Server::start().await;
+    let tok = token("anon");
+    let mut c = server.connect(Vsn::Default, &tok).await;
+    c.send(None, Some("1"), "phoenix", "heartbeat", json!({}))
+        .await;
+    let f = c.recv().await;
+    assert_eq!(f.payload()["status"], "ok");
+    assert!(
+        c.raw[0].starts_with('{'),
+        "V1 object expected: {}",
+        c.raw[0]
+    );
+
+    let err = server
+        .connect_url(
+            Vsn::V1,
+            &server.ws_url("/socket/websocket", &format!("apikey={tok}&vsn=3.0.0")),
+            &[],
+        )
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err, (403, String::new()));
+}
+
+#[tokio::test]
+async fn refusals_carry_the_original_status_and_error_strings() {
+    let server = Server::start().await;
+    let cases = [
+        ("vsn=2.0.0".to_owned(), "API key is missing"),
+        (
+            "apikey=not-a-jwt&vsn=2.0.0".to_owned(),
+            "The token provided is not a valid JWT",
+        ),
+        (
+            format!(
+                "apikey={}",
+                jsonwebtoken::encode(
+                    &jsonwebtoken::Header::default(),
+                    &json!({"role":"anon","exp":now()+60}),
+                    &EncodingKey::from_secret(b"wrong")
+                )
+                .unwrap()
+            ),
+            "Failed to validate JWT signature",
+        ),
+        (
+            format!("apikey={}", sign(json!({"role":"anon","exp":now()-30}))),
+            "Token has expired",
+        ),
+        (
+            format!("apikey={}", sign(json!({"exp":now()+60}))),
+            "Fields `role` and `exp` are required in JWT",
+        ),
+        (
+            format!("apikey={}", sign(json!({"role":"anon"}))),
+            "Fields `role` and `exp` are required in JWT",
+        ),
+    ];
+    for (query, message) in cases {
+        let (status, body) = refused(&server, &query).await;
+        assert_eq!(status, 401, "{query}");
+        assert_eq!(body, json!({ "error": message }), "{query}");
+    }
+}
+
+#[tokio::test]
+async fn x_api_key_header_wins_over_the_query_parameter() {
+    let server = Server::start().await;
+    let good = token("anon");
+    let url = server.ws_url("/socket/websocket", "apikey=garbage&vsn=2.0.0");
+    assert!(server
+        .connect_url(Vsn::V2, &url, &[("x-api-key", &good)])
+        .await
+        .is_ok());
+    let url = server.ws_url("/socket/websocket", &format!("apikey={good}&vsn=2.0.0"));
+    let err = server
+        .connect_url(Vsn::V2, &url, &[("x-api-key", "garbage")])
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.0, 401);
+}
+
+#[tokio::test]
+async fn connect_errors_wait_for_the_backoff() {
+    let server = Server::start_with(&[("CONNECT_ERROR_BACKOFF_MS", "400")]).await;
+    let start = std::time::Instant::now();
+    let (status, _) = refused(&server, "apikey=nope").await;
+    assert_eq!(status, 401);
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(400),
+        "answered after {:?}",
+        start.elapsed()
+    );
+}
+
+fn jwks_server_env() -> Vec<(&'static str, String)> {
+    vec![(
+        "JWT_JWKS",
+        std::fs::read_to_string(fixture("jwks.json")).unwrap(),
+    )]
+}
+
+#[tokio::test]
+async fn jwks_keys_verify_rsa_ec_eddsa_and_oct_tokens_by_kid() {
+    let env = jwks_server_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start_with(&env).await;
+    let claims = json!({"role":"authenticated","exp":now()+600});
+    let rsa =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap();
+    let ec = EncodingKey::from_ec_pem(&std::fs::read(fixture("ec_private.pem")).unwrap()).unwrap();
+    let ed = EncodingKey::from_ed_pem(&std::fs::read(fixture("ed_private.pem")).unwrap()).unwrap();
+    let oct = EncodingKey::from_secret(b"a-secret-only-the-jwks-knows-0123456789");
+    let good = [
+        sign_with(Algorithm::RS256, Some("rsa-1"), &rsa, claims.clone()),
+        sign_with(Algorithm::PS256, Some("rsa-1"), &rsa, claims.clone()),
+        sign_with(Algorithm::ES256, Some("ec-1"), &ec, claims.clone()),
+        sign_with(Algorithm::EdDSA, Some("ed-1"), &ed, claims.clone()),
+        sign_with(Algorithm::HS256, Some("oct-1"), &oct, claims.clone()),
+        // HS256 with a kid the JWKS does not have: the secret is used, as Supabase Auth tokens need.
+        sign_with(
+            Algorithm::HS256,
+            Some("not-in-jwks"),
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+            claims.clone(),
+        ),
+    ];
+    for tok in &good {
+        let mut c = server.connect(Vsn::V2, tok).await;
+        c.join_ok("realtime:jwks", json!({})).await;
+    }
+
+    let (status, body) = refused(
+        &server,
+        &format!(
+            "apikey={}",
+            sign_with(Algorithm::RS256, Some("nope"), &rsa, claims.clone())
+        ),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        body["error"],
+        "Failed to generate JWT signer for key ID (kid) \"nope\", check your JWT secret or JWKS configuration"
+    );
+    // An RS token signed by a key whose kid names the EC key: wrong key type, no signer.
+    let (_, body) = refused(
+        &server,
+        &format!(
+            "apikey={}",
+            sign_with(Algorithm::RS256, Some("ec-1"), &rsa, claims.clone())
+        ),
+    )
+    .await;
+    assert!(body["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("Failed to generate JWT signer for key ID"));
+    // HS/RS confusion: an HS256 token whose secret is the RSA public key must not verify.
+    let public_pem = std::fs::read(fixture("rsa_public.pem")).unwrap();
+    let confused = sign_with(
+        Algorithm::HS256,
+        Some("rsa-1"),
+        &EncodingKey::from_secret(&public_pem),
+        claims.clone(),
+    );
+    let (status, body) = refused(&server, &format!("apikey={confused}")).await;
+    assert_eq!(
+        (status, body["error"].as_str().unwrap()),
+        (401, "Failed to validate JWT signature")
+    );
+    // alg none.
+    let b64 = |v: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let none = format!("{}.{}.", b64(json!({"alg":"none"})), b64(claims));
+    let (_, body) = refused(&server, &format!("apikey={none}")).await;
+    assert_eq!(
+        body["error"],
+        "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
+    );
+}
