@@ -28,7 +28,7 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::channels::presence::Tracked;
 use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
-use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, Vsn};
+use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, UserBroadcast, Vsn};
 use outbound::{CloseReason, Drain, Outbound};
 
 /// The topic prefix every channel topic has.
@@ -503,7 +503,11 @@ impl Session {
                 event: "broadcast",
                 payload: raw,
             },
-            InboundPayload::UserBroadcast(ub) => FanoutPayload::User(ub),
+            // Client metadata (e.g. `persist`) is not relayed, as in the original.
+            InboundPayload::UserBroadcast(ub) => FanoutPayload::User(UserBroadcast {
+                metadata: None,
+                ..ub
+            }),
         };
         self.ctx
             .channels
