@@ -34,6 +34,46 @@ pub struct Cli {
 pub enum Command {
     /// Serve the Realtime protocol (WebSocket and REST) on one port.
     Serve(ServeArgs),
+    /// Run a local development server with no set-up: listens on 127.0.0.1, signs with a dev
+    /// secret, and prints the URL and ready-to-use anon and service_role keys.
+    Dev(DevArgs),
+}
+
+/// The secret `walcast dev` signs with unless API_JWT_SECRET is set: the Supabase CLI's local
+/// default, so keys from a local Supabase stack work unchanged. Never use it in production.
+pub const DEV_JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
+
+#[derive(Args, Debug, Clone)]
+pub struct DevArgs {
+    /// TCP port for WebSocket and HTTP.
+    #[arg(long, env = "PORT", default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+
+    /// HMAC secret for tokens; defaults to the Supabase CLI's local development secret.
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
+    pub api_jwt_secret: String,
+}
+
+impl DevArgs {
+    /// The serve settings dev runs with: loopback only, the dev secret, everything else from the
+    /// environment or its default.
+    pub fn serve_args(&self) -> Result<ServeArgs, clap::Error> {
+        let port = self.port.to_string();
+        let cli = Cli::try_parse_from([
+            "walcast",
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--api-jwt-secret",
+            &self.api_jwt_secret,
+        ])?;
+        match cli.command {
+            Command::Serve(args) => Ok(args),
+            Command::Dev(_) => unreachable!("parsed a serve command"),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -240,7 +280,9 @@ mod tests {
     #[test]
     fn defaults_validate_with_a_secret() {
         let cli = Cli::try_parse_from(["walcast", "serve", "--api-jwt-secret", "s"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         let s = args.settings().unwrap();
         assert_eq!(s.max_payload_bytes, 3_000_000);
         assert_eq!(s.channel_error_backoff, Duration::from_secs(5));
@@ -249,7 +291,9 @@ mod tests {
     #[test]
     fn refuses_to_start_without_keys() {
         let cli = Cli::try_parse_from(["walcast", "serve"]).unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
         assert!(matches!(args.settings(), Err(ConfigError::NoJwtKeys)));
     }
 }

@@ -9,14 +9,21 @@ use walcast::config::{Cli, Command, LogFormat, ServeArgs};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            init_tracing(&args);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(args))
+        Command::Serve(args) => run(args, None),
+        Command::Dev(dev) => {
+            let args = dev.serve_args()?;
+            run(args, Some(dev.api_jwt_secret))
         }
     }
+}
+
+/// Serves; with `dev_secret`, also prints development keys signed with it.
+fn run(args: ServeArgs, dev_secret: Option<String>) -> anyhow::Result<()> {
+    init_tracing(&args);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args, dev_secret))
 }
 
 fn init_tracing(args: &ServeArgs) {
@@ -31,7 +38,7 @@ fn init_tracing(args: &ServeArgs) {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, dev_secret: Option<String>) -> anyhow::Result<()> {
     let settings = args.settings()?;
     let verifier = JwtVerifier::new(
         args.api_jwt_secret.as_deref(),
@@ -44,6 +51,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // The one line on stdout: tests and scripts read the bound port from it.
     println!("walcast listening on http://{addr}");
+    if let Some(secret) = dev_secret {
+        print_dev_keys(addr, &secret)?;
+    }
     tracing::info!(%addr, "listening");
     walcast::app::run(listener, settings, verifier, shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -70,4 +80,26 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
+}
+
+/// Development keys, valid for ten years, as a local Supabase stack prints them.
+fn print_dev_keys(addr: std::net::SocketAddr, secret: &str) -> anyhow::Result<()> {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let exp = walcast::auth::now_secs() + 10 * 365 * 24 * 3600;
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    let sign = |role: &str| {
+        encode(
+            &Header::default(),
+            &serde_json::json!({"iss": "walcast-dev", "role": role, "exp": exp}),
+            &key,
+        )
+    };
+    println!();
+    println!("  Realtime URL (createClient):  http://{addr}");
+    println!("  WebSocket:                   ws://{addr}/realtime/v1/websocket");
+    println!("  anon key:          {}", sign("anon")?);
+    println!("  service_role key:  {}", sign("service_role")?);
+    println!();
+    println!("  Development only: these keys are signed with a well-known secret.");
+    Ok(())
 }

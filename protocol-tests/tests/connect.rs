@@ -230,3 +230,49 @@ async fn jwks_keys_verify_rsa_ec_eddsa_and_oct_tokens_by_kid() {
         "Failed to generate JWT signer, check your JWT secret or JWKS configuration"
     );
 }
+
+#[tokio::test]
+async fn dev_mode_serves_on_loopback_and_prints_keys_that_work() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(walcast_bin())
+        .arg("dev")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start walcast dev");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut port = None;
+    let mut keys = std::collections::HashMap::new();
+    while keys.len() < 2 {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("dev output")
+            .unwrap()
+            .expect("line");
+        if let Some(rest) = line.strip_prefix("walcast listening on http://") {
+            assert!(
+                rest.starts_with("127.0.0.1:"),
+                "dev listens on loopback only: {rest}"
+            );
+            port = rest.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        }
+        for role in ["anon", "service_role"] {
+            if let Some(k) = line.trim().strip_prefix(&format!("{role} key:")) {
+                keys.insert(role, k.trim().to_owned());
+            }
+        }
+    }
+    let port = port.expect("port line");
+    for (role, key) in keys {
+        let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={key}&vsn=2.0.0");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("{role} key refused: {e}"));
+        let mut c = Client::new(ws, Vsn::V2);
+        c.join_ok("realtime:dev", json!({})).await;
+    }
+}
