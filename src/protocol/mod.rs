@@ -26,13 +26,26 @@ pub enum Vsn {
 }
 
 impl Vsn {
-    /// `None` (absent) means 1.0.0, as in Phoenix; any value other than the two known ones is refused.
+    /// `None` (absent) means 1.0.0, as in Phoenix. Versions are matched as Phoenix's
+    /// `~> 1.0.0` / `~> 2.0.0` requirements: any patch release of 1.0 or 2.0; anything else is
+    /// refused.
     pub fn negotiate(param: Option<&str>) -> Option<Vsn> {
-        match param {
-            None => Some(Vsn::V1),
-            Some("1.0.0") => Some(Vsn::V1),
-            Some("2.0.0") => Some(Vsn::V2),
-            Some(_) => None,
+        let Some(v) = param else {
+            return Some(Vsn::V1);
+        };
+        let mut parts = v.split('.');
+        let (Some(major), Some(minor), Some(patch), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        if minor != "0" || patch.is_empty() || !patch.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        match major {
+            "1" => Some(Vsn::V1),
+            "2" => Some(Vsn::V2),
+            _ => None,
         }
     }
 
@@ -56,6 +69,22 @@ impl Vsn {
         match self {
             Vsn::V1 => Err(DecodeError::BinaryOnV1),
             Vsn::V2 => binary::decode(bytes),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Vsn;
+
+    #[test]
+    fn negotiation_follows_phoenix_requirements() {
+        assert_eq!(Vsn::negotiate(None), Some(Vsn::V1));
+        assert_eq!(Vsn::negotiate(Some("1.0.0")), Some(Vsn::V1));
+        assert_eq!(Vsn::negotiate(Some("2.0.0")), Some(Vsn::V2));
+        assert_eq!(Vsn::negotiate(Some("2.0.3")), Some(Vsn::V2));
+        for bad in ["", "3.0.0", "2.1.0", "2.0", "2.0.0.0", "2.0.x", "v2.0.0"] {
+            assert_eq!(Vsn::negotiate(Some(bad)), None, "{bad}");
         }
     }
 }
