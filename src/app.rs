@@ -2,16 +2,41 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::auth::JwtVerifier;
 use crate::channels::Channels;
-use crate::config::Settings;
+use crate::config::{DatabaseSettings, Settings};
+use crate::db::{migrations, DbError, Pool};
 use crate::error::AppError;
+use crate::postgres_changes::PgChanges;
+use crate::replication;
 use crate::server;
 use crate::session::Context;
+
+/// Decoded change events waiting for the dispatcher. When full, reading from PostgreSQL pauses.
+const CHANGE_QUEUE: usize = 4096;
+
+/// How long start-up waits for the database to accept connections.
+const DB_STARTUP_WAIT: Duration = Duration::from_secs(60);
+
+/// A database that is reachable, migrated, and ready for postgres_changes.
+pub struct Database {
+    pub settings: DatabaseSettings,
+    pub pg: Arc<PgChanges>,
+}
+
+impl Database {
+    /// Connects (waiting up to a minute for the database to come up), migrates, and prepares
+    /// postgres_changes.
+    pub async fn connect(settings: DatabaseSettings) -> Result<Self, AppError> {
+        let pg = start_database(&settings).await?;
+        Ok(Self { settings, pg })
+    }
+}
 
 /// Serves on `listener` until `shutdown` resolves, then closes every socket (1012) and waits for
 /// them, at most `settings.shutdown_timeout`.
@@ -19,15 +44,46 @@ pub async fn run(
     listener: TcpListener,
     settings: Settings,
     verifier: JwtVerifier,
+    database: Option<Database>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let shutdown_timeout = settings.shutdown_timeout;
+
+    let mut tasks = Vec::new();
+    let pg = match database {
+        None => {
+            tracing::warn!(
+                "no database configured (DB_HOST or DATABASE_URL): postgres_changes is off"
+            );
+            None
+        }
+        Some(Database { settings: db, pg }) => {
+            let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
+            let status = Arc::new(replication::Status::default());
+            let cfg = replication::Config {
+                db: db.db.clone(),
+                slot: db.slot.clone(),
+                publication: db.publication.clone(),
+                status_interval: Duration::from_secs(10),
+            };
+            tasks.push(tokio::spawn(replication::run(
+                cfg,
+                tx,
+                status.clone(),
+                shutdown_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(pg.clone().dispatch(rx, status)));
+            Some(pg)
+        }
+    };
+
     let ctx = Arc::new(Context {
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         channels: Channels::local(),
+        pg,
         shutdown: shutdown_rx,
         alive: alive_tx,
     });
@@ -56,5 +112,59 @@ pub async fn run(
             "shutdown deadline passed with sockets still open; exiting anyway"
         );
     }
+    for t in tasks {
+        t.abort();
+    }
     Ok(())
+}
+
+/// Connects (waiting for the database to come up), migrates, and prepares postgres_changes.
+async fn start_database(db: &DatabaseSettings) -> Result<Arc<PgChanges>, AppError> {
+    let pool = Pool::new(&db.db, db.pool_size);
+    let started = tokio::time::Instant::now();
+    loop {
+        match pool.get().await {
+            Ok(_) => break,
+            Err(e) if started.elapsed() < DB_STARTUP_WAIT && e.db_error().is_none() => {
+                tracing::info!(error = %e, "waiting for the database");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(AppError::Database(e)),
+        }
+    }
+    if db.migrate_on_start {
+        let applied = migrations::run(&pool).await?;
+        if !applied.is_empty() {
+            tracing::info!(?applied, "applied migrations");
+        }
+    }
+    if migrations::ensure_publication(&pool, &db.publication).await? {
+        tracing::info!(publication = %db.publication, "created the (empty) publication; add tables with ALTER PUBLICATION ... ADD TABLE");
+    }
+    // The slot exists before the first client can subscribe: from here on, every committed
+    // change is kept for walcast, whether or not the stream is connected yet.
+    let mut params: Vec<(&str, &str)> = crate::db::SESSION_GUCS.to_vec();
+    params.push(("client_encoding", "UTF8"));
+    let mut conn = replication::conn::ReplicationConn::connect(&db.db, "walcast_setup", &params)
+        .await
+        .map_err(AppError::Replication)?;
+    replication::ensure_slot(&mut conn, &db.slot)
+        .await
+        .map_err(AppError::Replication)?;
+    drop(conn);
+    let pg = Arc::new(PgChanges::new(
+        pool,
+        db.publication.clone(),
+        db.max_record_bytes,
+    ));
+    pg.catalog.load_types().await?;
+    Ok(pg)
+}
+
+/// `walcast migrate`: applies migrations and creates the publication.
+pub async fn migrate(db: &DatabaseSettings) -> Result<Vec<i64>, DbError> {
+    let pool = Pool::new(&db.db, 1);
+    let applied = migrations::run(&pool).await?;
+    migrations::ensure_publication(&pool, &db.publication).await?;
+    Ok(applied)
 }

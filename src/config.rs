@@ -18,6 +18,10 @@ pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
+pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
+pub const DEFAULT_DB_POOL_SIZE: usize = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,9 +38,12 @@ pub struct Cli {
 pub enum Command {
     /// Serve the Realtime protocol (WebSocket and REST) on one port.
     Serve(ServeArgs),
-    /// Run a local development server with no set-up: listens on 127.0.0.1, signs with a dev
-    /// secret, and prints the URL and ready-to-use anon and service_role keys.
+    /// Run a local development server with no set-up: its own PostgreSQL cluster (in
+    /// `.walcast/`), migrations applied, listening on 127.0.0.1, printing the URL and
+    /// ready-to-use anon and service_role keys.
     Dev(DevArgs),
+    /// Apply walcast's migrations to the database and exit.
+    Migrate(ServeArgs),
 }
 
 /// The secret `walcast dev` signs with unless API_JWT_SECRET is set: the Supabase CLI's local
@@ -52,6 +59,14 @@ pub struct DevArgs {
     /// HMAC secret for tokens; defaults to the Supabase CLI's local development secret.
     #[arg(long, env = "API_JWT_SECRET", hide_env_values = true, default_value = DEV_JWT_SECRET)]
     pub api_jwt_secret: String,
+
+    /// Where the development PostgreSQL cluster lives (created on first run, reused after).
+    #[arg(long, env = "WALCAST_DEV_DIR", default_value = ".walcast")]
+    pub data_dir: std::path::PathBuf,
+
+    /// Serve without a database (broadcast and presence only).
+    #[arg(long)]
+    pub no_db: bool,
 }
 
 impl DevArgs {
@@ -71,7 +86,7 @@ impl DevArgs {
         ])?;
         match cli.command {
             Command::Serve(args) => Ok(args),
-            Command::Dev(_) => unreachable!("parsed a serve command"),
+            _ => unreachable!("parsed a serve command"),
         }
     }
 }
@@ -138,6 +153,51 @@ pub struct ServeArgs {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_MS)]
     pub shutdown_timeout_ms: u64,
 
+    /// PostgreSQL host (or Unix socket directory). Without DB_HOST or DATABASE_URL, postgres_changes is off.
+    #[arg(long, env = "DB_HOST")]
+    pub db_host: Option<String>,
+
+    /// PostgreSQL port.
+    #[arg(long, env = "DB_PORT", default_value_t = 5432)]
+    pub db_port: u16,
+
+    /// PostgreSQL user; it needs the REPLICATION attribute (or superuser).
+    #[arg(long, env = "DB_USER", default_value = "postgres")]
+    pub db_user: String,
+
+    /// PostgreSQL password.
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    pub db_password: Option<String>,
+
+    /// PostgreSQL database.
+    #[arg(long, env = "DB_NAME", default_value = "postgres")]
+    pub db_name: String,
+
+    /// `postgres://user:password@host:port/dbname`; wins over the DB_* settings.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// SQL connections walcast keeps for authorization and subscription checks.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE)]
+    pub db_pool_size: usize,
+
+    /// The publication whose tables postgres_changes streams (created, empty, when missing).
+    #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
+    pub publication: String,
+
+    /// The durable logical replication slot walcast streams from (created when missing).
+    #[arg(long, env = "SLOT_NAME", default_value = DEFAULT_SLOT_NAME)]
+    pub slot_name: String,
+
+    /// A change whose row data is larger than this is sent with values over 64 bytes removed
+    /// and the error "Error 413: Payload Too Large".
+    #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+
+    /// Apply walcast's migrations at start (`false` to run `walcast migrate` separately).
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+
     /// Log level: error, warning, info or debug (the original's names; `RUST_LOG` overrides).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -162,6 +222,23 @@ pub enum ConfigError {
     QueueSmallerThanPayload { queue: usize, payload: usize },
     #[error("no way to verify tokens: set API_JWT_SECRET or JWT_JWKS")]
     NoJwtKeys,
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
+    #[error(
+        "{0} must be a PostgreSQL identifier: letters, digits and underscores, at most 63 bytes"
+    )]
+    BadIdentifier(&'static str),
+}
+
+/// Database settings after validation.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub db: crate::db::DbConfig,
+    pub pool_size: usize,
+    pub publication: String,
+    pub slot: String,
+    pub max_record_bytes: usize,
+    pub migrate_on_start: bool,
 }
 
 /// Settings after validation, in the units the code uses.
@@ -224,6 +301,43 @@ impl ServeArgs {
             outbound_queue_bytes: self.client_outbound_queue_bytes,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         })
+    }
+
+    /// The database, when one is configured.
+    pub fn database(&self) -> Result<Option<DatabaseSettings>, ConfigError> {
+        let db = match (&self.database_url, &self.db_host) {
+            (Some(url), _) if !url.is_empty() => crate::db::DbConfig::from_url(url)?,
+            (_, Some(host)) if !host.is_empty() => crate::db::DbConfig {
+                host: host.clone(),
+                port: self.db_port,
+                user: self.db_user.clone(),
+                password: self.db_password.clone().filter(|p| !p.is_empty()),
+                dbname: self.db_name.clone(),
+            },
+            _ => return Ok(None),
+        };
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !ident_ok(&self.slot_name) {
+            return Err(ConfigError::BadIdentifier("SLOT_NAME"));
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 {
+            return Err(ConfigError::BadIdentifier("PUBLICATION"));
+        }
+        if self.db_pool_size == 0 {
+            return Err(ConfigError::Zero("DB_POOL_SIZE"));
+        }
+        Ok(Some(DatabaseSettings {
+            db,
+            pool_size: self.db_pool_size,
+            publication: self.publication.clone(),
+            slot: self.slot_name.clone(),
+            max_record_bytes: self.max_record_bytes,
+            migrate_on_start: self.migrate_on_start,
+        }))
     }
 
     /// The `tracing` filter for `LOG_LEVEL`, accepting the original's level names.

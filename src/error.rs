@@ -8,6 +8,10 @@ pub enum AppError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Jwt(#[from] crate::auth::JwtConfigError),
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
+    #[error("replication setup failed: {0}")]
+    Replication(crate::replication::conn::ConnError),
     #[error("server I/O failed: {0}")]
     Io(#[from] std::io::Error),
 }

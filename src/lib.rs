@@ -11,17 +11,26 @@
 //!   seam for multi-node fan-out, and presence.
 //! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary; pure, no I/O.
 //! - [`auth`]: JWT verification (HS*, JWKS) with the protocol's exact error messages.
+//! - [`replication`]: the replication connection, pgoutput decoding, values to JSON.
+//! - [`postgres_changes`]: bindings, filters, the subscription registry, authorization
+//!   (column privileges, batched RLS checks), payloads, and the dispatcher.
+//! - [`db`]: SQL connections and migrations; [`dev`]: the `walcast dev` PostgreSQL cluster.
 //! - [`error`]: start-up errors.
 //!
-//! Control flows `server` → `session` → `channels`; messages flow `session`/`server` →
-//! `channels::Broker` → `channels::Hub` → each subscriber's `session::outbound::Outbound` →
-//! socket. `protocol` knows nothing of sockets; nothing imports `server` or `app`.
+//! Control flows `server` → `session` → `channels` / `postgres_changes`; messages flow
+//! `session`/`server` → `channels::Broker` → `channels::Hub` → each subscriber's
+//! `session::outbound::Outbound` → socket, and `replication` → (bounded queue) →
+//! `postgres_changes` (match, authorize, build payload) → outbound queues. `protocol` knows nothing of sockets; nothing imports `server` or `app`.
 
 pub mod app;
 pub mod auth;
 pub mod channels;
 pub mod config;
+pub mod db;
+pub mod dev;
 pub mod error;
+pub mod postgres_changes;
 pub mod protocol;
+pub mod replication;
 pub mod server;
 pub mod session;

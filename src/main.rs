@@ -10,20 +10,63 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => run(args, None),
-        Command::Dev(dev) => {
-            let args = dev.serve_args()?;
-            run(args, Some(dev.api_jwt_secret))
+        Command::Dev(dev) => run_dev(dev),
+        Command::Migrate(args) => {
+            init_tracing(&args);
+            let db = args
+                .database()?
+                .context("walcast migrate needs a database: set DB_HOST or DATABASE_URL")?;
+            let applied = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(walcast::app::migrate(&db))?;
+            println!(
+                "migrations applied: {applied:?} (publication {:?} ready)",
+                db.publication
+            );
+            Ok(())
         }
     }
 }
 
-/// Serves; with `dev_secret`, also prints development keys signed with it.
-fn run(args: ServeArgs, dev_secret: Option<String>) -> anyhow::Result<()> {
+/// `walcast dev`: start (or reuse) the private cluster, serve, stop the cluster on exit.
+fn run_dev(dev: walcast::config::DevArgs) -> anyhow::Result<()> {
+    let args = dev.serve_args()?;
+    if dev.no_db {
+        return run(
+            args,
+            Some(Dev {
+                secret: dev.api_jwt_secret,
+                cluster: None,
+            }),
+        );
+    }
+    let cluster = walcast::dev::DevCluster::start(&dev.data_dir)?;
+    let result = run(
+        args,
+        Some(Dev {
+            secret: dev.api_jwt_secret,
+            cluster: Some(&cluster),
+        }),
+    );
+    if let Err(e) = cluster.stop() {
+        eprintln!("stopping the dev PostgreSQL failed: {e}");
+    }
+    result
+}
+
+struct Dev<'a> {
+    secret: String,
+    cluster: Option<&'a walcast::dev::DevCluster>,
+}
+
+/// Serves; in dev mode also prints development keys and uses the dev cluster.
+fn run(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     init_tracing(&args);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(serve(args, dev_secret))
+        .block_on(serve(args, dev))
 }
 
 fn init_tracing(args: &ServeArgs) {
@@ -38,8 +81,23 @@ fn init_tracing(args: &ServeArgs) {
     }
 }
 
-async fn serve(args: ServeArgs, dev_secret: Option<String>) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     let settings = args.settings()?;
+    let mut database = args.database()?;
+    if let Some(cluster) = dev.as_ref().and_then(|d| d.cluster) {
+        let mut db = walcast::config::DatabaseSettings {
+            db: cluster.db_config(),
+            pool_size: args.db_pool_size,
+            publication: args.publication.clone(),
+            slot: args.slot_name.clone(),
+            max_record_bytes: args.max_record_bytes,
+            migrate_on_start: true,
+        };
+        if let Some(configured) = database.take() {
+            db.db = configured.db;
+        }
+        database = Some(db);
+    }
     let verifier = JwtVerifier::new(
         args.api_jwt_secret.as_deref(),
         args.jwt_jwks.as_deref(),
@@ -50,12 +108,24 @@ async fn serve(args: ServeArgs, dev_secret: Option<String>) -> anyhow::Result<()
         .with_context(|| format!("cannot listen on {}:{}", args.bind, args.port))?;
     let addr = listener.local_addr()?;
     // The one line on stdout: tests and scripts read the bound port from it.
+    let db_url = database.as_ref().map(|d| {
+        format!(
+            "postgres://{}@{}:{}/{}",
+            d.db.user, d.db.host, d.db.port, d.db.dbname
+        )
+    });
+    let dev_secret = dev.as_ref().map(|d| d.secret.clone());
+    let database = match database {
+        Some(db) => Some(walcast::app::Database::connect(db).await?),
+        None => None,
+    };
+    let app = walcast::app::run(listener, settings, verifier, database, shutdown_signal());
     println!("walcast listening on http://{addr}");
     if let Some(secret) = dev_secret {
-        print_dev_keys(addr, &secret)?;
+        print_dev_keys(addr, &secret, db_url.as_deref())?;
     }
     tracing::info!(%addr, "listening");
-    walcast::app::run(listener, settings, verifier, shutdown_signal()).await?;
+    app.await?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -83,7 +153,11 @@ async fn shutdown_signal() {
 }
 
 /// Development keys, valid for ten years, as a local Supabase stack prints them.
-fn print_dev_keys(addr: std::net::SocketAddr, secret: &str) -> anyhow::Result<()> {
+fn print_dev_keys(
+    addr: std::net::SocketAddr,
+    secret: &str,
+    db_url: Option<&str>,
+) -> anyhow::Result<()> {
     use jsonwebtoken::{encode, EncodingKey, Header};
     let exp = walcast::auth::now_secs() + 10 * 365 * 24 * 3600;
     let key = EncodingKey::from_secret(secret.as_bytes());
@@ -99,6 +173,9 @@ fn print_dev_keys(addr: std::net::SocketAddr, secret: &str) -> anyhow::Result<()
     println!("  WebSocket:                   ws://{addr}/realtime/v1/websocket");
     println!("  anon key:          {}", sign("anon")?);
     println!("  service_role key:  {}", sign("service_role")?);
+    if let Some(url) = db_url {
+        println!("  PostgreSQL:        {url}");
+    }
     println!();
     println!("  Development only: these keys are signed with a well-known secret.");
     Ok(())

@@ -4,6 +4,8 @@
 //! heartbeat barrier (a socket's frames are delivered in order, so once the heartbeat reply is
 //! read, anything queued before it has been read too).
 
+pub mod pg;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::OnceLock;
@@ -90,6 +92,14 @@ impl Server {
     /// Defaults for tests: no error back-off, the test secret.
     pub async fn start() -> Server {
         Self::start_with(&[]).await
+    }
+
+    /// Starts walcast against a test database (plus extra settings).
+    pub async fn start_with_db(db: &pg::TestDb, extra: &[(&str, &str)]) -> Server {
+        let env = db.env();
+        let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        all.extend_from_slice(extra);
+        Self::start_with(&all).await
     }
 
     pub async fn start_with(env: &[(&str, &str)]) -> Server {

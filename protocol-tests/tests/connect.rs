@@ -232,13 +232,16 @@ async fn jwks_keys_verify_rsa_ec_eddsa_and_oct_tokens_by_kid() {
 }
 
 #[tokio::test]
-async fn dev_mode_serves_on_loopback_and_prints_keys_that_work() {
+async fn dev_mode_serves_on_loopback_with_its_own_postgres_and_prints_keys_that_work() {
     use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = std::env::temp_dir().join(format!("walcast-dev-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     let mut child = tokio::process::Command::new(walcast_bin())
         .arg("dev")
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("PORT", "0")
+        .env("WALCAST_DEV_DIR", &dir)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -246,8 +249,9 @@ async fn dev_mode_serves_on_loopback_and_prints_keys_that_work() {
         .expect("start walcast dev");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut port = None;
+    let mut db_url = None;
     let mut keys = std::collections::HashMap::new();
-    while keys.len() < 2 {
+    while keys.len() < 2 || db_url.is_none() {
         let line = tokio::time::timeout(WAIT, lines.next_line())
             .await
             .expect("dev output")
@@ -259,6 +263,9 @@ async fn dev_mode_serves_on_loopback_and_prints_keys_that_work() {
                 "dev listens on loopback only: {rest}"
             );
             port = rest.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+        }
+        if let Some(url) = line.trim().strip_prefix("PostgreSQL:") {
+            db_url = Some(url.trim().to_owned());
         }
         for role in ["anon", "service_role"] {
             if let Some(k) = line.trim().strip_prefix(&format!("{role} key:")) {

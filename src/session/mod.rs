@@ -28,6 +28,9 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::channels::presence::Tracked;
 use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
+use crate::postgres_changes::binding::{self, BindingSpec};
+use crate::postgres_changes::registry::{Sub, Target};
+use crate::postgres_changes::PgChanges;
 use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, UserBroadcast, Vsn};
 use outbound::{CloseReason, Drain, Outbound};
 
@@ -49,6 +52,8 @@ pub struct Context {
     pub settings: Arc<Settings>,
     pub verifier: Arc<JwtVerifier>,
     pub channels: Channels,
+    /// postgres_changes, when a database is configured.
+    pub pg: Option<Arc<PgChanges>>,
     /// Flips to `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Held by every live session; the server waits for all clones to drop on shutdown.
@@ -78,7 +83,25 @@ struct Channel {
     claims: Claims,
     /// Start of the current presence rate window and the calls made in it.
     presence_window: Option<(Instant, u32)>,
+    /// The channel's postgres_changes bindings, parsed.
+    pg_bindings: Vec<BindingSpec>,
+    /// Bumped at every (re)subscription, so that a late result of an older one is ignored.
+    pg_generation: u64,
 }
+
+/// Results of work a session started in the background.
+enum SessionEvent {
+    /// postgres_changes subscriptions checked against the database.
+    PgPrepared {
+        topic: String,
+        channel: ChannelId,
+        generation: u64,
+        result: Result<Vec<(u32, Sub)>, String>,
+    },
+}
+
+/// Background results that may wait for the session at once (one per channel in practice).
+const SESSION_EVENTS: usize = 128;
 
 struct Session {
     ctx: Arc<Context>,
@@ -89,6 +112,7 @@ struct Session {
     /// Keyed by the full topic (`realtime:<name>`).
     channels: HashMap<String, Channel>,
     delayed: VecDeque<(Instant, Frame)>,
+    events: mpsc::Sender<SessionEvent>,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -99,7 +123,9 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut writer = tokio::spawn(write_loop(sink, outbound.clone()));
     let mut shutdown = ctx.shutdown.clone();
     let idle_timeout = ctx.settings.idle_timeout;
+    let (events_tx, mut events_rx) = mpsc::channel(SESSION_EVENTS);
     let mut session = Session {
+        events: events_tx,
         vsn: connect.vsn,
         socket_token: connect.token,
         log_info: connect.log_info,
@@ -159,15 +185,17 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                     }
                 }
             },
-            // 5. Join errors whose back-off delay is over.
+            // 5. Background work finished (postgres_changes subscriptions).
+            Some(event) = events_rx.recv(), if open => session.handle_event(event),
+            // 6. Join errors whose back-off delay is over.
             _ = sleep_until(delayed_at.unwrap_or(idle_at)), if delayed_at.is_some() && open => {
                 session.flush_delayed(Instant::now());
             }
-            // 6. A channel's token expired.
+            // 7. A channel's token expired.
             _ = sleep_until(expiry.unwrap_or(idle_at)), if expiry.is_some() && open => {
                 session.expire_tokens();
             }
-            // 7. Nothing received for the idle timeout (supabase-js heartbeats every 25 s).
+            // 8. Nothing received for the idle timeout (supabase-js heartbeats every 25 s).
             _ = sleep_until(idle_at), if open => {
                 tracing::debug!("closing idle socket");
                 outbound.close(CloseReason::new(1000, "idle timeout"));
@@ -386,6 +414,8 @@ impl Session {
             token,
             claims,
             presence_window: None,
+            pg_bindings: Vec::new(),
+            pg_generation: 0,
         };
 
         let bindings: Vec<Value> = cfg
@@ -411,18 +441,9 @@ impl Session {
                 outbound: self.outbound.clone(),
             },
         );
-        if !bindings.is_empty() {
-            // Say so instead of leaving the client waiting for changes that will never come.
-            self.push(
-                &channel,
-                "system",
-                &json!({
-                    "extension": "postgres_changes",
-                    "status": "error",
-                    "message": "Postgres changes are not available on this server yet",
-                    "channel": channel.sub_topic,
-                }),
-            );
+        let mut channel = channel;
+        if !cfg.postgres_changes.is_empty() {
+            self.start_postgres_changes(&mut channel, &cfg.postgres_changes);
         }
         if channel.presence_enabled {
             let state = self.ctx.channels.presence.state(&channel.key);
@@ -642,13 +663,125 @@ impl Session {
         };
         match self.ctx.verifier.verify(&token) {
             Ok(claims) => {
-                if let Some(ch) = self.channels.get_mut(&m.topic) {
+                if let Some(mut ch) = self.channels.remove(&m.topic) {
                     ch.token = token;
                     ch.claims = claims;
+                    // postgres_changes run under the new claims: check again, then a new
+                    // "Subscribed to PostgreSQL".
+                    if !ch.pg_bindings.is_empty() {
+                        self.prepare_postgres_changes(&mut ch);
+                    }
+                    self.channels.insert(m.topic.clone(), ch);
                 }
             }
             Err(e) => self.shutdown_channel(&m.topic, e.to_string()),
         }
+    }
+
+    /// Parses a channel's bindings and starts checking them against the database. Errors that
+    /// need no database are reported at once, like the original's parse errors.
+    fn start_postgres_changes(&mut self, channel: &mut Channel, raw: &[Map<String, Value>]) {
+        if self.ctx.pg.is_none() {
+            self.push_system(
+                channel,
+                "postgres_changes",
+                "error",
+                "walcast has no database configured (set DB_HOST or DATABASE_URL): postgres_changes are not available",
+            );
+            return;
+        }
+        let mut specs = Vec::with_capacity(raw.len());
+        for b in raw {
+            match binding::parse(b, binding_id(b)) {
+                Ok(spec) => specs.push(spec),
+                Err(message) => {
+                    self.push_system(channel, "postgres_changes", "error", &message);
+                    return;
+                }
+            }
+        }
+        channel.pg_bindings = specs;
+        self.prepare_postgres_changes(channel);
+    }
+
+    fn prepare_postgres_changes(&self, channel: &mut Channel) {
+        let Some(pg) = self.ctx.pg.clone() else {
+            return;
+        };
+        channel.pg_generation += 1;
+        let target = Arc::new(Target {
+            channel: channel.id,
+            vsn: self.vsn,
+            topic: channel.key.topic.clone(),
+            outbound: self.outbound.clone(),
+        });
+        let (claims, specs) = (channel.claims.clone(), channel.pg_bindings.clone());
+        let (topic, id, generation) = (
+            channel.key.topic.to_string(),
+            channel.id,
+            channel.pg_generation,
+        );
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = pg.prepare(target, &claims, &specs).await;
+            tracing::debug!(%topic, ok = result.is_ok(), "postgres_changes prepared");
+            let _ = events
+                .send(SessionEvent::PgPrepared {
+                    topic,
+                    channel: id,
+                    generation,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    fn handle_event(&mut self, event: SessionEvent) {
+        match event {
+            SessionEvent::PgPrepared {
+                topic,
+                channel,
+                generation,
+                result,
+            } => {
+                let Some(ch) = self.channels.get(&topic) else {
+                    return;
+                };
+                if ch.id != channel || ch.pg_generation != generation {
+                    return; // the channel left, or a newer subscription superseded this one
+                }
+                match result {
+                    Ok(subs) => {
+                        if let Some(pg) = &self.ctx.pg {
+                            pg.registry.replace(channel, subs);
+                        }
+                        // Sent only now that the subscriptions are live: a change committed
+                        // after the client reads this is matched against them.
+                        self.push_system(ch, "postgres_changes", "ok", "Subscribed to PostgreSQL");
+                    }
+                    Err(message) => {
+                        tracing::info!(%topic, %message, "postgres_changes subscription refused");
+                        if let Some(pg) = &self.ctx.pg {
+                            pg.registry.remove(channel);
+                        }
+                        self.push_system(ch, "postgres_changes", "error", &message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_system(&self, channel: &Channel, extension: &str, status: &str, message: &str) {
+        self.push(
+            channel,
+            "system",
+            &json!({
+                "extension": extension,
+                "status": status,
+                "message": message,
+                "channel": channel.sub_topic,
+            }),
+        );
     }
 
     /// Stops a channel with a reason: `system` error, then `phx_close`.
@@ -674,6 +807,11 @@ impl Session {
     /// Removes a channel from the hub and presence. Its presence leave goes to the others.
     fn teardown(&self, ch: &Channel) {
         self.ctx.channels.hub.unsubscribe(&ch.key, ch.id);
+        if let Some(pg) = &self.ctx.pg {
+            if !ch.pg_bindings.is_empty() {
+                pg.registry.remove(ch.id);
+            }
+        }
         if let Some(diff) = self
             .ctx
             .channels

@@ -1,0 +1,97 @@
+//! A real PostgreSQL for the tests: one cluster per test binary (created with walcast's own
+//! dev-cluster code, logical replication on), a fresh database per test, and a watchdog that
+//! stops the cluster when the test process exits.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tokio_postgres::{Client, NoTls};
+
+pub struct Cluster {
+    pub port: u16,
+}
+
+static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+
+pub fn cluster() -> &'static Cluster {
+    CLUSTER.get_or_init(|| {
+        let dir = PathBuf::from(std::env::temp_dir()).join(format!("walcast-test-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = walcast::dev::DevCluster::start(&dir).unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"));
+        // Stop the cluster (and remove it) once this test process is gone, however it ends.
+        let watchdog = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            stop = c.stop_shell_command(),
+            dir = dir.display()
+        );
+        std::process::Command::new("sh")
+            .args(["-c", &watchdog])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the cluster watchdog");
+        Cluster { port: c.port }
+    })
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub port: u16,
+}
+
+impl TestDb {
+    pub async fn create(hint: &str) -> TestDb {
+        let c = cluster();
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name: String = format!("t_{}_{}_{}", hint, std::process::id(), n)
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() {
+                    ch.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(60)
+            .collect();
+        let admin = connect(c.port, "postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        TestDb { name, port: c.port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, self.name)
+    }
+
+    /// The environment walcast needs to use this database.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.url()),
+            ("SLOT_NAME", format!("s_{}", self.name)),
+        ]
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(self.port, &self.name).await
+    }
+}
+
+pub async fn connect(port: u16, dbname: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname={dbname}"),
+        NoTls,
+    )
+    .await
+    .expect("connect to the test PostgreSQL");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}

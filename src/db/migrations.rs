@@ -1,0 +1,77 @@
+//! Applies the SQL in `migrations/` (embedded in the binary) in order, once each, recorded in
+//! `walcast.schema_migrations`, under an advisory lock so that several walcast processes can
+//! start against one database at the same time.
+
+use super::{DbError, Pool};
+use std::sync::Arc;
+
+/// (version, name, SQL), in order. Append only: never edit an applied migration.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "supabase_compat",
+    include_str!("../../migrations/0001_supabase_compat.sql"),
+)];
+
+/// Applies what is missing; returns the versions applied now.
+pub async fn run(pool: &Arc<Pool>) -> Result<Vec<i64>, DbError> {
+    let mut client = pool.get().await?;
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS walcast;
+             CREATE TABLE IF NOT EXISTS walcast.schema_migrations (
+                 version bigint PRIMARY KEY,
+                 name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );",
+        )
+        .await?;
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('walcast.migrations'))",
+            &[],
+        )
+        .await?;
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM walcast.schema_migrations WHERE version = $1",
+                &[version],
+            )
+            .await?
+            .is_some();
+        if !done {
+            tx.batch_execute(sql).await?;
+            tx.execute(
+                "INSERT INTO walcast.schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await?;
+            applied.push(*version);
+        }
+        tx.commit().await?;
+    }
+    Ok(applied)
+}
+
+/// Creates the publication when it does not exist (empty: tables are added by the user with
+/// `ALTER PUBLICATION ... ADD TABLE`).
+pub async fn ensure_publication(pool: &Arc<Pool>, publication: &str) -> Result<bool, DbError> {
+    let client = pool.get().await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {}",
+                super::quote_ident(publication)
+            ))
+            .await?;
+    }
+    Ok(!exists)
+}

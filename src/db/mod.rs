@@ -1,0 +1,254 @@
+//! Ordinary SQL: connection settings, a small pool, and the migrations runner.
+
+pub mod migrations;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::{Client, NoTls};
+
+/// Session settings for every walcast connection, replication included: they fix the text form
+/// of values (timestamps in UTC and ISO, hex bytea, shortest exact floats), which the value
+/// conversion and filter comparison rely on.
+pub const SESSION_GUCS: &[(&str, &str)] = &[
+    ("DateStyle", "ISO, MDY"),
+    ("TimeZone", "UTC"),
+    ("IntervalStyle", "postgres"),
+    ("bytea_output", "hex"),
+    ("extra_float_digits", "1"),
+];
+
+/// Where the database is. Built from `DB_HOST`/`DB_PORT`/... or `DATABASE_URL`.
+#[derive(Clone)]
+pub struct DbConfig {
+    /// A host name, an IP, or a directory holding the Unix socket.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub dbname: String,
+}
+
+impl std::fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("dbname", &self.dbname)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database error: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("DATABASE_URL is not a valid postgres:// URL: {0}")]
+    BadUrl(String),
+    #[error("timed out waiting for a database connection")]
+    PoolTimeout,
+}
+
+impl DbError {
+    /// The server's error, when PostgreSQL refused a statement.
+    pub fn db_error(&self) -> Option<&tokio_postgres::error::DbError> {
+        match self {
+            DbError::Postgres(e) => e.as_db_error(),
+            _ => None,
+        }
+    }
+}
+
+impl DbConfig {
+    /// Parses `postgres://user:password@host:port/dbname`.
+    pub fn from_url(url: &str) -> Result<Self, DbError> {
+        let bad = || DbError::BadUrl(url.split('@').next_back().unwrap_or("").to_owned());
+        let rest = url
+            .strip_prefix("postgres://")
+            .or_else(|| url.strip_prefix("postgresql://"))
+            .ok_or_else(bad)?;
+        let rest = rest.split('?').next().unwrap_or(rest);
+        let (auth, hostpart) = rest.rsplit_once('@').unwrap_or(("", rest));
+        let (user, password) = match auth.split_once(':') {
+            Some((u, p)) => (u, Some(p)),
+            None => (auth, None),
+        };
+        let (hostport, dbname) = hostpart.split_once('/').unwrap_or((hostpart, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().map_err(|_| bad())?),
+            None => (hostport, 5432),
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        Ok(Self {
+            host: if host.is_empty() {
+                "localhost".into()
+            } else {
+                decode(host)
+            },
+            port,
+            user: if user.is_empty() {
+                "postgres".into()
+            } else {
+                decode(user)
+            },
+            password: password.map(decode),
+            dbname: if dbname.is_empty() {
+                "postgres".into()
+            } else {
+                decode(dbname)
+            },
+        })
+    }
+
+    pub fn pg_config(&self, application_name: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name(application_name)
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(pw) = &self.password {
+            c.password(pw);
+        }
+        let options: Vec<String> = SESSION_GUCS
+            .iter()
+            .map(|(k, v)| format!("-c {k}={}", v.replace(' ', "\\ ")))
+            .collect();
+        c.options(options.join(" "));
+        c
+    }
+}
+
+/// A small pool of SQL connections. Connections are made on demand up to `size`; a broken one
+/// is dropped and replaced on the next checkout.
+pub struct Pool {
+    config: tokio_postgres::Config,
+    idle: Mutex<Vec<Client>>,
+    permits: Arc<Semaphore>,
+}
+
+pub struct PooledClient {
+    client: Option<Client>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for PooledClient {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client.as_ref().expect("client present until drop")
+    }
+}
+
+impl std::ops::DerefMut for PooledClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().expect("client present until drop")
+    }
+}
+
+impl Drop for PooledClient {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !c.is_closed() {
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(c);
+            }
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(db: &DbConfig, size: usize) -> Arc<Self> {
+        Arc::new(Self {
+            config: db.pg_config("walcast"),
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(size.max(1))),
+        })
+    }
+
+    pub async fn get(self: &Arc<Self>) -> Result<PooledClient, DbError> {
+        let permit = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| DbError::PoolTimeout)?
+        .map_err(|_| DbError::PoolTimeout)?;
+        let reuse = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                if !c.is_closed() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        let client = match reuse {
+            Some(c) => c,
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
+            }
+        };
+        Ok(PooledClient {
+            client: Some(client),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+/// Quotes an identifier for SQL (`"name"`, doubling inner quotes).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_database_urls() {
+        let c =
+            DbConfig::from_url("postgres://me:p%40ss@db.example:6543/app?sslmode=disable").unwrap();
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.port,
+                c.user.as_str(),
+                c.password.as_deref(),
+                c.dbname.as_str()
+            ),
+            ("db.example", 6543, "me", Some("p@ss"), "app")
+        );
+        let c = DbConfig::from_url("postgresql://localhost/x").unwrap();
+        assert_eq!(
+            (c.port, c.user.as_str(), c.password),
+            (5432, "postgres", None)
+        );
+        assert!(DbConfig::from_url("mysql://x").is_err());
+    }
+
+    #[test]
+    fn quotes_identifiers() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,221 @@
+//! `walcast dev`: a private PostgreSQL cluster for the embedded default. Created on first run
+//! under a local directory (as the `postgres` user when walcast runs as root, since PostgreSQL
+//! refuses to run as root), with logical replication on; reused on later runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::db::DbConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found. Install them \
+         (Debian/Ubuntu: `apt-get install postgresql`; macOS: `brew install postgresql`) or set \
+         PG_BIN to the directory that holds them"
+    )]
+    NoBinaries,
+    #[error("running as root, but there is no `postgres` user to run PostgreSQL as (create one, or run walcast dev as a normal user)")]
+    NoPostgresUser,
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("dev cluster I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running development cluster. Stop it with [`DevCluster::stop`].
+pub struct DevCluster {
+    bin: PathBuf,
+    data: PathBuf,
+    run_as: Option<String>,
+    pub port: u16,
+}
+
+/// Finds initdb/pg_ctl: `PG_BIN`, then the newest `/usr/lib/postgresql/*/bin`, then `PATH`.
+pub fn find_binaries() -> Result<PathBuf, DevError> {
+    let has_all = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|b| dir.join(b).is_file())
+    };
+    if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
+        if has_all(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            has_all(&bin).then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        if has_all(&dir) {
+            return Ok(dir);
+        }
+    }
+    Err(DevError::NoBinaries)
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<String, DevError> {
+    let out = cmd.output().map_err(|e| DevError::Command {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(DevError::Command {
+            what: what.to_owned(),
+            detail: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .trim()
+            .to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl DevCluster {
+    fn command(&self, program: &str) -> Command {
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(self.bin.join(program));
+                c
+            }
+            None => Command::new(self.bin.join(program)),
+        }
+    }
+
+    /// Creates the cluster under `dir` if needed and starts it on a free loopback port.
+    pub fn start(dir: &Path) -> Result<Self, DevError> {
+        let bin = find_binaries()?;
+        std::fs::create_dir_all(dir)?;
+        let root = std::fs::canonicalize(dir)?.join("pg");
+        std::fs::create_dir_all(&root)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let is_root = unsafe { libc::geteuid() } == 0;
+        let run_as = if is_root {
+            if run(
+                Command::new("id").args(["-u", "postgres"]),
+                "id -u postgres",
+            )
+            .is_err()
+            {
+                return Err(DevError::NoPostgresUser);
+            }
+            run(
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&root),
+                "chown",
+            )?;
+            Some("postgres".to_owned())
+        } else {
+            None
+        };
+        let data = root.join("data");
+        let mut cluster = Self {
+            bin,
+            data,
+            run_as,
+            port: 0,
+        };
+        if !cluster.data.join("PG_VERSION").exists() {
+            run(
+                cluster
+                    .command("initdb")
+                    .arg("-D")
+                    .arg(&cluster.data)
+                    .args([
+                        "-U",
+                        "postgres",
+                        "--auth=trust",
+                        "-E",
+                        "UTF8",
+                        "--no-instructions",
+                    ]),
+                "initdb",
+            )?;
+        }
+        // A cluster left running by a walcast dev that was killed: stop it first.
+        if cluster.data.join("postmaster.pid").exists() {
+            let _ = run(
+                cluster
+                    .command("pg_ctl")
+                    .arg("-D")
+                    .arg(&cluster.data)
+                    .args(["-m", "fast", "-w", "stop"]),
+                "pg_ctl stop",
+            );
+        }
+        cluster.port = free_port()?;
+        let opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20",
+            cluster.port,
+            root.display()
+        );
+        run(
+            cluster
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(&cluster.data)
+                .arg("-l")
+                .arg(root.join("postgres.log"))
+                .args(["-w", "-o", &opts, "start"]),
+            "pg_ctl start",
+        )?;
+        Ok(cluster)
+    }
+
+    pub fn db_config(&self) -> DbConfig {
+        DbConfig {
+            host: "127.0.0.1".into(),
+            port: self.port,
+            user: "postgres".into(),
+            password: None,
+            dbname: "postgres".into(),
+        }
+    }
+
+    /// A shell command that stops this cluster, for a watchdog that outlives the caller.
+    pub fn stop_shell_command(&self) -> String {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let base = format!(
+            "'{}' -D '{}' -m immediate -w stop",
+            pg_ctl.display(),
+            self.data.display()
+        );
+        match &self.run_as {
+            Some(user) => format!("runuser -u {user} -- {base}"),
+            None => base,
+        }
+    }
+
+    pub fn stop(&self) -> Result<(), DevError> {
+        run(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "fast", "-w", "stop"]),
+            "pg_ctl stop",
+        )
+        .map(|_| ())
+    }
+}
+
+fn free_port() -> Result<u16, DevError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

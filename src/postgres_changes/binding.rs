@@ -1,0 +1,198 @@
+//! A postgres_changes binding from the join payload: what it asks for, checked the way the
+//! original checks it, with its error strings.
+
+use serde_json::{Map, Value};
+
+use super::filter::{self, inspect, ParsedFilter};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    All,
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::All => "*",
+            Action::Insert => "INSERT",
+            Action::Update => "UPDATE",
+            Action::Delete => "DELETE",
+        }
+    }
+
+    pub fn admits(self, change: Action) -> bool {
+        self == Action::All || self == change
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingSpec {
+    pub id: u32,
+    pub action: Action,
+    /// `*` means every schema (of tables in the publication).
+    pub schema: String,
+    /// `*` means every table.
+    pub table: String,
+    pub filters: Vec<ParsedFilter>,
+    pub select: Option<Vec<String>>,
+}
+
+impl BindingSpec {
+    /// The original's log form of the parameters, embedded in its error messages.
+    pub fn params_to_log(&self) -> String {
+        let filters: Vec<String> = self.filters.iter().map(ParsedFilter::to_log).collect();
+        let select = match &self.select {
+            None => "nil".to_owned(),
+            Some(cols) => format!(
+                "[{}]",
+                cols.iter()
+                    .map(|c| inspect(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        format!(
+            "event: {}, schema: {}, table: {}, filters: [{}], select: {}",
+            self.action.as_str(),
+            self.schema,
+            self.table,
+            filters.join(", "),
+            select
+        )
+    }
+}
+
+/// Parses one binding. The error is the full `system` message.
+pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
+    let action = match raw.get("event") {
+        Some(Value::String(e)) => match e.to_ascii_uppercase().as_str() {
+            "INSERT" => Action::Insert,
+            "UPDATE" => Action::Update,
+            "DELETE" => Action::Delete,
+            _ => Action::All,
+        },
+        _ => Action::All,
+    };
+    let select = match raw.get("select") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(cols)) => {
+            let cols: Vec<String> = cols.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect();
+            (!cols.is_empty()).then_some(cols)
+        }
+        Some(_) => {
+            return Err(
+                "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]"
+                    .to_owned(),
+            )
+        }
+    };
+    let text = |k: &str| match raw.get(k) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // A null filter is the same as none (supabase-js omits it; some clients send null).
+    let has_filter = matches!(raw.get("filter"), Some(v) if !v.is_null());
+    let (schema, table, filters) = match (text("schema"), text("table"), text("filter")) {
+        (Some(schema), Some(table), Some(filter)) => {
+            let filters = filter::parse(&filter).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+            (schema, table, filters)
+        }
+        (Some(schema), Some(table), None) if !has_filter => (schema, table, Vec::new()),
+        (Some(schema), None, None) if !raw.contains_key("table") && !has_filter => (schema, "*".to_owned(), Vec::new()),
+        (None, Some(table), None) if !raw.contains_key("schema") && !has_filter => ("public".to_owned(), table, Vec::new()),
+        _ => {
+            return Err(format!(
+                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
+                inspect_map(raw)
+            ))
+        }
+    };
+    if select.is_some() && (schema == "*" || table == "*") {
+        return Err(
+            "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name."
+                .to_owned(),
+        );
+    }
+    Ok(BindingSpec {
+        id,
+        action,
+        schema,
+        table,
+        filters,
+        select,
+    })
+}
+
+/// Elixir-style `%{"k" => v}`, with token values redacted.
+fn inspect_map(raw: &Map<String, Value>) -> String {
+    if raw.contains_key("user_token") || raw.contains_key("auth_token") {
+        return "<redacted>".to_owned();
+    }
+    let parts: Vec<String> = raw
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => inspect(s),
+                Value::Null => "nil".to_owned(),
+                other => other.to_string(),
+            };
+            format!("{} => {}", inspect(k), v)
+        })
+        .collect();
+    format!("%{{{}}}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p(v: Value) -> Result<BindingSpec, String> {
+        parse(v.as_object().unwrap(), 1)
+    }
+
+    #[test]
+    fn shapes() {
+        let b = p(json!({"event":"insert","schema":"public","table":"messages","filter":"conversation_id=eq.5"})).unwrap();
+        assert_eq!(b.action, Action::Insert);
+        assert_eq!(b.filters.len(), 1);
+        let b = p(json!({"schema":"public"})).unwrap();
+        assert_eq!((b.table.as_str(), b.action), ("*", Action::All));
+        let b = p(json!({"table":"messages","event":"whatever"})).unwrap();
+        assert_eq!((b.schema.as_str(), b.action), ("public", Action::All));
+        let b = p(json!({"schema":"public","table":"t","select":["id", 5, "body"]})).unwrap();
+        assert_eq!(b.select, Some(vec!["id".to_owned(), "body".to_owned()]));
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            p(json!({"event":"*"})).unwrap_err(),
+            r#"No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: %{"event" => "*"}"#
+        );
+        assert_eq!(
+            p(json!({"schema":"public","table":"t","filter":"wrong"})).unwrap_err(),
+            r#"Error parsing `filter` params: ["wrong"]"#
+        );
+        assert!(p(json!({"schema":"public","table":"t","select":"id"}))
+            .unwrap_err()
+            .starts_with("Error parsing `select` params"));
+        assert!(p(json!({"schema":"public","select":["id"]}))
+            .unwrap_err()
+            .starts_with("Column selection is not supported"));
+    }
+
+    #[test]
+    fn log_form() {
+        let b =
+            p(json!({"event":"*","schema":"public","table":"test","filter":"notacolumn=eq.123"}))
+                .unwrap();
+        assert_eq!(
+            b.params_to_log(),
+            r#"event: *, schema: public, table: test, filters: [{"notacolumn", "eq", "123", false}], select: nil"#
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! The `data` object of a postgres_changes event, in the original's shape:
+//! `{schema, table, commit_timestamp, type, columns, record?, old_record?, errors}`.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use crate::replication::values::{self, push_json, push_json_string};
+
+use super::binding::Action;
+use super::catalog::TableInfo;
+
+/// One column of a row image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RowCell {
+    /// Not part of this image: an unchanged TOAST value, or a non-key column of a key-only
+    /// old row.
+    Missing,
+    Null,
+    Text(Bytes),
+}
+
+impl RowCell {
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            RowCell::Text(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            RowCell::Text(b) => b.len(),
+            _ => 4,
+        }
+    }
+}
+
+pub type Row = Vec<RowCell>;
+
+pub const ERROR_413: &str = "Error 413: Payload Too Large";
+pub const ERROR_400: &str = "Error 400: Bad Request, no primary key";
+pub const ERROR_401: &str = "Error 401: Unauthorized";
+
+/// A committed change, decoded.
+pub struct Change {
+    pub table: std::sync::Arc<TableInfo>,
+    pub action: Action,
+    pub new: Option<Row>,
+    pub old: Option<Row>,
+    /// Microseconds since 2000-01-01.
+    pub commit_ts: i64,
+}
+
+impl Change {
+    /// The row the filters are evaluated on: the new row, or the old one for a DELETE.
+    pub fn filter_row(&self) -> Option<&Row> {
+        match self.action {
+            Action::Delete => self.old.as_ref(),
+            _ => self.new.as_ref(),
+        }
+    }
+
+    /// Primary key values from the new row (INSERT/UPDATE), for the RLS lookup.
+    pub fn pk_values(&self) -> Option<Vec<String>> {
+        let row = self.new.as_ref()?;
+        self.table
+            .pk
+            .iter()
+            .map(|(name, _)| {
+                let i = self.table.column_index(name)?;
+                row.get(i)?.text().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    fn size(&self) -> usize {
+        let sum = |r: &Option<Row>| {
+            r.as_ref()
+                .map_or(0, |r| r.iter().map(RowCell::len).sum::<usize>())
+        };
+        sum(&self.new) + sum(&self.old)
+    }
+}
+
+/// Builds the `data` JSON for one audience: the columns it may select, its `select` list, and
+/// whether `old_record` of a DELETE must be cut to the primary key (RLS tables).
+pub fn build_data(
+    change: &Change,
+    selectable: &HashSet<String>,
+    select: Option<&[String]>,
+    max_record_bytes: usize,
+) -> String {
+    let t = &change.table;
+    let action = change.action;
+    let mut out = String::with_capacity(256);
+    out.push_str("{\"schema\":");
+    push_json_string(&mut out, &t.schema);
+    out.push_str(",\"table\":");
+    push_json_string(&mut out, &t.name);
+
+    let error = if action != Action::Delete && !t.has_pk {
+        Some(ERROR_400)
+    } else if action != Action::Delete && !t.pk.iter().all(|(n, _)| selectable.contains(n)) {
+        Some(ERROR_401)
+    } else {
+        None
+    };
+    if let Some(error) = error {
+        out.push_str(",\"commit_timestamp\":null,\"type\":");
+        push_json_string(&mut out, action.as_str());
+        out.push_str(",\"columns\":[]");
+        if matches!(action, Action::Insert | Action::Update) {
+            out.push_str(",\"record\":{}");
+        }
+        if action == Action::Update {
+            out.push_str(",\"old_record\":{}");
+        }
+        out.push_str(",\"errors\":[");
+        push_json_string(&mut out, error);
+        out.push_str("]}");
+        return out;
+    }
+
+    out.push_str(",\"commit_timestamp\":");
+    push_json_string(&mut out, &values::commit_timestamp(change.commit_ts));
+    out.push_str(",\"type\":");
+    push_json_string(&mut out, action.as_str());
+
+    let visible: Vec<bool> = t
+        .columns
+        .iter()
+        .map(|c| {
+            selectable.contains(&c.name)
+                && select.is_none_or(|s| c.pk || s.iter().any(|x| x == &c.name))
+        })
+        .collect();
+    out.push_str(",\"columns\":[");
+    let mut first = true;
+    for (c, _) in t.columns.iter().zip(&visible).filter(|(_, v)| **v) {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        out.push_str("{\"name\":");
+        push_json_string(&mut out, &c.name);
+        out.push_str(",\"type\":");
+        push_json_string(&mut out, &c.typname);
+        out.push('}');
+    }
+    out.push(']');
+
+    let too_big = change.size() > max_record_bytes;
+    if matches!(action, Action::Insert | Action::Update) {
+        out.push_str(",\"record\":");
+        let new = change.new.as_deref().unwrap_or_default();
+        let old = change.old.as_deref();
+        push_record(&mut out, t, &visible, too_big, |i| match new.get(i) {
+            // An unchanged TOAST value comes from the old row when the old row has it.
+            Some(RowCell::Missing) | None => old
+                .and_then(|o| o.get(i))
+                .filter(|c| **c != RowCell::Missing),
+            Some(cell) => Some(cell),
+        });
+    }
+    match action {
+        Action::Update => {
+            out.push_str(",\"old_record\":");
+            match change.old.as_deref() {
+                Some(old) => push_record(&mut out, t, &visible, too_big, |i| {
+                    old.get(i).filter(|c| **c != RowCell::Missing)
+                }),
+                // Default replica identity and an unchanged key: the identity is the key.
+                None => {
+                    let new = change.new.as_deref().unwrap_or_default();
+                    push_record(&mut out, t, &visible, too_big, |i| {
+                        if t.columns[i].pk {
+                            new.get(i).filter(|c| **c != RowCell::Missing)
+                        } else {
+                            None
+                        }
+                    })
+                }
+            }
+        }
+        Action::Delete => {
+            out.push_str(",\"old_record\":");
+            let old = change.old.as_deref().unwrap_or_default();
+            // With RLS on, a deleted row cannot be checked: only its key is sent.
+            let key_only = t.rls;
+            push_record(&mut out, t, &visible, too_big, |i| {
+                if key_only && !t.columns[i].pk {
+                    None
+                } else {
+                    old.get(i).filter(|c| **c != RowCell::Missing)
+                }
+            });
+        }
+        _ => {}
+    }
+    if too_big {
+        out.push_str(",\"errors\":[");
+        push_json_string(&mut out, ERROR_413);
+        out.push_str("]}");
+    } else {
+        out.push_str(",\"errors\":null}");
+    }
+    out
+}
+
+fn push_record<'a>(
+    out: &mut String,
+    t: &TableInfo,
+    visible: &[bool],
+    too_big: bool,
+    cell: impl Fn(usize) -> Option<&'a RowCell>,
+) {
+    out.push('{');
+    let mut first = true;
+    for (i, c) in t.columns.iter().enumerate() {
+        if !visible[i] {
+            continue;
+        }
+        let Some(cell) = cell(i) else { continue };
+        let mut value = String::new();
+        match cell {
+            RowCell::Null => value.push_str("null"),
+            RowCell::Text(b) => {
+                let text = String::from_utf8_lossy(b);
+                push_json(&mut value, &c.conv, &text);
+            }
+            RowCell::Missing => continue,
+        }
+        // Oversized records keep only values whose JSON text is at most 64 bytes.
+        if too_big && value.len() > 64 {
+            continue;
+        }
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        push_json_string(out, &c.name);
+        out.push(':');
+        out.push_str(&value);
+    }
+    out.push('}');
+}

@@ -1,0 +1,294 @@
+//! Live subscriptions, by table, indexed so that matching a change costs in proportion to the
+//! subscriptions it matches: a subscription with an equality filter (`conversation_id=eq.42`,
+//! the chat case) is filed under that column and value, and a change looks up its own value.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, RwLock};
+
+use crate::channels::ChannelId;
+use crate::protocol::Vsn;
+use crate::session::outbound::Outbound;
+
+use super::binding::Action;
+use super::filter::{Filter, Kind, Op, Operand};
+
+/// Where a channel's events go.
+pub struct Target {
+    pub channel: ChannelId,
+    pub vsn: Vsn,
+    pub topic: Arc<str>,
+    pub outbound: Arc<Outbound>,
+}
+
+/// Subscribers that see the same rows: the same role and the same claims.
+#[derive(Debug)]
+pub struct Cohort {
+    pub role: String,
+    /// The full claims as JSON, set as `request.jwt.claims`.
+    pub claims: String,
+    pub sub: String,
+}
+
+impl PartialEq for Cohort {
+    fn eq(&self, other: &Self) -> bool {
+        self.role == other.role && self.claims == other.claims
+    }
+}
+impl Eq for Cohort {}
+impl Hash for Cohort {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.role.hash(state);
+        self.claims.hash(state);
+    }
+}
+
+pub struct Sub {
+    pub target: Arc<Target>,
+    pub binding_id: u32,
+    pub action: Action,
+    pub filters: Vec<Filter>,
+    /// `select`: only these columns (plus the primary key) are sent.
+    pub select: Option<Arc<Vec<String>>>,
+    pub cohort: Arc<Cohort>,
+}
+
+/// A column value as a filter sees it.
+pub enum Cell<'a> {
+    /// Not in this row image (an unchanged TOAST value, or a non-key column of a key-only old row).
+    Missing,
+    Null,
+    Value(&'a str),
+}
+
+/// How a column compares, and index key → subscriptions.
+type ColumnIndex = (Kind, HashMap<String, Vec<Arc<Sub>>>);
+
+#[derive(Default)]
+struct TableSubs {
+    /// column → its index.
+    indexed: HashMap<String, ColumnIndex>,
+    unindexed: Vec<Arc<Sub>>,
+}
+
+impl TableSubs {
+    fn add(&mut self, sub: Arc<Sub>) {
+        let key = sub
+            .filters
+            .iter()
+            .find_map(|f| match (&f.op, f.negate, &f.operand) {
+                (Op::Eq, false, Operand::Value(Some(v))) => f
+                    .kind
+                    .index_key(v)
+                    .map(|k| (f.column.clone(), f.kind.clone(), k)),
+                _ => None,
+            });
+        match key {
+            Some((column, kind, k)) => {
+                let entry = self
+                    .indexed
+                    .entry(column)
+                    .or_insert_with(|| (kind, HashMap::new()));
+                entry.1.entry(k).or_default().push(sub);
+            }
+            None => self.unindexed.push(sub),
+        }
+    }
+
+    fn remove_channel(&mut self, channel: ChannelId) {
+        self.unindexed.retain(|s| s.target.channel != channel);
+        for (_, map) in self.indexed.values_mut() {
+            map.retain(|_, subs| {
+                subs.retain(|s| s.target.channel != channel);
+                !subs.is_empty()
+            });
+        }
+        self.indexed.retain(|_, (_, map)| !map.is_empty());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.unindexed.is_empty() && self.indexed.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    tables: HashMap<u32, TableSubs>,
+    channels: HashMap<ChannelId, HashSet<u32>>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    inner: RwLock<Inner>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces all subscriptions of `channel` with `subs` (table OID, subscription).
+    pub fn replace(&self, channel: ChannelId, subs: Vec<(u32, Sub)>) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        Self::remove_locked(&mut inner, channel);
+        let mut tables = HashSet::new();
+        for (table, sub) in subs {
+            inner.tables.entry(table).or_default().add(Arc::new(sub));
+            tables.insert(table);
+        }
+        if !tables.is_empty() {
+            inner.channels.insert(channel, tables);
+        }
+    }
+
+    pub fn remove(&self, channel: ChannelId) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        Self::remove_locked(&mut inner, channel);
+    }
+
+    fn remove_locked(inner: &mut Inner, channel: ChannelId) {
+        if let Some(tables) = inner.channels.remove(&channel) {
+            for t in tables {
+                if let Some(ts) = inner.tables.get_mut(&t) {
+                    ts.remove_channel(channel);
+                    if ts.is_empty() {
+                        inner.tables.remove(&t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether anything is subscribed to this table at all (cheap pre-check).
+    pub fn watches(&self, table: u32) -> bool {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .tables
+            .contains_key(&table)
+    }
+
+    /// Subscriptions of `table` that take `action` and whose filters all hold on `row`.
+    pub fn matches<'a>(
+        &self,
+        table: u32,
+        action: Action,
+        row: &dyn Fn(&str) -> Cell<'a>,
+    ) -> Vec<Arc<Sub>> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let Some(ts) = inner.tables.get(&table) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut consider = |sub: &Arc<Sub>| {
+            if !sub.action.admits(action) {
+                return;
+            }
+            let visible = sub.filters.iter().all(|f| match row(&f.column) {
+                Cell::Missing => false,
+                Cell::Null => f.eval(None) == Some(true),
+                Cell::Value(v) => f.eval(Some(v)) == Some(true),
+            });
+            if visible {
+                out.push(sub.clone());
+            }
+        };
+        for (column, (kind, map)) in &ts.indexed {
+            if let Cell::Value(v) = row(column) {
+                if let Some(subs) = kind.index_key(v).and_then(|k| map.get(&k)) {
+                    subs.iter().for_each(&mut consider);
+                }
+            }
+        }
+        ts.unindexed.iter().for_each(&mut consider);
+        out
+    }
+
+    /// (tables, subscriptions) for metrics and tests.
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        let subs = inner
+            .tables
+            .values()
+            .map(|t| {
+                t.unindexed.len()
+                    + t.indexed
+                        .values()
+                        .map(|(_, m)| m.values().map(Vec::len).sum::<usize>())
+                        .sum::<usize>()
+            })
+            .sum();
+        (inner.tables.len(), subs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(channel: ChannelId, filters: Vec<Filter>) -> Sub {
+        Sub {
+            target: Arc::new(Target {
+                channel,
+                vsn: Vsn::V2,
+                topic: Arc::from("realtime:t"),
+                outbound: Arc::new(Outbound::new(1 << 20)),
+            }),
+            binding_id: 1,
+            action: Action::Insert,
+            filters,
+            select: None,
+            cohort: Arc::new(Cohort {
+                role: "anon".into(),
+                claims: "{}".into(),
+                sub: String::new(),
+            }),
+        }
+    }
+
+    fn eq(col: &str, v: &str) -> Filter {
+        Filter {
+            column: col.into(),
+            kind: Kind::Int,
+            op: Op::Eq,
+            negate: false,
+            operand: Operand::Value(Some(v.into())),
+        }
+    }
+
+    #[test]
+    fn indexed_and_unindexed_matching() {
+        let r = Registry::new();
+        let (a, b, c) = (ChannelId::next(), ChannelId::next(), ChannelId::next());
+        r.replace(a, vec![(7, sub(a, vec![eq("conv", "1")]))]);
+        r.replace(b, vec![(7, sub(b, vec![eq("conv", "2")]))]);
+        r.replace(c, vec![(7, sub(c, vec![]))]);
+        let row = |v: &'static str| {
+            move |col: &str| {
+                if col == "conv" {
+                    Cell::Value(v)
+                } else {
+                    Cell::Missing
+                }
+            }
+        };
+        let hits: Vec<ChannelId> = r
+            .matches(7, Action::Insert, &row("01"))
+            .iter()
+            .map(|s| s.target.channel)
+            .collect();
+        assert!(
+            hits.contains(&a) && hits.contains(&c) && !hits.contains(&b),
+            "int keys normalise: 01 == 1"
+        );
+        assert!(
+            r.matches(7, Action::Delete, &row("1")).is_empty(),
+            "action filter"
+        );
+        r.remove(a);
+        assert_eq!(r.matches(7, Action::Insert, &row("1")).len(), 1);
+        r.remove(b);
+        r.remove(c);
+        assert_eq!(r.size(), (0, 0));
+    }
+}

@@ -1,0 +1,241 @@
+//! The change stream: one replication connection per walcast, a durable pgoutput slot, and a
+//! bounded queue of decoded events to the dispatcher.
+//!
+//! Nothing is acknowledged to PostgreSQL before it has been handed on: the dispatcher stores the
+//! end LSN of each commit it has delivered in `acked`, and only that LSN is reported as flushed
+//! in standby status updates. A restart therefore resumes from the last delivered commit. When
+//! the dispatcher cannot keep up, the queue fills and reading from PostgreSQL pauses (the WAL
+//! waits in the slot) instead of buffering without limit.
+
+pub mod conn;
+pub mod pgoutput;
+pub mod values;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::db::{DbConfig, SESSION_GUCS};
+use conn::{format_lsn, parse_lsn, ConnError, CopyFrame, ReplicationConn};
+use pgoutput::{Datum, Message, OldKind, OldTuple, Relation, Tuple};
+
+/// What the dispatcher receives, in WAL order.
+#[derive(Debug)]
+pub enum Event {
+    Relation(Relation),
+    Begin {
+        commit_ts: i64,
+    },
+    Insert {
+        relation: u32,
+        new: Tuple,
+    },
+    Update {
+        relation: u32,
+        old: Option<OldTuple>,
+        new: Tuple,
+    },
+    Delete {
+        relation: u32,
+        old: OldTuple,
+    },
+    Commit {
+        end_lsn: u64,
+    },
+    /// `pg_logical_emit_message` content.
+    Message {
+        prefix: String,
+        content: bytes::Bytes,
+    },
+}
+
+/// Replication settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub db: DbConfig,
+    pub slot: String,
+    pub publication: String,
+    /// How often a standby status update is sent even when nothing changed.
+    pub status_interval: Duration,
+}
+
+/// Shared replication state.
+#[derive(Default)]
+pub struct Status {
+    /// End LSN of the last commit fully delivered by the dispatcher.
+    pub acked: AtomicU64,
+    /// Whether the stream is currently up.
+    pub connected: AtomicBool,
+}
+
+/// Streams until shutdown, reconnecting with back-off after failures.
+pub async fn run(
+    cfg: Config,
+    tx: mpsc::Sender<Event>,
+    status: Arc<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let result = tokio::select! {
+            r = stream(&cfg, &tx, &status) => r,
+            _ = shutdown.changed() => return,
+        };
+        status.connected.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "replication stream failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Creates the slot when it does not exist. Returns whether it was created.
+pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<bool, ConnError> {
+    let exists = conn
+        .simple_query(&format!(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await?;
+    if !exists.is_empty() {
+        return Ok(false);
+    }
+    conn.simple_query(&format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+        crate::db::quote_ident(slot)
+    ))
+    .await?;
+    tracing::info!(%slot, "created logical replication slot");
+    Ok(true)
+}
+
+async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Result<(), ConnError> {
+    let mut params: Vec<(&str, &str)> = SESSION_GUCS.to_vec();
+    params.push(("client_encoding", "UTF8"));
+    let mut conn = ReplicationConn::connect(&cfg.db, "walcast_replication", &params).await?;
+    let system = conn.simple_query("IDENTIFY_SYSTEM").await?;
+    let xlogpos = system
+        .first()
+        .and_then(|r| r.get(2).cloned().flatten())
+        .unwrap_or_default();
+    ensure_slot(&mut conn, &cfg.slot).await?;
+    let command = format!(
+        "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
+        crate::db::quote_ident(&cfg.slot),
+        quote_literal(&crate::db::quote_ident(&cfg.publication)),
+    );
+    conn.start_replication(&command).await?;
+    status.connected.store(true, Ordering::Relaxed);
+    tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server_lsn = %xlogpos, "replication stream started");
+
+    // Bookkeeping for what may be confirmed: inside a transaction nothing beyond the last
+    // acked commit; between transactions, once everything sent is acked, the keepalive's
+    // position too (WAL with nothing for us in it).
+    let mut received: u64 = 0;
+    let mut last_commit_sent: u64 = status.acked.load(Ordering::Relaxed);
+    let mut in_txn = false;
+    let mut reported: u64 = 0;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = tokio::time::Instant::now();
+
+    loop {
+        tokio::select! {
+            frame = conn.next_frame() => {
+                match frame? {
+                    CopyFrame::XLogData { wal_end, data, .. } => {
+                        received = received.max(wal_end);
+                        let msg = match pgoutput::decode(&data) {
+                            Ok(m) => m,
+                            Err(e) => {
+                                // Never skip data silently: a message we cannot read stops the
+                                // stream, and it restarts from the last confirmed commit.
+                                return Err(ConnError::Protocol(format!("undecodable pgoutput message: {e}")));
+                            }
+                        };
+                        let event = match msg {
+                            Message::Begin { commit_ts, .. } => { in_txn = true; Some(Event::Begin { commit_ts }) }
+                            Message::Commit { end_lsn, .. } => {
+                                in_txn = false;
+                                last_commit_sent = end_lsn;
+                                Some(Event::Commit { end_lsn })
+                            }
+                            Message::Relation(r) => Some(Event::Relation(r)),
+                            Message::Insert { relation, new } => Some(Event::Insert { relation, new }),
+                            Message::Update { relation, old, new } => Some(Event::Update { relation, old, new }),
+                            Message::Delete { relation, old } => Some(Event::Delete { relation, old }),
+                            Message::Message { prefix, content, .. } => Some(Event::Message { prefix, content }),
+                            Message::Truncate { .. } | Message::Type { .. } | Message::Origin { .. } => None,
+                        };
+                        if let Some(ev) = event {
+                            // Backpressure: waits while the dispatcher is behind.
+                            if tx.send(ev).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    CopyFrame::Keepalive { wal_end, reply } => {
+                        received = received.max(wal_end);
+                        if reply {
+                            let flush = confirmable(status, last_commit_sent, in_txn, received);
+                            conn.send_status(received, flush, false).await?;
+                            reported = flush;
+                            last_status = tokio::time::Instant::now();
+                        }
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                let flush = confirmable(status, last_commit_sent, in_txn, received);
+                if flush > reported || last_status.elapsed() >= cfg.status_interval {
+                    conn.send_status(received.max(flush), flush, false).await?;
+                    tracing::trace!(flush = %format_lsn(flush), "standby status");
+                    reported = flush;
+                    last_status = tokio::time::Instant::now();
+                }
+            }
+        }
+    }
+}
+
+fn confirmable(status: &Status, last_commit_sent: u64, in_txn: bool, received: u64) -> u64 {
+    let acked = status.acked.load(Ordering::Relaxed);
+    if !in_txn && acked >= last_commit_sent {
+        acked.max(received)
+    } else {
+        acked
+    }
+}
+
+/// The slot's confirmed position, for tests and diagnostics.
+pub fn parse_confirmed(s: &str) -> Option<u64> {
+    parse_lsn(s)
+}
+
+/// Marks non-key columns of a key-only old row as absent rather than NULL.
+pub fn old_row_cells(old: &OldTuple, key: &[bool]) -> Vec<Option<Datum>> {
+    old.tuple
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match old.kind {
+            OldKind::Key if !key.get(i).copied().unwrap_or(false) => None,
+            _ => Some(d.clone()),
+        })
+        .collect()
+}
