@@ -274,7 +274,7 @@ async fn dev_mode_serves_on_loopback_with_its_own_postgres_and_prints_keys_that_
         }
     }
     let port = port.expect("port line");
-    for (role, key) in keys {
+    for (role, key) in &keys {
         let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={key}&vsn=2.0.0");
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -282,4 +282,57 @@ async fn dev_mode_serves_on_loopback_with_its_own_postgres_and_prints_keys_that_
         let mut c = Client::new(ws, Vsn::V2);
         c.join_ok("realtime:dev", json!({})).await;
     }
+
+    // The printed database works, and postgres_changes flow with no set-up beyond a table.
+    let (sql, conn) = tokio_postgres::connect(db_url.as_deref().unwrap(), tokio_postgres::NoTls)
+        .await
+        .expect("dev database");
+    tokio::spawn(conn);
+    sql.batch_execute(
+        "CREATE TABLE notes (id serial PRIMARY KEY, body text);
+         GRANT SELECT ON notes TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE notes;",
+    )
+    .await
+    .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+        keys["anon"]
+    );
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut c = Client::new(ws, Vsn::V2);
+    c.join_ok(
+        "realtime:notes",
+        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"notes"}]}),
+    )
+    .await;
+    let subscribed = c.recv().await;
+    assert_eq!(subscribed.payload()["message"], "Subscribed to PostgreSQL");
+    sql.batch_execute("INSERT INTO notes (body) VALUES ('from dev')")
+        .await
+        .unwrap();
+    let ev = c
+        .recv_until("insert", |f| f.event() == "postgres_changes")
+        .await;
+    assert_eq!(
+        ev.payload()["data"]["record"],
+        json!({"id": 1, "body": "from dev"})
+    );
+
+    // SIGTERM: walcast stops, and stops its PostgreSQL.
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !dir.join("pg/data/postmaster.pid").exists(),
+        "the dev cluster was stopped"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
