@@ -125,7 +125,7 @@ impl PgChanges {
             let oid: u32 = row.get(0);
             let columns = client
                 .query(
-                    "SELECT attname::text, atttypid, format_type(atttypid, NULL)
+                    "SELECT attname::text, atttypid, format_type(atttypid, atttypmod)
                        FROM pg_attribute
                       WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped
                         AND has_column_privilege($2, attrelid, attnum, 'SELECT')",
