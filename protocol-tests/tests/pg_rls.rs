@@ -1,0 +1,323 @@
+//! Row level security for postgres_changes: each subscriber sees exactly the rows its JWT and
+//! the table's policies allow, even when many users' checks share one batch.
+
+use protocol_tests::pg::TestDb;
+use protocol_tests::*;
+use serde_json::{json, Value};
+
+const SCHEMA: &str = "
+    CREATE TABLE conversations (id uuid PRIMARY KEY, customer_id uuid NOT NULL, agent_id uuid, status text NOT NULL DEFAULT 'waiting');
+    CREATE TABLE messages (id bigserial PRIMARY KEY, conversation_id uuid NOT NULL REFERENCES conversations, sender_id uuid, body text);
+    ALTER TABLE conversations ENABLE ROW LEVEL SECURITY;
+    ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY participants ON conversations FOR SELECT TO authenticated
+        USING (customer_id = auth.uid() OR agent_id = auth.uid());
+    CREATE POLICY participants ON messages FOR SELECT TO authenticated
+        USING (EXISTS (SELECT 1 FROM conversations c WHERE c.id = conversation_id
+                       AND (c.customer_id = auth.uid() OR c.agent_id = auth.uid())));
+    GRANT SELECT ON conversations, messages TO anon, authenticated, service_role;
+    ALTER PUBLICATION supabase_realtime ADD TABLE conversations, messages;
+";
+
+fn user(n: u32) -> String {
+    format!("00000000-0000-4000-8000-{n:012}")
+}
+
+fn user_token(n: u32) -> String {
+    sign(json!({"role":"authenticated","sub": user(n),"exp": now() + 3600}))
+}
+
+async fn subscribe(c: &mut Client, topic: &str, bindings: Value) {
+    let (_, reply) = c
+        .join(topic, json!({"config": {"postgres_changes": bindings}}))
+        .await;
+    assert_eq!(reply.payload()["status"], "ok");
+    let sys = c.recv_until("system", |f| f.event() == "system").await;
+    assert_eq!(
+        sys.payload()["message"],
+        "Subscribed to PostgreSQL",
+        "{:?}",
+        sys.payload()
+    );
+}
+
+#[tokio::test]
+async fn many_customers_each_see_only_their_own_conversation() {
+    let db = TestDb::create("rls").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(SCHEMA).await.unwrap();
+    const CUSTOMERS: u32 = 12;
+    const AGENT: u32 = 999;
+    for n in 0..CUSTOMERS {
+        sql.execute(
+            "INSERT INTO conversations (id, customer_id, agent_id) VALUES ($1::text::uuid, $2::text::uuid, $3::text::uuid)",
+            &[&user(1000 + n), &user(n), &user(AGENT)],
+        )
+        .await
+        .unwrap();
+    }
+    let all_messages = json!([{"event":"INSERT","schema":"public","table":"messages"}]);
+    let mut customers = Vec::new();
+    for n in 0..CUSTOMERS {
+        let vsn = if n % 2 == 0 { Vsn::V2 } else { Vsn::V1 };
+        let mut c = server.connect(vsn, &user_token(n)).await;
+        // No filter at all: only the policy stands between a customer and the others' messages.
+        subscribe(&mut c, "realtime:inbox", all_messages.clone()).await;
+        customers.push(c);
+    }
+    let mut agent = server.connect(Vsn::V2, &user_token(AGENT)).await;
+    subscribe(&mut agent, "realtime:inbox", all_messages.clone()).await;
+    let mut anon = server.connect(Vsn::V2, &token("anon")).await;
+    subscribe(&mut anon, "realtime:inbox", all_messages.clone()).await;
+    let mut service = server.connect(Vsn::V2, &token("service_role")).await;
+    subscribe(&mut service, "realtime:inbox", all_messages.clone()).await;
+
+    // A burst of single-row transactions, so that many cohorts share each batch.
+    const ROUNDS: u32 = 3;
+    for round in 0..ROUNDS {
+        for n in 0..CUSTOMERS {
+            sql.execute(
+                "INSERT INTO messages (conversation_id, sender_id, body) VALUES ($1::text::uuid, $2::text::uuid, $3)",
+                &[&user(1000 + n), &user(n), &format!("from {n} round {round}")],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    for (n, c) in customers.iter_mut().enumerate() {
+        for round in 0..ROUNDS {
+            let ev = c
+                .recv_until("message", |f| f.event() == "postgres_changes")
+                .await;
+            assert_eq!(
+                ev.payload()["data"]["record"]["body"],
+                format!("from {n} round {round}"),
+                "customer {n}"
+            );
+        }
+        let extra = c.barrier().await;
+        assert!(
+            extra.iter().all(|f| f.event() != "postgres_changes"),
+            "customer {n} saw others: {extra:?}"
+        );
+    }
+    let mut agent_count = 0;
+    while agent_count < CUSTOMERS * ROUNDS {
+        agent
+            .recv_until("message", |f| f.event() == "postgres_changes")
+            .await;
+        agent_count += 1;
+    }
+    agent.assert_quiet().await;
+    for _ in 0..CUSTOMERS * ROUNDS {
+        service
+            .recv_until("message", |f| f.event() == "postgres_changes")
+            .await;
+    }
+    service.assert_quiet().await;
+    // anon has no policy: nothing.
+    anon.assert_quiet().await;
+
+    // A status update reaches the conversation's customer and its agent only.
+    sql.execute(
+        "UPDATE conversations SET status = 'active' WHERE id = $1::text::uuid",
+        &[&user(1003)],
+    )
+    .await
+    .unwrap();
+    // (No one subscribed to conversations yet: nothing arrives anywhere.)
+    customers[3].assert_quiet().await;
+
+    // DELETE on an RLS table: the original's behaviour, the key only.
+    let mut c = server.connect(Vsn::V2, &user_token(0)).await;
+    subscribe(
+        &mut c,
+        "realtime:deletes",
+        json!([{"event":"DELETE","schema":"public","table":"messages"}]),
+    )
+    .await;
+    sql.batch_execute("ALTER TABLE messages REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+    let id: i64 = sql
+        .query_one("SELECT id FROM messages WHERE body = 'from 0 round 0'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    sql.execute("DELETE FROM messages WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let ev = c
+        .recv_until("delete", |f| f.event() == "postgres_changes")
+        .await;
+    assert_eq!(ev.payload()["data"]["old_record"], json!({"id": id}));
+}
+
+#[tokio::test]
+async fn a_refreshed_token_resubscribes_under_the_new_claims() {
+    let db = TestDb::create("refresh").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(SCHEMA).await.unwrap();
+    for n in [1u32, 2] {
+        sql.execute(
+            "INSERT INTO conversations (id, customer_id) VALUES ($1::text::uuid, $2::text::uuid)",
+            &[&user(100 + n), &user(n)],
+        )
+        .await
+        .unwrap();
+    }
+    for vsn in BOTH {
+        let mut c = server.connect(vsn, &user_token(1)).await;
+        let (jr, reply) = c
+            .join("realtime:me", json!({"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"messages"}]}}))
+            .await;
+        assert_eq!(reply.payload()["status"], "ok");
+        c.recv_until("subscribed", |f| f.event() == "system").await;
+        let insert = |n: u32, body: &'static str| {
+            let sql = &sql;
+            async move {
+                sql.execute(
+                    "INSERT INTO messages (conversation_id, body) VALUES ($1::text::uuid, $2)",
+                    &[&user(100 + n), &body],
+                )
+                .await
+                .unwrap();
+            }
+        };
+        insert(1, "for one").await;
+        insert(2, "for two").await;
+        let ev = c
+            .recv_until("change", |f| f.event() == "postgres_changes")
+            .await;
+        assert_eq!(ev.payload()["data"]["record"]["body"], "for one");
+
+        // Same role, another user: after "Subscribed to PostgreSQL" again, the view is user 2's.
+        c.send(
+            Some(&jr),
+            Some("50"),
+            "realtime:me",
+            "access_token",
+            json!({"access_token": user_token(2)}),
+        )
+        .await;
+        let sys = c
+            .recv_until("resubscribed", |f| f.event() == "system")
+            .await;
+        assert_eq!(sys.payload()["message"], "Subscribed to PostgreSQL");
+        insert(1, "one again").await;
+        insert(2, "two again").await;
+        let ev = c
+            .recv_until("change", |f| f.event() == "postgres_changes")
+            .await;
+        assert_eq!(ev.payload()["data"]["record"]["body"], "two again");
+        let rest = c.barrier().await;
+        assert!(
+            rest.iter().all(|f| f.event() != "postgres_changes"),
+            "{rest:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_right_after_subscribed_is_never_missed() {
+    let db = TestDb::create("race").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
+         GRANT SELECT ON ticks TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
+    )
+    .await
+    .unwrap();
+    for i in 0..25 {
+        let vsn = if i % 2 == 0 { Vsn::V2 } else { Vsn::V1 };
+        let mut c = server.connect(vsn, &token("anon")).await;
+        let (_, reply) = c
+            .join(&format!("realtime:race{i}"), json!({"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks","filter":format!("k=eq.{i}")}]}}))
+            .await;
+        assert_eq!(reply.payload()["status"], "ok");
+        c.recv_until("subscribed", |f| f.event() == "system").await;
+        sql.execute("INSERT INTO ticks (k) VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let ev = c
+            .recv_until("the write", |f| f.event() == "postgres_changes")
+            .await;
+        assert_eq!(ev.payload()["data"]["record"]["k"], json!(i));
+    }
+}
+
+#[tokio::test]
+async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
+    let db = TestDb::create("durable").await;
+    let mut server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
+         GRANT SELECT ON ticks TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
+    )
+    .await
+    .unwrap();
+    let slot = format!("s_{}", db.name);
+    let row = sql
+        .query_one(
+            "SELECT temporary, plugin FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "the slot is durable");
+    assert_eq!(row.get::<_, String>(1), "pgoutput");
+
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    c.join_ok(
+        "realtime:t",
+        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
+    )
+    .await;
+    c.recv_until("subscribed", |f| f.event() == "system").await;
+    let lsn: String = sql
+        .query_one(
+            "INSERT INTO ticks (k) VALUES (1) RETURNING pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.recv_until("the write", |f| f.event() == "postgres_changes")
+        .await;
+    // After delivery the confirmed position moves past the write (within a few status updates).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let advanced: bool = sql
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &lsn],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if advanced {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "confirmed_flush_lsn never advanced"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.terminate();
+    server.wait_exit(std::time::Duration::from_secs(15)).await;
+    let exists = sql
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    assert!(exists.is_some(), "the slot outlives walcast");
+}
