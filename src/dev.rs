@@ -26,6 +26,8 @@ pub enum DevError {
 /// A running development cluster. Stop it with [`DevCluster::stop`].
 pub struct DevCluster {
     bin: PathBuf,
+    /// Where the cluster lives (normally `<dir>/pg`).
+    pub root: PathBuf,
     data: PathBuf,
     run_as: Option<String>,
     pub port: u16,
@@ -101,7 +103,7 @@ impl DevCluster {
     pub fn start(dir: &Path) -> Result<Self, DevError> {
         let bin = find_binaries()?;
         std::fs::create_dir_all(dir)?;
-        let root = std::fs::canonicalize(dir)?.join("pg");
+        let mut root = std::fs::canonicalize(dir)?.join("pg");
         std::fs::create_dir_all(&root)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let is_root = unsafe { libc::geteuid() } == 0;
@@ -120,6 +122,36 @@ impl DevCluster {
                     .arg(&root),
                 "chown",
             )?;
+            // The postgres user must reach the directory; under a private parent (root's home,
+            // a 0700 temporary directory) it cannot, so the cluster goes to a shared place keyed
+            // by the requested path instead.
+            let reachable = Command::new("runuser")
+                .args(["-u", "postgres", "--", "test", "-w"])
+                .arg(&root)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !reachable {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                root.hash(&mut h);
+                let base = PathBuf::from("/var/tmp/walcast-dev");
+                let shared = base.join(format!("{:016x}", h.finish()));
+                std::fs::create_dir_all(&shared)?;
+                run(Command::new("chmod").arg("755").arg(&base), "chmod")?;
+                run(
+                    Command::new("chown")
+                        .args(["-R", "postgres:postgres"])
+                        .arg(&shared),
+                    "chown",
+                )?;
+                eprintln!(
+                    "walcast dev: the postgres user cannot reach {}; the cluster lives in {} instead",
+                    root.display(),
+                    shared.display()
+                );
+                root = shared;
+            }
             Some("postgres".to_owned())
         } else {
             None
@@ -127,6 +159,7 @@ impl DevCluster {
         let data = root.join("data");
         let mut cluster = Self {
             bin,
+            root: root.clone(),
             data,
             run_as,
             port: 0,

@@ -2,7 +2,8 @@
 // Every wait has a deadline; nothing sleeps to synchronise.
 import { spawn } from 'node:child_process'
 import { createHmac } from 'node:crypto'
-import { existsSync } from 'node:fs'
+import { chmodSync, existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
 import path from 'node:path'
@@ -21,6 +22,55 @@ export function walcastBin() {
     throw new Error(`walcast binary not found at ${bin}: run \`cargo build\` first (or set WALCAST_BIN)`)
   }
   return bin
+}
+
+/** Starts `walcast dev` (its own PostgreSQL in a temporary directory); resolves to
+ *  { url, port, dbUrl, stop() }. */
+export async function startDev(env = {}) {
+  const dir = mkdtempSync(path.join(tmpdir(), 'walcast-js-'))
+  chmodSync(dir, 0o755) // walcast dev runs PostgreSQL as `postgres` when we are root
+  const child = spawn(walcastBin(), ['dev'], {
+    env: {
+      PATH: process.env.PATH,
+      PORT: '0',
+      API_JWT_SECRET: SECRET,
+      WALCAST_DEV_DIR: dir,
+      CHANNEL_ERROR_BACKOFF_MS: '0',
+      CONNECT_ERROR_BACKOFF_MS: '0',
+      ...env,
+    },
+    stdio: ['ignore', 'pipe', process.env.WALCAST_TEST_LOG ? 'inherit' : 'ignore'],
+  })
+  const lines = createInterface({ input: child.stdout })
+  const info = await withTimeout(
+    new Promise((resolve, reject) => {
+      const seen = {}
+      lines.on('line', (line) => {
+        const m = line.match(/^walcast listening on http:\/\/(.*)$/)
+        if (m) seen.url = `http://${m[1]}`
+        const db = line.match(/PostgreSQL:\s+(\S+)/)
+        if (db) {
+          seen.dbUrl = db[1]
+          resolve(seen)
+        }
+      })
+      child.once('exit', (code) => reject(new Error(`walcast dev exited with ${code}`)))
+    }),
+    'walcast dev start',
+    60_000,
+  )
+  return {
+    ...info,
+    port: Number(info.url.split(':').pop()),
+    async stop() {
+      if (child.exitCode === null) {
+        const exited = new Promise((resolve) => child.once('exit', resolve))
+        child.kill('SIGTERM')
+        await withTimeout(exited, 'walcast dev exit', 30_000)
+      }
+      rmSync(dir, { recursive: true, force: true })
+    },
+  }
 }
 
 /** Starts walcast; resolves to { url, port, stop() }. */
@@ -117,6 +167,26 @@ export function subscribed(channel, want = ['SUBSCRIBED']) {
       })
     }),
     `${channel.topic} to reach ${want.join('/')}`,
+  )
+}
+
+/** Subscribes and resolves once the server says "Subscribed to PostgreSQL" (what apps wait for
+ *  before they rely on postgres_changes). Rejects on a postgres_changes error. */
+export function subscribedToPostgres(channel) {
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      channel.on('system', {}, (p) => {
+        if (p.extension !== 'postgres_changes') return
+        if (p.status === 'ok') resolve(p)
+        else reject(new Error(`postgres_changes error on ${channel.topic}: ${p.message}`))
+      })
+      channel.subscribe((status, err) => {
+        if (status === 'CHANNEL_ERROR' || status === 'TIMED_OUT' || status === 'CLOSED') {
+          reject(new Error(`channel ${channel.topic}: ${status} ${err?.message ?? ''}`))
+        }
+      })
+    }),
+    `${channel.topic} to be subscribed to PostgreSQL`,
   )
 }
 
