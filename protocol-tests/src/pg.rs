@@ -2,7 +2,6 @@
 //! dev-cluster code, logical replication on), a fresh database per test, and a watchdog that
 //! stops the cluster when the test process exits.
 
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use tokio_postgres::{Client, NoTls};
@@ -15,7 +14,7 @@ static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
-        let dir = PathBuf::from(std::env::temp_dir()).join(format!("walcast-test-pg-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("walcast-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let c = walcast::dev::DevCluster::start(&dir).unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"));
         // Stop the cluster (and remove it) once this test process is gone, however it ends.
@@ -25,13 +24,12 @@ pub fn cluster() -> &'static Cluster {
             stop = c.stop_shell_command(),
             dir = dir.display()
         );
-        std::process::Command::new("sh")
-            .args(["-c", &watchdog])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
+        // Started in the background by a shell that exits at once, so nothing is left to reap.
+        let status = std::process::Command::new("sh")
+            .args(["-c", &format!("( {watchdog} ) </dev/null >/dev/null 2>&1 &")])
+            .status()
             .expect("start the cluster watchdog");
+        assert!(status.success(), "cluster watchdog did not start");
         Cluster { port: c.port }
     })
 }
