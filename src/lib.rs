@@ -29,6 +29,8 @@ pub mod config;
 pub mod db;
 pub mod dev;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod postgres_changes;
 pub mod protocol;
 pub mod replication;

@@ -94,6 +94,14 @@ impl Authorizer {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// Forgets cached privileges for a table (its definition changed).
+    pub fn forget_table(&self, table: u32) {
+        self.columns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, t), _| *t != table);
+    }
+
     /// Whether `role` bypasses row level security (BYPASSRLS or superuser).
     pub async fn bypasses_rls(&self, role: &str) -> bool {
         if let Some((at, v)) = self

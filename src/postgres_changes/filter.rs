@@ -405,6 +405,14 @@ fn compare_decimal(a: &str, b: &str) -> Option<Ordering> {
     })
 }
 
+/// A field of at most `max_digits` ASCII digits (so that date arithmetic cannot overflow).
+fn field(s: &str, max_digits: usize) -> Option<i64> {
+    if s.is_empty() || s.len() > max_digits || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Days since 1970-01-01 for a proleptic Gregorian date.
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -428,9 +436,12 @@ fn parse_date_key(s: &str) -> Option<i128> {
         None => (s, false),
     };
     let mut parts = body.splitn(3, '-');
-    let y: i64 = parts.next()?.parse().ok()?;
-    let m: u32 = parts.next()?.parse().ok()?;
-    let d: u32 = parts.next()?.get(..2)?.parse().ok()?;
+    let y = field(parts.next()?, 7)?;
+    let m = field(parts.next()?, 2)? as u32;
+    let d = field(parts.next()?.get(..2)?, 2)? as u32;
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
     let y = if bc { 1 - y } else { y };
     Some(days_from_civil(y, m, d) as i128)
 }
@@ -439,9 +450,9 @@ fn parse_date_key(s: &str) -> Option<i128> {
 fn parse_time(s: &str) -> Option<i128> {
     let (hms, frac) = s.split_once('.').unwrap_or((s, ""));
     let mut p = hms.split(':');
-    let h: i128 = p.next()?.parse().ok()?;
-    let m: i128 = p.next()?.parse().ok()?;
-    let sec: i128 = p.next()?.parse().ok()?;
+    let h = field(p.next()?, 3)? as i128;
+    let m = field(p.next()?, 2)? as i128;
+    let sec = field(p.next()?, 2)? as i128;
     let frac_digits: String = frac.chars().take_while(|c| c.is_ascii_digit()).collect();
     let micros: i128 = if frac_digits.is_empty() {
         0
@@ -465,27 +476,27 @@ fn parse_timestamp(s: &str) -> Option<i128> {
         None => (s, false),
     };
     let (date, rest) = body.split_once(' ').or_else(|| body.split_once('T'))?;
-    let mut days = parse_date_key(date)?;
-    if bc {
-        let mut parts = date.splitn(3, '-');
-        let y: i64 = parts.next()?.parse().ok()?;
-        let m: u32 = parts.next()?.parse().ok()?;
-        let d: u32 = parts.next()?.parse().ok()?;
-        days = days_from_civil(1 - y, m, d) as i128;
-    }
+    // " BC" was taken off the whole string; apply it to the date part.
+    let days = if bc {
+        parse_date_key(&format!("{date} BC"))?
+    } else {
+        parse_date_key(date)?
+    };
     let tz_at = rest.find(['+', '-']);
     let (time, offset) = match tz_at {
         Some(i) => (&rest[..i], Some(&rest[i..])),
         None => (rest, None),
     };
-    let mut micros = days * 86_400_000_000 + parse_time(time)?;
+    let mut micros = days
+        .checked_mul(86_400_000_000)?
+        .checked_add(parse_time(time)?)?;
     if let Some(off) = offset {
         let sign: i128 = if off.starts_with('-') { -1 } else { 1 };
         let mut p = off[1..].split(':');
-        let h: i128 = p.next()?.parse().ok()?;
-        let m: i128 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
-        let sec: i128 = p.next().map(|x| x.parse().ok()).unwrap_or(Some(0))?;
-        micros -= sign * ((h * 60 + m) * 60 + sec) * 1_000_000;
+        let h = field(p.next()?, 2)? as i128;
+        let m = p.next().map_or(Some(0), |x| field(x, 2))? as i128;
+        let sec = p.next().map_or(Some(0), |x| field(x, 2))? as i128;
+        micros = micros.checked_sub(sign * ((h * 60 + m) * 60 + sec) * 1_000_000)?;
     }
     Some(micros)
 }

@@ -324,6 +324,7 @@ impl PgChanges {
                                 }
                             }
                         };
+                        self.authorizer.forget_table(rel.oid);
                         tables.insert(rel.oid, Arc::new(info));
                     }
                     Event::Begin { commit_ts: ts } => commit_ts = ts,
