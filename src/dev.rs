@@ -40,10 +40,13 @@ pub fn find_binaries() -> Result<PathBuf, DevError> {
             .iter()
             .all(|b| dir.join(b).is_file())
     };
+    // PG_BIN, when set, is the only place looked at: a wrong PG_BIN is an error, not a hint.
     if let Some(dir) = std::env::var_os("PG_BIN").map(PathBuf::from) {
-        if has_all(&dir) {
-            return Ok(dir);
-        }
+        return if has_all(&dir) {
+            Ok(dir)
+        } else {
+            Err(DevError::NoBinaries)
+        };
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

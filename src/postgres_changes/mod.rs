@@ -298,6 +298,12 @@ impl PgChanges {
         let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
         let mut commit_ts: i64 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
+        // Exactly once across reconnects: PostgreSQL streams again everything after the last
+        // confirmed commit, which may include what was already delivered. Commits arrive in
+        // commit-LSN order, so a transaction whose commit LSN is below the last delivered
+        // commit's end was delivered whole; one cut off mid-way is streamed again from its
+        // start, and its changes up to the last one handled are skipped.
+        let mut txn = TxnState::default();
         while let Some(first) = rx.recv().await {
             batch.push(first);
             // Take what is already waiting: batches form by themselves under load.
@@ -327,10 +333,25 @@ impl PgChanges {
                         self.authorizer.forget_table(rel.oid);
                         tables.insert(rel.oid, Arc::new(info));
                     }
-                    Event::Begin { commit_ts: ts } => commit_ts = ts,
-                    Event::Commit { end_lsn } => last_commit = Some(end_lsn),
+                    Event::Begin {
+                        commit_ts: ts,
+                        final_lsn,
+                    } => {
+                        commit_ts = ts;
+                        let delivered = status
+                            .acked
+                            .load(Ordering::Relaxed)
+                            .max(last_commit.unwrap_or(0));
+                        txn.begin(final_lsn, delivered);
+                    }
+                    Event::Commit { end_lsn } => {
+                        if !txn.skip_all {
+                            last_commit = Some(end_lsn);
+                        }
+                        txn.commit();
+                    }
                     Event::Message { .. } => {}
-                    Event::Insert { relation, new } => self.match_change(
+                    Event::Insert { relation, new, lsn } if txn.take(lsn) => self.match_change(
                         &tables,
                         relation,
                         Action::Insert,
@@ -339,7 +360,12 @@ impl PgChanges {
                         commit_ts,
                         &mut pending,
                     ),
-                    Event::Update { relation, old, new } => self.match_change(
+                    Event::Update {
+                        relation,
+                        old,
+                        new,
+                        lsn,
+                    } if txn.take(lsn) => self.match_change(
                         &tables,
                         relation,
                         Action::Update,
@@ -348,7 +374,7 @@ impl PgChanges {
                         commit_ts,
                         &mut pending,
                     ),
-                    Event::Delete { relation, old } => self.match_change(
+                    Event::Delete { relation, old, lsn } if txn.take(lsn) => self.match_change(
                         &tables,
                         relation,
                         Action::Delete,
@@ -357,6 +383,7 @@ impl PgChanges {
                         commit_ts,
                         &mut pending,
                     ),
+                    Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
                 }
             }
             if !pending.is_empty() {
@@ -516,6 +543,54 @@ impl PgChanges {
     }
 }
 
+/// Where the dispatcher is in the transaction stream (see `dispatch`).
+#[derive(Default)]
+struct TxnState {
+    /// The commit LSN of the transaction being received, until its Commit.
+    open: Option<u64>,
+    /// The last change LSN handled in the open transaction.
+    handled_upto: u64,
+    /// Changes at or below this LSN were handled before a reconnect.
+    skip_upto: u64,
+    /// The whole transaction was delivered before.
+    skip_all: bool,
+}
+
+impl TxnState {
+    fn begin(&mut self, final_lsn: u64, delivered_commit_end: u64) {
+        self.skip_all = final_lsn < delivered_commit_end;
+        self.skip_upto = if self.open == Some(final_lsn) {
+            self.handled_upto
+        } else {
+            0
+        };
+        if self.skip_all || self.skip_upto > 0 {
+            tracing::info!(
+                final_lsn,
+                skip_all = self.skip_all,
+                "transaction streamed again after a reconnect: skipping what was delivered"
+            );
+        }
+        if self.open != Some(final_lsn) {
+            self.handled_upto = 0;
+        }
+        self.open = Some(final_lsn);
+    }
+
+    /// Whether a change at `lsn` is new.
+    fn take(&mut self, lsn: u64) -> bool {
+        if self.skip_all || lsn <= self.skip_upto {
+            return false;
+        }
+        self.handled_upto = self.handled_upto.max(lsn);
+        true
+    }
+
+    fn commit(&mut self) {
+        *self = TxnState::default();
+    }
+}
+
 fn tuple_row(t: &Tuple) -> Row {
     t.iter().map(datum_cell).collect()
 }
@@ -609,4 +684,27 @@ fn condition_name(code: &str) -> &'static str {
 /// uses, exposed for tests.
 pub fn cohort_key(c: &Cohort) -> (String, String) {
     (c.role.clone(), c.claims.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TxnState;
+
+    #[test]
+    fn a_transaction_streamed_again_is_not_delivered_twice() {
+        let mut t = TxnState::default();
+        t.begin(100, 50);
+        assert!(t.take(60) && t.take(70));
+        // The stream broke before the commit; the transaction comes again from its start.
+        t.begin(100, 50);
+        assert!(!t.take(60) && !t.take(70));
+        assert!(t.take(80));
+        t.commit();
+        // A transaction whose commit precedes what was already delivered is skipped whole.
+        t.begin(90, 120);
+        assert!(!t.take(95));
+        t.commit();
+        t.begin(130, 120);
+        assert!(t.take(125));
+    }
 }

@@ -25,21 +25,27 @@ use pgoutput::{Datum, Message, OldKind, OldTuple, Relation, Tuple};
 #[derive(Debug)]
 pub enum Event {
     Relation(Relation),
+    /// `final_lsn` is the transaction's commit LSN; commits stream in this order.
     Begin {
         commit_ts: i64,
+        final_lsn: u64,
     },
+    /// `lsn`: where the change is in the WAL (the same when a transaction is streamed again).
     Insert {
         relation: u32,
         new: Tuple,
+        lsn: u64,
     },
     Update {
         relation: u32,
         old: Option<OldTuple>,
         new: Tuple,
+        lsn: u64,
     },
     Delete {
         relation: u32,
         old: OldTuple,
+        lsn: u64,
     },
     Commit {
         end_lsn: u64,
@@ -159,7 +165,8 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
         tokio::select! {
             frame = conn.next_frame() => {
                 match frame? {
-                    CopyFrame::XLogData { wal_end, data, .. } => {
+                    CopyFrame::XLogData { wal_start, wal_end, data } => {
+                        let lsn = wal_start;
                         received = received.max(wal_end);
                         let msg = match pgoutput::decode(&data) {
                             Ok(m) => m,
@@ -170,16 +177,16 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
                             }
                         };
                         let event = match msg {
-                            Message::Begin { commit_ts, .. } => { in_txn = true; Some(Event::Begin { commit_ts }) }
+                            Message::Begin { commit_ts, final_lsn, .. } => { in_txn = true; Some(Event::Begin { commit_ts, final_lsn }) }
                             Message::Commit { end_lsn, .. } => {
                                 in_txn = false;
                                 last_commit_sent = end_lsn;
                                 Some(Event::Commit { end_lsn })
                             }
                             Message::Relation(r) => Some(Event::Relation(r)),
-                            Message::Insert { relation, new } => Some(Event::Insert { relation, new }),
-                            Message::Update { relation, old, new } => Some(Event::Update { relation, old, new }),
-                            Message::Delete { relation, old } => Some(Event::Delete { relation, old }),
+                            Message::Insert { relation, new } => Some(Event::Insert { relation, new, lsn }),
+                            Message::Update { relation, old, new } => Some(Event::Update { relation, old, new, lsn }),
+                            Message::Delete { relation, old } => Some(Event::Delete { relation, old, lsn }),
                             Message::Message { prefix, content, .. } => Some(Event::Message { prefix, content }),
                             Message::Truncate { .. } | Message::Type { .. } | Message::Origin { .. } => None,
                         };

@@ -1,0 +1,118 @@
+//! `walcast migrate` and `walcast dev` without PostgreSQL.
+
+use protocol_tests::pg::TestDb;
+use protocol_tests::*;
+
+#[tokio::test]
+async fn migrate_installs_what_a_plain_postgres_needs_and_is_idempotent() {
+    let db = TestDb::create("migrate").await;
+    for _ in 0..2 {
+        let out = tokio::process::Command::new(walcast_bin())
+            .arg("migrate")
+            .env("DATABASE_URL", db.url())
+            .env("PUBLICATION", "chat_pub")
+            .env("LOG_LEVEL", "error")
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sql = db.client().await;
+    let roles: Vec<String> = sql
+        .query("SELECT rolname::text FROM pg_roles WHERE rolname IN ('anon','authenticated','service_role') ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(roles, ["anon", "authenticated", "service_role"]);
+    let bypass: bool = sql
+        .query_one(
+            "SELECT rolbypassrls FROM pg_roles WHERE rolname = 'service_role'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(bypass);
+    // auth.uid() and friends read the claims walcast sets.
+    let row = sql
+        .query_one(
+            "SELECT set_config('request.jwt.claims', '{\"sub\":\"11111111-1111-1111-1111-111111111111\",\"role\":\"authenticated\"}', false),
+                    auth.uid()::text, auth.role(), auth.jwt() ->> 'role'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, String>(1),
+        "11111111-1111-1111-1111-111111111111"
+    );
+    assert_eq!(row.get::<_, String>(2), "authenticated");
+    assert_eq!(row.get::<_, String>(3), "authenticated");
+    let publication = sql
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = 'chat_pub'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(publication.is_some());
+    let versions: i64 = sql
+        .query_one("SELECT count(*) FROM walcast.schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(versions >= 1);
+}
+
+#[tokio::test]
+async fn existing_auth_functions_are_left_alone() {
+    let db = TestDb::create("keep").await;
+    let sql = db.client().await;
+    sql.batch_execute("CREATE SCHEMA auth; CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql AS $$ SELECT '22222222-2222-2222-2222-222222222222'::uuid $$;")
+        .await
+        .unwrap();
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("migrate")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uid: String = sql
+        .query_one("SELECT auth.uid()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(uid, "22222222-2222-2222-2222-222222222222");
+}
+
+#[tokio::test]
+async fn dev_without_postgres_binaries_names_the_package() {
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("dev")
+        .env("PORT", "0")
+        .env("PG_BIN", "/nonexistent")
+        .env(
+            "WALCAST_DEV_DIR",
+            std::env::temp_dir().join("walcast-no-pg"),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PostgreSQL server binaries") && err.contains("apt-get install postgresql"),
+        "{err}"
+    );
+}
