@@ -116,3 +116,46 @@ async fn dev_without_postgres_binaries_names_the_package() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn wait_visible_waits_for_commits_to_become_visible() {
+    let db = TestDb::create("visible").await;
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("migrate")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let writer = db.client().await;
+    let checker = db.client().await;
+    writer
+        .batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1);")
+        .await
+        .unwrap();
+    let xid: String = writer
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let xid32 = (xid.parse::<u64>().unwrap() & 0xffff_ffff).to_string();
+    let in_progress: bool = checker
+        .query_one(
+            "SELECT walcast.wait_visible(ARRAY[$1::text::xid], 200)",
+            &[&xid32],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_progress, "an open transaction is not visible");
+    writer.batch_execute("COMMIT").await.unwrap();
+    let committed: bool = checker
+        .query_one(
+            "SELECT walcast.wait_visible(ARRAY[$1::text::xid], 5000)",
+            &[&xid32],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(committed);
+}

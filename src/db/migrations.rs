@@ -6,11 +6,18 @@ use super::{DbError, Pool};
 use std::sync::Arc;
 
 /// (version, name, SQL), in order. Append only: never edit an applied migration.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "supabase_compat",
-    include_str!("../../migrations/0001_supabase_compat.sql"),
-)];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "supabase_compat",
+        include_str!("../../migrations/0001_supabase_compat.sql"),
+    ),
+    (
+        2,
+        "wait_visible",
+        include_str!("../../migrations/0002_wait_visible.sql"),
+    ),
+];
 
 /// Applies what is missing; returns the versions applied now.
 pub async fn run(pool: &Arc<Pool>) -> Result<Vec<i64>, DbError> {

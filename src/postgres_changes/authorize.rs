@@ -137,17 +137,23 @@ impl Authorizer {
 
     /// Answers every request; a request whose check fails (a policy error, a timeout) sees
     /// nothing. Returns the visible primary keys per request, in request order.
-    pub async fn visible(&self, requests: &[RlsRequest]) -> Vec<HashSet<Vec<String>>> {
+    /// `xids` are the transactions whose rows are checked: the check waits until they are
+    /// visible (see `walcast.wait_visible`), so that it judges the committed row.
+    pub async fn visible(
+        &self,
+        requests: &[RlsRequest],
+        xids: &[u32],
+    ) -> Vec<HashSet<Vec<String>>> {
         if requests.is_empty() {
             return Vec::new();
         }
-        match self.visible_pipelined(requests).await {
+        match self.visible_pipelined(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(error = %e, "pipelined RLS check failed; checking cohorts one by one");
                 let mut out = Vec::with_capacity(requests.len());
                 for r in requests {
-                    match self.visible_pipelined(std::slice::from_ref(r)).await {
+                    match self.visible_pipelined(std::slice::from_ref(r), xids).await {
                         Ok(mut v) => out.push(v.pop().unwrap_or_default()),
                         Err(e) => {
                             tracing::warn!(
@@ -168,12 +174,27 @@ impl Authorizer {
     async fn visible_pipelined(
         &self,
         requests: &[RlsRequest],
+        xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, String> {
         let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
         tx.batch_execute("SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '10s'")
             .await
             .map_err(|e| e.to_string())?;
+        if !xids.is_empty() {
+            let xids: Vec<String> = xids.iter().map(u32::to_string).collect();
+            let visible: bool = tx
+                .query_one("SELECT walcast.wait_visible($1::text[]::xid[])", &[&xids])
+                .await
+                .map_err(|e| e.to_string())?
+                .get(0);
+            if !visible {
+                tracing::warn!(
+                    ?xids,
+                    "committed transactions still not visible after 5 s; checking anyway"
+                );
+            }
+        }
         const SET: &str = "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true), \
                            set_config('request.jwt.claim.sub', $3, true), set_config('request.jwt.claim.role', $1, true)";
         let selects: Vec<(String, Vec<Vec<String>>)> = requests

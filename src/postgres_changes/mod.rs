@@ -297,6 +297,7 @@ impl PgChanges {
     pub async fn dispatch(self: Arc<Self>, mut rx: mpsc::Receiver<Event>, status: Arc<Status>) {
         let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
         let mut commit_ts: i64 = 0;
+        let mut xid: u32 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         // Exactly once across reconnects: PostgreSQL streams again everything after the last
         // confirmed commit, which may include what was already delivered. Commits arrive in
@@ -336,8 +337,10 @@ impl PgChanges {
                     Event::Begin {
                         commit_ts: ts,
                         final_lsn,
+                        xid: x,
                     } => {
                         commit_ts = ts;
+                        xid = x;
                         let delivered = status
                             .acked
                             .load(Ordering::Relaxed)
@@ -357,7 +360,7 @@ impl PgChanges {
                         Action::Insert,
                         Some(new),
                         None,
-                        commit_ts,
+                        (commit_ts, xid),
                         &mut pending,
                     ),
                     Event::Update {
@@ -371,7 +374,7 @@ impl PgChanges {
                         Action::Update,
                         Some(new),
                         old,
-                        commit_ts,
+                        (commit_ts, xid),
                         &mut pending,
                     ),
                     Event::Delete { relation, old, lsn } if txn.take(lsn) => self.match_change(
@@ -380,7 +383,7 @@ impl PgChanges {
                         Action::Delete,
                         None,
                         Some(old),
-                        commit_ts,
+                        (commit_ts, xid),
                         &mut pending,
                     ),
                     Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
@@ -403,7 +406,7 @@ impl PgChanges {
         action: Action,
         new: Option<Tuple>,
         old: Option<OldTuple>,
-        commit_ts: i64,
+        (commit_ts, xid): (i64, u32),
         pending: &mut Vec<(Change, Vec<Arc<Sub>>)>,
     ) {
         if !self.registry.watches(relation) {
@@ -419,6 +422,7 @@ impl PgChanges {
             new: new.map(|t| tuple_row(&t)),
             old: old.map(|o| old_row(&o, table)),
             commit_ts,
+            xid,
         };
         let Some(row) = change.filter_row() else {
             return;
@@ -473,7 +477,14 @@ impl PgChanges {
                 }
             }
         }
-        let visible = self.authorizer.visible(&requests).await;
+        let mut xids: Vec<u32> = pending
+            .iter()
+            .filter(|(c, _)| need.keys().any(|(t, _)| *t == c.table.oid))
+            .map(|(c, _)| c.xid)
+            .collect();
+        xids.sort_unstable();
+        xids.dedup();
+        let visible = self.authorizer.visible(&requests, &xids).await;
 
         // 2. Deliver, change by change, one message per channel.
         for (change, subs) in &pending {

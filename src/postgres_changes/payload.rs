@@ -49,6 +49,8 @@ pub struct Change {
     pub old: Option<Row>,
     /// Microseconds since 2000-01-01.
     pub commit_ts: i64,
+    /// The transaction that made the change.
+    pub xid: u32,
 }
 
 impl Change {

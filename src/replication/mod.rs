@@ -29,6 +29,7 @@ pub enum Event {
     Begin {
         commit_ts: i64,
         final_lsn: u64,
+        xid: u32,
     },
     /// `lsn`: where the change is in the WAL (the same when a transaction is streamed again).
     Insert {
@@ -177,7 +178,7 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
                             }
                         };
                         let event = match msg {
-                            Message::Begin { commit_ts, final_lsn, .. } => { in_txn = true; Some(Event::Begin { commit_ts, final_lsn }) }
+                            Message::Begin { commit_ts, final_lsn, xid } => { in_txn = true; Some(Event::Begin { commit_ts, final_lsn, xid }) }
                             Message::Commit { end_lsn, .. } => {
                                 in_txn = false;
                                 last_commit_sent = end_lsn;
