@@ -52,6 +52,8 @@ pub async fn run(
     let shutdown_timeout = settings.shutdown_timeout;
 
     let mut tasks = Vec::new();
+    let channels = Channels::local();
+    let max_payload_bytes = settings.max_payload_bytes;
     let pg = match database {
         None => {
             tracing::warn!(
@@ -74,16 +76,31 @@ pub async fn run(
                 status.clone(),
                 shutdown_rx.clone(),
             )));
-            tasks.push(tokio::spawn(pg.clone().dispatch(rx, status)));
+            tasks.push(tokio::spawn(pg.clone().dispatch(
+                rx,
+                status,
+                channels.clone(),
+                max_payload_bytes,
+            )));
+            if db.run_janitor {
+                tasks.push(tokio::spawn(janitor(
+                    pg.pool.clone(),
+                    db.messages_retention,
+                )));
+            }
             Some(pg)
         }
     };
+    let policies = pg
+        .as_ref()
+        .map(|pg| Arc::new(crate::policies::Checker::new(pg.pool.clone())));
 
     let ctx = Arc::new(Context {
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
-        channels: Channels::local(),
+        channels,
         pg,
+        policies,
         shutdown: shutdown_rx,
         alive: alive_tx,
     });
@@ -159,6 +176,32 @@ async fn start_database(db: &DatabaseSettings) -> Result<Arc<PgChanges>, AppErro
     ));
     pg.catalog.load_types().await?;
     Ok(pg)
+}
+
+/// Removes stored broadcast messages older than the retention period, at start and every ten
+/// minutes, so `realtime.messages` does not grow without bound.
+async fn janitor(pool: Arc<Pool>, retention: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tick.tick().await;
+        let hours = retention.as_secs_f64() / 3600.0;
+        let result = async {
+            let client = pool.get().await?;
+            let n = client
+                .execute(
+                    "DELETE FROM realtime.messages WHERE inserted_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1 * 3600)",
+                    &[&hours],
+                )
+                .await?;
+            Ok::<_, DbError>(n)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "janitor removed old realtime.messages rows"),
+            Err(e) => tracing::warn!(error = %e, "janitor could not clean realtime.messages"),
+        }
+    }
 }
 
 /// `walcast migrate`: applies migrations and creates the publication.

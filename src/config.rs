@@ -194,6 +194,14 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES)]
     pub max_record_bytes: usize,
 
+    /// Delete stored broadcast messages (realtime.messages) older than MESSAGES_RETENTION_HOURS.
+    #[arg(long, env = "RUN_JANITOR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub run_janitor: bool,
+
+    /// How long stored broadcast messages are kept (for replay).
+    #[arg(long, env = "MESSAGES_RETENTION_HOURS", default_value_t = 72)]
+    pub messages_retention_hours: u64,
+
     /// Apply walcast's migrations at start (`false` to run `walcast migrate` separately).
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
@@ -239,6 +247,8 @@ pub struct DatabaseSettings {
     pub slot: String,
     pub max_record_bytes: usize,
     pub migrate_on_start: bool,
+    pub run_janitor: bool,
+    pub messages_retention: std::time::Duration,
 }
 
 /// Settings after validation, in the units the code uses.
@@ -337,6 +347,10 @@ impl ServeArgs {
             slot: self.slot_name.clone(),
             max_record_bytes: self.max_record_bytes,
             migrate_on_start: self.migrate_on_start,
+            run_janitor: self.run_janitor,
+            messages_retention: std::time::Duration::from_secs(
+                self.messages_retention_hours.saturating_mul(3600),
+            ),
         }))
     }
 

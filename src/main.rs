@@ -92,6 +92,10 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
             slot: args.slot_name.clone(),
             max_record_bytes: args.max_record_bytes,
             migrate_on_start: true,
+            run_janitor: args.run_janitor,
+            messages_retention: std::time::Duration::from_secs(
+                args.messages_retention_hours.saturating_mul(3600),
+            ),
         };
         if let Some(configured) = database.take() {
             db.db = configured.db;

@@ -23,6 +23,33 @@ pub struct Subscriber {
     pub channel: ChannelId,
     pub vsn: Vsn,
     pub outbound: Arc<Outbound>,
+    /// May receive broadcasts (always on public topics; the read policy on private ones).
+    pub broadcast: bool,
+    /// May receive presence diffs.
+    pub presence: bool,
+    /// Ids of messages this channel got by replay: the live copies are not sent again.
+    pub replayed: Option<Arc<std::collections::HashSet<String>>>,
+}
+
+impl Subscriber {
+    /// A subscriber of a public topic: it receives everything.
+    pub fn public(channel: ChannelId, vsn: Vsn, outbound: Arc<Outbound>) -> Self {
+        Self {
+            channel,
+            vsn,
+            outbound,
+            broadcast: true,
+            presence: true,
+            replayed: None,
+        }
+    }
+}
+
+/// What a fan-out is, for per-subscriber permissions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FanoutKind {
+    Broadcast,
+    Presence,
 }
 
 /// What is being fanned out.
@@ -41,18 +68,36 @@ pub enum FanoutPayload {
 pub struct Fanout {
     topic: Arc<str>,
     payload: FanoutPayload,
+    kind: FanoutKind,
+    /// The stored message's id (broadcast from the database), for replay de-duplication.
+    message_id: Option<String>,
     v1: OnceLock<Option<Frame>>,
     v2: OnceLock<Option<Frame>>,
 }
 
 impl Fanout {
     pub fn new(topic: Arc<str>, payload: FanoutPayload) -> Self {
+        let kind = match &payload {
+            FanoutPayload::Json {
+                event: "presence_diff",
+                ..
+            } => FanoutKind::Presence,
+            _ => FanoutKind::Broadcast,
+        };
         Self {
             topic,
             payload,
+            kind,
+            message_id: None,
             v1: OnceLock::new(),
             v2: OnceLock::new(),
         }
+    }
+
+    /// Marks the fan-out as the stored message `id`.
+    pub fn with_message_id(mut self, id: String) -> Self {
+        self.message_id = Some(id);
+        self
     }
 
     pub fn payload(&self) -> &FanoutPayload {
@@ -142,6 +187,18 @@ impl Hub {
             if Some(sub.channel) == except {
                 continue;
             }
+            let allowed = match msg.kind {
+                FanoutKind::Broadcast => sub.broadcast,
+                FanoutKind::Presence => sub.presence,
+            };
+            if !allowed {
+                continue;
+            }
+            if let (Some(id), Some(replayed)) = (&msg.message_id, &sub.replayed) {
+                if replayed.contains(id) {
+                    continue;
+                }
+            }
             let Some(frame) = msg.frame(sub.vsn) else {
                 continue;
             };
@@ -166,14 +223,7 @@ mod tests {
 
     fn sub(vsn: Vsn) -> (Subscriber, Arc<Outbound>) {
         let q = Arc::new(Outbound::new(1 << 20));
-        (
-            Subscriber {
-                channel: ChannelId::next(),
-                vsn,
-                outbound: q.clone(),
-            },
-            q,
-        )
+        (Subscriber::public(ChannelId::next(), vsn, q.clone()), q)
     }
 
     fn json_fanout(topic: &TopicKey) -> Fanout {

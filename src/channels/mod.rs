@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use broker::{Broker, LocalBroker};
-pub use hub::{Fanout, FanoutPayload, Hub, Subscriber};
+pub use hub::{Fanout, FanoutKind, FanoutPayload, Hub, Subscriber};
 pub use presence::Presence;
 
 /// Identifies one joined channel (one socket's membership of one topic) for this process's life.

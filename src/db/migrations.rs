@@ -17,7 +17,15 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "wait_visible",
         include_str!("../../migrations/0002_wait_visible.sql"),
     ),
+    (
+        3,
+        "realtime_messages",
+        include_str!("../../migrations/0003_realtime_messages.sql"),
+    ),
 ];
+
+/// The publication that carries `realtime.messages` (broadcast from the database).
+pub const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
 
 /// Applies what is missing; returns the versions applied now.
 pub async fn run(pool: &Arc<Pool>) -> Result<Vec<i64>, DbError> {

@@ -294,8 +294,17 @@ impl PgChanges {
     }
 
     /// Runs the dispatcher until the event queue closes.
-    pub async fn dispatch(self: Arc<Self>, mut rx: mpsc::Receiver<Event>, status: Arc<Status>) {
+    /// Runs the dispatcher until the event queue closes. Rows inserted into
+    /// `realtime.messages` (broadcast from the database) go to `channels`.
+    pub async fn dispatch(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Event>,
+        status: Arc<Status>,
+        channels: crate::channels::Channels,
+        max_payload_bytes: usize,
+    ) {
         let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
+        let mut messages_oid: Option<u32> = None;
         let mut commit_ts: i64 = 0;
         let mut xid: u32 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
@@ -331,6 +340,9 @@ impl PgChanges {
                                 }
                             }
                         };
+                        if info.schema == "realtime" && info.name == "messages" {
+                            messages_oid = Some(rel.oid);
+                        }
                         self.authorizer.forget_table(rel.oid);
                         tables.insert(rel.oid, Arc::new(info));
                     }
@@ -354,6 +366,26 @@ impl PgChanges {
                         txn.commit();
                     }
                     Event::Message { .. } => {}
+                    Event::Insert { relation, new, lsn }
+                        if Some(relation) == messages_oid && txn.take(lsn) =>
+                    {
+                        // Keep commit order: what was matched before this goes out first.
+                        if !pending.is_empty() {
+                            self.deliver(std::mem::take(&mut pending)).await;
+                        }
+                        if let Some(table) = tables.get(&relation) {
+                            broadcast_stored(table, &new, &channels, max_payload_bytes);
+                        }
+                        self.match_change(
+                            &tables,
+                            relation,
+                            Action::Insert,
+                            Some(new),
+                            None,
+                            (commit_ts, xid),
+                            &mut pending,
+                        );
+                    }
                     Event::Insert { relation, new, lsn } if txn.take(lsn) => self.match_change(
                         &tables,
                         relation,
@@ -552,6 +584,78 @@ impl PgChanges {
             }
         }
     }
+}
+
+/// Fans out a row inserted into `realtime.messages` (by `realtime.send`, `send_binary`,
+/// `broadcast_changes`, or directly) to the channels of its topic, public or private by the
+/// row's `private`, as a user broadcast with `meta: {"id": ...}`.
+fn broadcast_stored(
+    table: &TableInfo,
+    row: &Tuple,
+    channels: &crate::channels::Channels,
+    max_payload_bytes: usize,
+) {
+    let text = |name: &str| -> Option<String> {
+        let i = table.column_index(name)?;
+        match row.get(i)? {
+            Datum::Text(b) | Datum::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    };
+    if text("extension").as_deref() != Some("broadcast") {
+        return;
+    }
+    let (Some(topic), Some(id)) = (text("topic"), text("id")) else {
+        return;
+    };
+    let event = text("event").unwrap_or_default();
+    let private = text("private").as_deref() == Some("t");
+    let (encoding, payload) = match (text("payload"), text("binary_payload")) {
+        (Some(json), _) => (crate::protocol::Encoding::Json, bytes::Bytes::from(json)),
+        (None, Some(hex)) => {
+            let Some(bin) = decode_bytea_hex(&hex) else {
+                tracing::warn!(%topic, %id, "UnableToBroadcastChanges: binary_payload is not hex bytea");
+                return;
+            };
+            (crate::protocol::Encoding::Binary, bytes::Bytes::from(bin))
+        }
+        (None, None) => (
+            crate::protocol::Encoding::Json,
+            bytes::Bytes::from_static(b"{}"),
+        ),
+    };
+    if payload.len() > max_payload_bytes {
+        tracing::warn!(%topic, %id, size = payload.len(), "UnableToBroadcastChanges: payload over the size limit, dropped");
+        return;
+    }
+    let key = crate::channels::TopicKey::new(
+        &format!("{}{topic}", crate::session::TOPIC_PREFIX),
+        private,
+    );
+    let metadata = serde_json::json!({ "id": id }).to_string();
+    let fanout = crate::channels::Fanout::new(
+        key.topic.clone(),
+        crate::channels::FanoutPayload::User(crate::protocol::UserBroadcast {
+            event,
+            encoding,
+            payload,
+            metadata: Some(bytes::Bytes::from(metadata)),
+        }),
+    )
+    .with_message_id(id);
+    channels.broker.publish(&key, fanout, None);
+}
+
+/// `\x0102ff` → bytes.
+fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?;
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Where the dispatcher is in the transaction stream (see `dispatch`).

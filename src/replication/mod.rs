@@ -142,10 +142,15 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
         .and_then(|r| r.get(2).cloned().flatten())
         .unwrap_or_default();
     ensure_slot(&mut conn, &cfg.slot).await?;
+    let publications = format!(
+        "{},{}",
+        crate::db::quote_ident(&cfg.publication),
+        crate::db::quote_ident(crate::db::migrations::MESSAGES_PUBLICATION)
+    );
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
         crate::db::quote_ident(&cfg.slot),
-        quote_literal(&crate::db::quote_ident(&cfg.publication)),
+        quote_literal(&publications),
     );
     conn.start_replication(&command).await?;
     status.connected.store(true, Ordering::Relaxed);

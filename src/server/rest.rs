@@ -54,15 +54,41 @@ fn authorize(ctx: &Context, headers: &HeaderMap) -> Result<Claims, Box<Response>
     })
 }
 
+/// Whether the caller's broadcast write policy allows `topic` (without a database: no).
+async fn may_write(ctx: &Context, topic: &str, claims: &Claims, headers: &HeaderMap) -> bool {
+    let Some(checker) = &ctx.policies else {
+        return false;
+    };
+    let request_headers: Map<String, Value> = headers
+        .iter()
+        .filter(|(name, _)| name.as_str() != "authorization" && name.as_str() != "apikey")
+        .filter_map(|(name, value)| {
+            Some((
+                name.as_str().to_owned(),
+                Value::String(value.to_str().ok()?.to_owned()),
+            ))
+        })
+        .collect();
+    let pctx = crate::policies::Context::new(topic, claims, &request_headers);
+    match checker.write(&pctx).await {
+        Ok(w) => w.broadcast,
+        Err(e) => {
+            tracing::warn!(%topic, error = %e, "write policy check failed: denying");
+            false
+        }
+    }
+}
+
 /// `POST /api/broadcast` with `{"messages":[{topic, event, payload, private?, id?}]}`.
 pub async fn broadcast_batch(
     State(ctx): State<Arc<Context>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return *resp;
-    }
+    let claims = match authorize(&ctx, &headers) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let root: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -89,12 +115,23 @@ pub async fn broadcast_batch(
     if any_error {
         return unprocessable(json!({ "messages": errors }));
     }
+    let mut allowed_private: HashMap<String, bool> = HashMap::new();
     for m in valid.into_iter().flatten() {
         if m.private {
-            // Private topics need the caller's write policy on realtime.messages, which this build
-            // cannot evaluate yet: the message is dropped, as the original drops denied ones.
-            tracing::info!(topic = %m.topic, "REST broadcast to a private topic dropped: write not authorized");
-            continue;
+            // The caller's write policy decides, once per topic; denied messages are dropped
+            // (the request still gets 202), as the original does.
+            let allowed = match allowed_private.get(&m.topic) {
+                Some(a) => *a,
+                None => {
+                    let a = may_write(&ctx, &m.topic, &claims, &headers).await;
+                    allowed_private.insert(m.topic.clone(), a);
+                    a
+                }
+            };
+            if !allowed {
+                tracing::info!(topic = %m.topic, "REST broadcast to a private topic dropped: write not allowed by policy");
+                continue;
+            }
         }
         let mut payload = Map::new();
         payload.insert("event".into(), Value::String(m.event));
@@ -106,7 +143,7 @@ pub async fn broadcast_batch(
         let Ok(raw) = RawValue::from_string(Value::Object(payload).to_string()) else {
             continue;
         };
-        let key = TopicKey::new(&format!("{TOPIC_PREFIX}{}", m.topic), false);
+        let key = TopicKey::new(&format!("{TOPIC_PREFIX}{}", m.topic), m.private);
         ctx.channels.broker.publish(
             &key,
             Fanout::new(
@@ -227,9 +264,10 @@ pub async fn broadcast_single(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(resp) = authorize(&ctx, &headers) {
-        return *resp;
-    }
+    let claims = match authorize(&ctx, &headers) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -288,11 +326,10 @@ pub async fn broadcast_single(
     if !errs.is_empty() {
         return unprocessable(Value::Object(errs));
     }
-    if private {
-        // The caller's write policy on realtime.messages cannot be evaluated yet: deny.
+    if private && !may_write(&ctx, &topic, &claims, &headers).await {
         return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
-    let key = TopicKey::new(&full_topic, false);
+    let key = TopicKey::new(&full_topic, private);
     ctx.channels.broker.publish(
         &key,
         Fanout::new(

@@ -46,6 +46,17 @@ pub async fn upgrade(
         return connect_error(&ctx, e).await;
     }
     let log_info = params.get("log_level").map(String::as_str) == Some("info");
+    // `request.headers` for private channel policies: the `x-` headers, never the token.
+    let headers: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-") && name.as_str() != "x-api-key")
+        .filter_map(|(name, value)| {
+            Some((
+                name.as_str().to_owned(),
+                serde_json::Value::String(value.to_str().ok()?.to_owned()),
+            ))
+        })
+        .collect();
     let max = ctx.settings.max_frame_bytes;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -59,6 +70,7 @@ pub async fn upgrade(
                     vsn,
                     token,
                     log_info,
+                    headers,
                 },
             )
         })

@@ -16,9 +16,16 @@ pub struct JoinConfig {
     pub postgres_changes: Vec<Map<String, Value>>,
     /// `access_token`, or the legacy `user_token`.
     pub access_token: Option<String>,
+    /// `broadcast.replay`: `Some(Ok((since_ms, limit)))`, or `Some(Err(()))` when it is there
+    /// but not valid (`since` must be an integer; `limit`, when given, too).
+    pub replay: Option<Result<(i64, i64), ()>>,
     /// Problems found while parsing; the join goes on with defaults for those fields.
     pub problems: Vec<String>,
 }
+
+/// Replayed messages when `limit` is not given, and the most a replay returns.
+pub const DEFAULT_REPLAY_LIMIT: i64 = 25;
+pub const MAX_REPLAY_LIMIT: i64 = 25;
 
 /// Parses a join payload. Never fails.
 pub fn parse(payload: &str) -> JoinConfig {
@@ -50,6 +57,21 @@ pub fn parse(payload: &str) -> JoinConfig {
     if let Some(b) = section(config, "broadcast", &mut cfg.problems) {
         cfg.broadcast_self = flag(b, "self", &mut cfg.problems);
         cfg.broadcast_ack = flag(b, "ack", &mut cfg.problems);
+        cfg.replay = match b.get("replay") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(r)) => {
+                let since = r.get("since").and_then(Value::as_i64);
+                let limit = match r.get("limit") {
+                    None | Some(Value::Null) => Some(DEFAULT_REPLAY_LIMIT),
+                    Some(v) => v.as_i64(),
+                };
+                match (since, limit) {
+                    (Some(s), Some(l)) => Some(Ok((s, l.clamp(1, MAX_REPLAY_LIMIT)))),
+                    _ => Some(Err(())),
+                }
+            }
+            Some(_) => Some(Err(())),
+        };
     }
     if let Some(p) = section(config, "presence", &mut cfg.problems) {
         cfg.presence_enabled = flag(p, "enabled", &mut cfg.problems);
@@ -151,5 +173,29 @@ mod tests {
                 .len(),
             0
         );
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    #[test]
+    fn replay_params() {
+        let c = parse(r#"{"config":{"broadcast":{"replay":{"since":1700000000000,"limit":100}}}}"#);
+        assert_eq!(c.replay, Some(Ok((1_700_000_000_000, 25))));
+        let c = parse(r#"{"config":{"broadcast":{"replay":{"since":5,"limit":0}}}}"#);
+        assert_eq!(c.replay, Some(Ok((5, 1))));
+        let c = parse(r#"{"config":{"broadcast":{"replay":{"since":5}}}}"#);
+        assert_eq!(c.replay, Some(Ok((5, 25))));
+        assert_eq!(
+            parse(r#"{"config":{"broadcast":{"replay":{"since":"x"}}}}"#).replay,
+            Some(Err(()))
+        );
+        assert_eq!(
+            parse(r#"{"config":{"broadcast":{"replay":{"limit":3}}}}"#).replay,
+            Some(Err(()))
+        );
+        assert_eq!(parse(r#"{"config":{"broadcast":{}}}"#).replay, None);
     }
 }

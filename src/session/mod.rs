@@ -11,7 +11,7 @@
 pub mod join;
 pub mod outbound;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,6 +28,7 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::channels::presence::Tracked;
 use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
+use crate::policies;
 use crate::postgres_changes::binding::{self, BindingSpec};
 use crate::postgres_changes::registry::{Sub, Target};
 use crate::postgres_changes::PgChanges;
@@ -54,6 +55,8 @@ pub struct Context {
     pub channels: Channels,
     /// postgres_changes, when a database is configured.
     pub pg: Option<Arc<PgChanges>>,
+    /// Private channel policies, when a database is configured.
+    pub policies: Option<Arc<policies::Checker>>,
     /// Flips to `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Held by every live session; the server waits for all clones to drop on shutdown.
@@ -67,6 +70,8 @@ pub struct Connect {
     pub token: String,
     /// `log_level=info` asks for per-message logs for this socket.
     pub log_info: bool,
+    /// The upgrade request's `x-` headers (except the token), for `request.headers`.
+    pub headers: Map<String, Value>,
 }
 
 /// One joined channel.
@@ -87,6 +92,35 @@ struct Channel {
     pg_bindings: Vec<BindingSpec>,
     /// Bumped at every (re)subscription, so that a late result of an older one is ignored.
     pg_generation: u64,
+    /// Private channels: what the read policies allow (`None` on public channels).
+    read: Option<policies::Read>,
+    /// Private channels: the write policies, checked on the first send or track.
+    write: Option<policies::Write>,
+    write_check_in_flight: bool,
+    /// Sends and tracks waiting for the write check, in order.
+    awaiting_write: VecDeque<Inbound>,
+    /// Ids of the messages replayed at join.
+    replayed: Option<Arc<HashSet<String>>>,
+}
+
+/// A join, kept while a private channel's read policy is checked.
+struct JoinRequest {
+    join_ref: Ref,
+    msg_ref: Ref,
+    topic: String,
+    sub_topic: String,
+    cfg: join::JoinConfig,
+    token: String,
+    claims: Claims,
+}
+
+/// Pushes that may wait for one channel's write check; more are dropped (and logged).
+const MAX_AWAITING_WRITE: usize = 256;
+
+fn unauthorized(sub_topic: &str) -> String {
+    format!(
+        "Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
+    )
 }
 
 /// Results of work a session started in the background.
@@ -97,6 +131,24 @@ enum SessionEvent {
         channel: ChannelId,
         generation: u64,
         result: Result<Vec<(u32, Sub)>, String>,
+    },
+    /// A private join's read policy (and replay) checked.
+    PrivateJoin {
+        generation: u64,
+        request: Box<JoinRequest>,
+        result: Result<(policies::Read, Vec<policies::Stored>), policies::PolicyError>,
+    },
+    /// A private channel's read policy checked again under a new token.
+    ReadRefreshed {
+        topic: String,
+        channel: ChannelId,
+        result: Result<policies::Read, policies::PolicyError>,
+    },
+    /// A private channel's write policies checked.
+    WriteChecked {
+        topic: String,
+        channel: ChannelId,
+        result: Result<policies::Write, policies::PolicyError>,
     },
 }
 
@@ -113,6 +165,10 @@ struct Session {
     channels: HashMap<String, Channel>,
     delayed: VecDeque<(Instant, Frame)>,
     events: mpsc::Sender<SessionEvent>,
+    /// Private joins waiting for their policy check: topic → generation.
+    pending_joins: HashMap<String, u64>,
+    next_generation: u64,
+    headers: Map<String, Value>,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -132,6 +188,9 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         outbound: outbound.clone(),
         channels: HashMap::new(),
         delayed: VecDeque::new(),
+        pending_joins: HashMap::new(),
+        next_generation: 0,
+        headers: connect.headers,
         ctx,
     };
     let mut last_inbound = Instant::now();
@@ -356,6 +415,8 @@ impl Session {
             self.send(encode::close(self.vsn, &old.join_ref, &m.topic));
             self.teardown(&old);
         }
+        // A join still waiting for its policy check is superseded.
+        self.pending_joins.remove(&m.topic);
         if sub_topic.is_empty() {
             self.join_error(
                 &m,
@@ -370,7 +431,8 @@ impl Session {
         if !cfg.problems.is_empty() {
             tracing::info!(topic = %m.topic, problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
         }
-        if self.channels.len() >= self.settings().max_channels_per_client {
+        if self.channels.len() + self.pending_joins.len() >= self.settings().max_channels_per_client
+        {
             self.join_error(&m, "ChannelRateLimitReached: Too many channels".into());
             return;
         }
@@ -386,26 +448,133 @@ impl Session {
                 return;
             }
         };
-        if cfg.private {
-            // Private channels need their read policy on realtime.messages, which this build
-            // cannot evaluate yet. Deny rather than let one through unchecked.
+        let request = JoinRequest {
+            join_ref: m.join_ref.clone(),
+            msg_ref: m.msg_ref.clone(),
+            topic: m.topic.clone(),
+            sub_topic,
+            cfg,
+            token,
+            claims,
+        };
+        if !request.cfg.private {
+            if request.cfg.replay.is_some() {
+                self.join_error(
+                    &m,
+                    "UnableToReplayMessages: Replay is not allowed for public channels".into(),
+                );
+                return;
+            }
+            self.finish_join(request, None, Vec::new());
+            return;
+        }
+        if let Some(Err(())) = request.cfg.replay {
             self.join_error(
                 &m,
-                format!("Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"),
+                "UnableToReplayMessages: Replay params are not valid".into(),
             );
             return;
         }
+        let Some(checker) = self.ctx.policies.clone() else {
+            // Without a database there are no policies to allow anything: deny.
+            let reason = unauthorized(&request.sub_topic);
+            self.join_error(&m, reason);
+            return;
+        };
+        // The read policy is checked off the socket's task: joins do not wait on each other.
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.pending_joins.insert(m.topic.clone(), generation);
+        let ctx = policies::Context::new(&request.sub_topic, &request.claims, &self.headers);
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let read = checker.read(&ctx).await?;
+                let replay = match request.cfg.replay {
+                    Some(Ok((since, limit))) if read.broadcast => {
+                        checker.replay(&ctx.topic, since, limit).await?
+                    }
+                    _ => Vec::new(),
+                };
+                Ok::<_, policies::PolicyError>((read, replay))
+            }
+            .await;
+            let _ = events
+                .send(SessionEvent::PrivateJoin {
+                    generation,
+                    request: Box::new(request),
+                    result,
+                })
+                .await;
+        });
+    }
 
-        let key = TopicKey::new(&m.topic, cfg.private);
+    /// A private join's policy check finished.
+    fn private_join_checked(
+        &mut self,
+        generation: u64,
+        request: JoinRequest,
+        result: Result<(policies::Read, Vec<policies::Stored>), policies::PolicyError>,
+    ) {
+        if self.pending_joins.get(&request.topic) != Some(&generation) {
+            return; // superseded by another join, or left
+        }
+        self.pending_joins.remove(&request.topic);
+        let m = Inbound {
+            join_ref: request.join_ref.clone(),
+            msg_ref: request.msg_ref.clone(),
+            topic: request.topic.clone(),
+            event: "phx_join".into(),
+            payload: InboundPayload::Json(
+                RawValue::from_string("{}".into()).unwrap_or_else(|_| unreachable!()),
+            ),
+        };
+        match result {
+            Ok((read, replay)) => {
+                let wants_replay = matches!(request.cfg.replay, Some(Ok(_)));
+                if !read.any() || (wants_replay && !read.broadcast) {
+                    let reason = unauthorized(&request.sub_topic);
+                    self.join_error(&m, reason);
+                    return;
+                }
+                self.finish_join(request, Some(read), replay);
+            }
+            Err(e) => {
+                tracing::warn!(topic = %request.topic, error = %e, "private channel policy check failed: denying");
+                let reason = unauthorized(&request.sub_topic);
+                self.join_error(&m, reason);
+            }
+        }
+    }
+
+    /// Joins the channel: reply, subscribe, postgres_changes, presence state, replay.
+    fn finish_join(
+        &mut self,
+        request: JoinRequest,
+        read: Option<policies::Read>,
+        replay: Vec<policies::Stored>,
+    ) {
+        let JoinRequest {
+            join_ref,
+            msg_ref,
+            topic,
+            sub_topic,
+            cfg,
+            token,
+            claims,
+        } = request;
+        let key = TopicKey::new(&topic, cfg.private);
         let presence_key = if cfg.presence_key.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
             cfg.presence_key.clone()
         };
-        let channel = Channel {
+        let replayed: Option<Arc<HashSet<String>>> =
+            (!replay.is_empty()).then(|| Arc::new(replay.iter().map(|r| r.id.clone()).collect()));
+        let mut channel = Channel {
             id: ChannelId::next(),
             key,
-            join_ref: m.join_ref.clone(),
+            join_ref: join_ref.clone(),
             sub_topic,
             broadcast_self: cfg.broadcast_self,
             broadcast_ack: cfg.broadcast_ack,
@@ -416,6 +585,11 @@ impl Session {
             presence_window: None,
             pg_bindings: Vec::new(),
             pg_generation: 0,
+            read,
+            write: None,
+            write_check_in_flight: false,
+            awaiting_write: VecDeque::new(),
+            replayed,
         };
 
         let bindings: Vec<Value> = cfg
@@ -427,30 +601,48 @@ impl Session {
                 Value::Object(echoed)
             })
             .collect();
-        self.reply(
-            &m,
-            &m.join_ref,
+        self.send(encode::reply(
+            self.vsn,
+            &join_ref,
+            &msg_ref,
+            &topic,
             "ok",
             &json!({ "postgres_changes": bindings }),
-        );
-        self.ctx.channels.hub.subscribe(
-            &channel.key,
-            Subscriber {
-                channel: channel.id,
-                vsn: self.vsn,
-                outbound: self.outbound.clone(),
-            },
-        );
-        let mut channel = channel;
+        ));
+        self.ctx
+            .channels
+            .hub
+            .subscribe(&channel.key, self.subscriber(&channel));
         if !cfg.postgres_changes.is_empty() {
             self.start_postgres_changes(&mut channel, &cfg.postgres_changes);
         }
-        if channel.presence_enabled {
+        for stored in &replay {
+            if let Some(frame) = stored.replay_frame(self.vsn, &join_ref, &topic) {
+                self.send(frame);
+            }
+        }
+        if channel.presence_enabled && channel.read.is_none_or(|r| r.presence) {
             let state = self.ctx.channels.presence.state(&channel.key);
             self.push(&channel, "presence_state", &state);
         }
-        tracing::debug!(topic = %m.topic, role = %channel.claims.role, "joined");
-        self.channels.insert(m.topic, channel);
+        tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
+        self.channels.insert(topic, channel);
+    }
+
+    /// How the hub sees a channel: what it may receive.
+    fn subscriber(&self, channel: &Channel) -> Subscriber {
+        let read = channel.read.unwrap_or(policies::Read {
+            broadcast: true,
+            presence: true,
+        });
+        Subscriber {
+            channel: channel.id,
+            vsn: self.vsn,
+            outbound: self.outbound.clone(),
+            broadcast: read.broadcast,
+            presence: read.presence,
+            replayed: channel.replayed.clone(),
+        }
     }
 
     fn push(&self, channel: &Channel, event: &str, payload: &Value) {
@@ -472,6 +664,7 @@ impl Session {
                     self.teardown(&ch);
                 }
             }
+            "broadcast" | "presence" if self.needs_write_check(&m.topic) => self.await_write(m),
             "broadcast" => self.broadcast(m),
             "presence" => self.presence(m),
             "access_token" => self.access_token(m),
@@ -489,6 +682,11 @@ impl Session {
         let Some(ch) = self.channels.get(&m.topic) else {
             return;
         };
+        if ch.read.is_some() && !ch.write.is_some_and(|w| w.broadcast) {
+            // As the original: a broadcast the write policy denies is dropped, with no ack.
+            tracing::debug!(topic = %m.topic, "broadcast dropped: write not allowed by policy");
+            return;
+        }
         let size = match &m.payload {
             InboundPayload::Json(raw) => {
                 if !raw.get().trim_start().starts_with('{') {
@@ -559,6 +757,14 @@ impl Session {
         }
         let event = event.as_str().map(str::to_ascii_lowercase);
         match event.as_deref() {
+            Some("track")
+                if self.channels.get(&m.topic).is_some_and(|ch| {
+                    ch.read.is_some() && !ch.write.is_some_and(|w| w.presence)
+                }) =>
+            {
+                tracing::debug!(topic = %m.topic, "track refused: write not allowed by policy");
+                self.reply(&m, &join_ref, "error", &json!({}));
+            }
             Some("track") => {
                 let meta = match payload.get("payload") {
                     None | Some(Value::Null) => Map::new(),
@@ -671,11 +877,95 @@ impl Session {
                     if !ch.pg_bindings.is_empty() {
                         self.prepare_postgres_changes(&mut ch);
                     }
+                    // Private channels: the policies are evaluated again for the new claims;
+                    // writes are checked again on the next send or track.
+                    if ch.read.is_some() {
+                        ch.write = None;
+                        self.refresh_read(&ch);
+                    }
                     self.channels.insert(m.topic.clone(), ch);
                 }
             }
             Err(e) => self.shutdown_channel(&m.topic, e.to_string()),
         }
+    }
+
+    /// Whether a send or track on this channel must wait for its write policy (private
+    /// channels, before their first write check).
+    fn needs_write_check(&self, topic: &str) -> bool {
+        self.channels
+            .get(topic)
+            .is_some_and(|ch| ch.read.is_some() && ch.write.is_none())
+    }
+
+    /// Queues a send or track until the channel's write policy is known, starting the check.
+    fn await_write(&mut self, m: Inbound) {
+        let (checker, headers) = (self.ctx.policies.clone(), self.headers.clone());
+        let events = self.events.clone();
+        let Some(ch) = self.channels.get_mut(&m.topic) else {
+            return;
+        };
+        if ch.awaiting_write.len() >= MAX_AWAITING_WRITE {
+            tracing::warn!(topic = %m.topic, "too many pushes waiting for the write policy: dropped");
+            return;
+        }
+        ch.awaiting_write.push_back(m);
+        if ch.write_check_in_flight {
+            return;
+        }
+        let Some(checker) = checker else {
+            // No database, no policies: nothing may be written.
+            ch.write = Some(policies::Write::default());
+            let topic = ch.key.topic.to_string();
+            self.drain_awaiting_write(&topic);
+            return;
+        };
+        ch.write_check_in_flight = true;
+        let ctx = policies::Context::new(&ch.sub_topic, &ch.claims, &headers);
+        let (topic, channel) = (ch.key.topic.to_string(), ch.id);
+        tokio::spawn(async move {
+            let result = checker.write(&ctx).await;
+            let _ = events
+                .send(SessionEvent::WriteChecked {
+                    topic,
+                    channel,
+                    result,
+                })
+                .await;
+        });
+    }
+
+    /// Handles, in order, the pushes that waited for the write policy.
+    fn drain_awaiting_write(&mut self, topic: &str) {
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return;
+        };
+        let waiting: Vec<Inbound> = ch.awaiting_write.drain(..).collect();
+        for m in waiting {
+            match m.event.as_str() {
+                "broadcast" => self.broadcast(m),
+                _ => self.presence(m),
+            }
+        }
+    }
+
+    /// Evaluates a private channel's read policies again (after a token change).
+    fn refresh_read(&self, ch: &Channel) {
+        let Some(checker) = self.ctx.policies.clone() else {
+            return;
+        };
+        let ctx = policies::Context::new(&ch.sub_topic, &ch.claims, &self.headers);
+        let (topic, channel, events) = (ch.key.topic.to_string(), ch.id, self.events.clone());
+        tokio::spawn(async move {
+            let result = checker.read(&ctx).await;
+            let _ = events
+                .send(SessionEvent::ReadRefreshed {
+                    topic,
+                    channel,
+                    result,
+                })
+                .await;
+        });
     }
 
     /// Parses a channel's bindings and starts checking them against the database. Errors that
@@ -738,6 +1028,72 @@ impl Session {
 
     fn handle_event(&mut self, event: SessionEvent) {
         match event {
+            SessionEvent::PrivateJoin {
+                generation,
+                request,
+                result,
+            } => self.private_join_checked(generation, *request, result),
+            SessionEvent::WriteChecked {
+                topic,
+                channel,
+                result,
+            } => {
+                let Some(ch) = self.channels.get_mut(&topic) else {
+                    return;
+                };
+                if ch.id != channel {
+                    return;
+                }
+                ch.write_check_in_flight = false;
+                ch.write = Some(match result {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(%topic, error = %e, "write policy check failed: denying");
+                        policies::Write::default()
+                    }
+                });
+                self.drain_awaiting_write(&topic);
+            }
+            SessionEvent::ReadRefreshed {
+                topic,
+                channel,
+                result,
+            } => {
+                let Some(ch) = self.channels.get(&topic) else {
+                    return;
+                };
+                if ch.id != channel {
+                    return;
+                }
+                let read = match result {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(%topic, error = %e, "read policy check failed: treating as denied");
+                        policies::Read::default()
+                    }
+                };
+                if !read.any() {
+                    let message = format!(
+                        "You no longer have permission to read from this Channel topic: {}",
+                        ch.sub_topic
+                    );
+                    self.shutdown_channel(&topic, message);
+                    return;
+                }
+                if ch.read != Some(read) {
+                    // What the channel may receive changed: re-register with the hub.
+                    let Some(mut ch) = self.channels.remove(&topic) else {
+                        return;
+                    };
+                    ch.read = Some(read);
+                    self.ctx.channels.hub.unsubscribe(&ch.key, ch.id);
+                    self.ctx
+                        .channels
+                        .hub
+                        .subscribe(&ch.key, self.subscriber(&ch));
+                    self.channels.insert(topic, ch);
+                }
+            }
             SessionEvent::PgPrepared {
                 topic,
                 channel,
