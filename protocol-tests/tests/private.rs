@@ -463,3 +463,26 @@ async fn rest_private_broadcasts_obey_the_write_policy() {
         (403, json!({"message":"Unauthorized"}))
     );
 }
+
+#[tokio::test]
+async fn messages_sent_while_walcast_is_down_are_kept_and_replayable() {
+    let (db, mut server, sql) = setup("restart").await;
+    server.terminate();
+    server.wait_exit(std::time::Duration::from_secs(15)).await;
+    let before = now() * 1000 - 1000;
+    sql.batch_execute("SELECT realtime.send('{\"while\":\"down\"}'::jsonb, 'chat', 'room')")
+        .await
+        .unwrap();
+    let server = Server::start_with_db(&db, &[]).await;
+    let mut c = server.connect(Vsn::V2, &user_token(2)).await;
+    let (_, reply) = c
+        .join("realtime:room", json!({"config": private(json!({"presence": {"enabled": false}, "broadcast": {"replay": {"since": before}}}))}))
+        .await;
+    assert_eq!(reply.payload()["status"], "ok");
+    let f = c.recv().await;
+    assert_eq!(
+        f.payload()["payload"],
+        json!({"while":"down","id": f.payload()["meta"]["id"]})
+    );
+    assert_eq!(f.payload()["meta"]["replayed"], true);
+}
