@@ -189,7 +189,7 @@ async fn janitor(pool: Arc<Pool>, retention: Duration) {
             let client = pool.get().await?;
             let n = client
                 .execute(
-                    "DELETE FROM realtime.messages WHERE inserted_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1 * 3600)",
+                    "DELETE FROM realtime.messages WHERE inserted_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1::float8 * 3600)",
                     &[&hours],
                 )
                 .await?;

@@ -486,3 +486,38 @@ async fn messages_sent_while_walcast_is_down_are_kept_and_replayable() {
     );
     assert_eq!(f.payload()["meta"]["replayed"], true);
 }
+
+#[tokio::test]
+async fn the_janitor_removes_messages_past_the_retention() {
+    let db = TestDb::create("janitor").await;
+    // Migrate first so that realtime.messages exists, then plant an old and a recent message.
+    let server = Server::start_with_db(&db, &[("RUN_JANITOR", "false")]).await;
+    drop(server);
+    let sql = db.client().await;
+    sql.batch_execute(
+        "INSERT INTO realtime.messages (topic, extension, payload, event, private, inserted_at)
+         VALUES ('room', 'broadcast', '{}', 'old', true, (now() AT TIME ZONE 'UTC') - interval '100 hours'),
+                ('room', 'broadcast', '{}', 'new', true, (now() AT TIME ZONE 'UTC') - interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    let _server = Server::start_with_db(&db, &[("MESSAGES_RETENTION_HOURS", "72")]).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let events: Vec<String> = sql
+            .query("SELECT event FROM realtime.messages ORDER BY event", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if events == ["new"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "janitor did not run: {events:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
