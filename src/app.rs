@@ -40,10 +40,19 @@ impl Database {
 
 /// Serves on `listener` until `shutdown` resolves, then closes every socket (1012) and waits for
 /// them, at most `settings.shutdown_timeout`.
+/// Tokens for the operator endpoints.
+pub struct Operator {
+    /// Verifies `API_JWT_SECRET` tokens (`/api/tenants/:id/health`).
+    pub admin: Option<JwtVerifier>,
+    /// Verifies `METRICS_JWT_SECRET` tokens (`/metrics`).
+    pub metrics: Option<JwtVerifier>,
+}
+
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
     verifier: JwtVerifier,
+    operator: Operator,
     database: Option<Database>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
@@ -53,6 +62,7 @@ pub async fn run(
 
     let mut tasks = Vec::new();
     let channels = Channels::local();
+    let mut replication_status = None;
     let max_payload_bytes = settings.max_payload_bytes;
     let pg = match database {
         None => {
@@ -64,6 +74,7 @@ pub async fn run(
         Some(Database { settings: db, pg }) => {
             let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
             let status = Arc::new(replication::Status::default());
+            replication_status = Some(status.clone());
             let cfg = replication::Config {
                 db: db.db.clone(),
                 slot: db.slot.clone(),
@@ -101,6 +112,10 @@ pub async fn run(
         channels,
         pg,
         policies,
+        replication: replication_status,
+        admin: operator.admin.map(Arc::new),
+        metrics_auth: operator.metrics.map(Arc::new),
+        metrics: crate::telemetry::install(),
         shutdown: shutdown_rx,
         alive: alive_tx,
     });
@@ -137,7 +152,7 @@ pub async fn run(
 
 /// Connects (waiting for the database to come up), migrates, and prepares postgres_changes.
 async fn start_database(db: &DatabaseSettings) -> Result<Arc<PgChanges>, AppError> {
-    let pool = Pool::new(&db.db, db.pool_size);
+    let pool = Pool::with_after_connect(&db.db, db.pool_size, db.after_connect.clone());
     let started = tokio::time::Instant::now();
     loop {
         match pool.get().await {

@@ -44,6 +44,31 @@ pub enum Command {
     Dev(DevArgs),
     /// Apply walcast's migrations to the database and exit.
     Migrate(ServeArgs),
+    /// Print a JWT signed with API_JWT_SECRET, for trying walcast without another tool.
+    Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TokenArgs {
+    /// The `role` claim (anon, authenticated, service_role, or any role).
+    #[arg(long, default_value = "anon")]
+    pub role: String,
+
+    /// The `sub` claim (the user id policies see as `auth.uid()`).
+    #[arg(long)]
+    pub sub: Option<String>,
+
+    /// More claims, as a JSON object, e.g. `{"email":"a@b.c"}`.
+    #[arg(long)]
+    pub claims: Option<String>,
+
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    pub expires_in: u64,
+
+    /// The HMAC secret to sign with.
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+    pub api_jwt_secret: String,
 }
 
 /// The secret `walcast dev` signs with unless API_JWT_SECRET is set: the Supabase CLI's local
@@ -206,6 +231,18 @@ pub struct ServeArgs {
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
 
+    /// Secret of the bearer JWT that `GET /metrics` requires. Without it /metrics answers 403.
+    #[arg(long, env = "METRICS_JWT_SECRET", hide_env_values = true)]
+    pub metrics_jwt_secret: Option<String>,
+
+    /// Raise the open-file limit to this at start (sockets are files), up to the hard limit.
+    #[arg(long, env = "RLIMIT_NOFILE")]
+    pub rlimit_nofile: Option<u64>,
+
+    /// SQL run on every new SQL connection (the original's setting; e.g. `SET search_path TO _realtime`).
+    #[arg(long, env = "DB_AFTER_CONNECT_QUERY")]
+    pub db_after_connect_query: Option<String>,
+
     /// Log level: error, warning, info or debug (the original's names; `RUST_LOG` overrides).
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -249,6 +286,7 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     pub run_janitor: bool,
     pub messages_retention: std::time::Duration,
+    pub after_connect: Option<String>,
 }
 
 /// Settings after validation, in the units the code uses.
@@ -347,6 +385,7 @@ impl ServeArgs {
             slot: self.slot_name.clone(),
             max_record_bytes: self.max_record_bytes,
             migrate_on_start: self.migrate_on_start,
+            after_connect: self.db_after_connect_query.clone(),
             run_janitor: self.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 self.messages_retention_hours.saturating_mul(3600),

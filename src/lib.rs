@@ -37,3 +37,4 @@ pub mod protocol;
 pub mod replication;
 pub mod server;
 pub mod session;
+pub mod telemetry;

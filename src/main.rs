@@ -11,6 +11,29 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => run(args, None),
         Command::Dev(dev) => run_dev(dev),
+        Command::Token(t) => {
+            let mut claims = match t.claims.as_deref() {
+                None => serde_json::Map::new(),
+                Some(text) => match serde_json::from_str::<serde_json::Value>(text)? {
+                    serde_json::Value::Object(m) => m,
+                    _ => anyhow::bail!("--claims must be a JSON object"),
+                },
+            };
+            let now = walcast::auth::now_secs();
+            claims.insert("role".into(), t.role.into());
+            claims.insert("iat".into(), now.into());
+            claims.insert("exp".into(), (now + t.expires_in as i64).into());
+            if let Some(sub) = t.sub {
+                claims.insert("sub".into(), sub.into());
+            }
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::Value::Object(claims),
+                &jsonwebtoken::EncodingKey::from_secret(t.api_jwt_secret.as_bytes()),
+            )?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Migrate(args) => {
             init_tracing(&args);
             let db = args
@@ -92,6 +115,7 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
             slot: args.slot_name.clone(),
             max_record_bytes: args.max_record_bytes,
             migrate_on_start: true,
+            after_connect: args.db_after_connect_query.clone(),
             run_janitor: args.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 args.messages_retention_hours.saturating_mul(3600),
@@ -107,6 +131,23 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
         args.jwt_jwks.as_deref(),
         args.jwt_claim_validators.as_deref(),
     )?;
+    let operator = walcast::app::Operator {
+        admin: match args.api_jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(secret) => Some(JwtVerifier::new(Some(secret), None, None)?),
+            None => None,
+        },
+        metrics: match args.metrics_jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(secret) => Some(JwtVerifier::new(Some(secret), None, None)?),
+            None => {
+                tracing::info!("METRICS_JWT_SECRET is not set: /metrics answers 403");
+                None
+            }
+        },
+    };
+    note_ignored_settings();
+    if let Some(limit) = args.rlimit_nofile {
+        raise_nofile(limit);
+    }
     let listener = TcpListener::bind((args.bind, args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.bind, args.port))?;
@@ -123,7 +164,14 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
         Some(db) => Some(walcast::app::Database::connect(db).await?),
         None => None,
     };
-    let app = walcast::app::run(listener, settings, verifier, database, shutdown_signal());
+    let app = walcast::app::run(
+        listener,
+        settings,
+        verifier,
+        operator,
+        database,
+        shutdown_signal(),
+    );
     println!("walcast listening on http://{addr}");
     if let Some(secret) = dev_secret {
         print_dev_keys(addr, &secret, db_url.as_deref())?;
@@ -132,6 +180,61 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     app.await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Settings the self-hosted compose file gives the Elixir server that mean nothing to walcast:
+/// accepted, and named once in the log so nobody wonders whether they took effect.
+const ELIXIR_ONLY: &[&str] = &[
+    "DB_ENC_KEY",
+    "DB_ENC_KEY_GCM",
+    "SECRET_KEY_BASE",
+    "ERL_AFLAGS",
+    "DNS_NODES",
+    "APP_NAME",
+    "SEED_SELF_HOST",
+    "SELF_HOST_TENANT_NAME",
+    "DISABLE_HEALTHCHECK_LOGGING",
+    "CLUSTER_STRATEGIES",
+    "SLOT_NAME_SUFFIX",
+    "REALTIME_IP_VERSION",
+    "DB_IP_VERSION",
+    "LOGS_ENGINE",
+    "API_JWT_SECRET_NEXT",
+    "API_TOKEN_BLOCKLIST",
+];
+
+fn note_ignored_settings() {
+    let present: Vec<&str> = ELIXIR_ONLY
+        .iter()
+        .copied()
+        .filter(|k| std::env::var_os(k).is_some())
+        .collect();
+    if !present.is_empty() {
+        tracing::info!(settings = ?present, "ignoring settings that only apply to the Elixir realtime server");
+    }
+}
+
+/// Raises the soft open-file limit (one file per socket) towards `limit`, within the hard limit.
+fn raise_nofile(limit: u64) {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass; no other memory is touched.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return;
+        }
+        let wanted = (limit as libc::rlim_t).min(rl.rlim_max);
+        if wanted > rl.rlim_cur {
+            rl.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                tracing::warn!(limit, "could not raise the open-file limit");
+                return;
+            }
+        }
+    }
+    tracing::info!(limit = rl.rlim_cur, "open-file limit");
 }
 
 /// SIGTERM or Ctrl-C.

@@ -213,6 +213,12 @@ impl Hub {
                 Err(Rejected::Closed) => {}
             }
         }
+        let kind = match msg.kind {
+            FanoutKind::Broadcast => "broadcast",
+            FanoutKind::Presence => "presence",
+        };
+        metrics::counter!(crate::telemetry::MESSAGES_OUT, "kind" => kind)
+            .increment(delivered as u64);
         delivered
     }
 }

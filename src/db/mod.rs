@@ -131,6 +131,8 @@ impl DbConfig {
 /// is dropped and replaced on the next checkout.
 pub struct Pool {
     config: tokio_postgres::Config,
+    /// Run on every new connection (`DB_AFTER_CONNECT_QUERY`).
+    after_connect: Option<String>,
     idle: Mutex<Vec<Client>>,
     permits: Arc<Semaphore>,
 }
@@ -170,8 +172,17 @@ impl Drop for PooledClient {
 
 impl Pool {
     pub fn new(db: &DbConfig, size: usize) -> Arc<Self> {
+        Self::with_after_connect(db, size, None)
+    }
+
+    pub fn with_after_connect(
+        db: &DbConfig,
+        size: usize,
+        after_connect: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config: db.pg_config("walcast"),
+            after_connect: after_connect.filter(|q| !q.trim().is_empty()),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size.max(1))),
         })
@@ -205,6 +216,9 @@ impl Pool {
                         tracing::debug!(error = %e, "database connection closed");
                     }
                 });
+                if let Some(q) = &self.after_connect {
+                    client.batch_execute(q).await?;
+                }
                 client
             }
         };

@@ -147,6 +147,9 @@ impl Authorizer {
         if requests.is_empty() {
             return Vec::new();
         }
+        let started = std::time::Instant::now();
+        metrics::histogram!(crate::telemetry::AUTHZ_COHORTS).record(requests.len() as f64);
+        let _timer = TimerGuard(started);
         match self.visible_pipelined(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
@@ -246,6 +249,16 @@ impl Authorizer {
         drop(results);
         tx.rollback().await.map_err(|e| e.to_string())?;
         Ok(out)
+    }
+}
+
+/// Records the batch's duration when the check ends, however it ends.
+struct TimerGuard(std::time::Instant);
+
+impl Drop for TimerGuard {
+    fn drop(&mut self) {
+        metrics::histogram!(crate::telemetry::AUTHZ_QUERY_SECONDS)
+            .record(self.0.elapsed().as_secs_f64());
     }
 }
 

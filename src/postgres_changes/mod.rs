@@ -327,6 +327,12 @@ impl PgChanges {
             let mut last_commit = None;
             for ev in batch.drain(..) {
                 tracing::trace!(event = ?ev, "change event");
+                if matches!(
+                    ev,
+                    Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. }
+                ) {
+                    metrics::counter!(crate::telemetry::DECODED_CHANGES).increment(1);
+                }
                 match ev {
                     Event::Relation(rel) => {
                         let info = loop {
@@ -426,6 +432,9 @@ impl PgChanges {
             }
             if let Some(lsn) = last_commit {
                 status.acked.fetch_max(lsn, Ordering::Relaxed);
+                // How old the newest delivered commit was when it went out.
+                let age = now_since_2000_micros().saturating_sub(commit_ts).max(0) as f64 / 1e6;
+                metrics::gauge!(crate::telemetry::REPLICATION_LAG_SECONDS).set(age);
             }
         }
     }
@@ -580,8 +589,16 @@ impl PgChanges {
                 let frame = encode::fastlane(target.vsn, &target.topic, "postgres_changes", &raw);
                 if target.outbound.push(frame).is_err() {
                     tracing::debug!(topic = %target.topic, "postgres_changes not queued: socket closing");
+                } else {
+                    metrics::counter!(crate::telemetry::MESSAGES_OUT, "kind" => "postgres_changes")
+                        .increment(1);
                 }
             }
+            let latency = now_since_2000_micros()
+                .saturating_sub(change.commit_ts)
+                .max(0) as f64
+                / 1e6;
+            metrics::histogram!(crate::telemetry::DELIVERY_LATENCY_SECONDS).record(latency);
         }
     }
 }
@@ -656,6 +673,15 @@ fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// Microseconds since 2000-01-01 (PostgreSQL's epoch), now.
+fn now_since_2000_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+        - 946_684_800_000_000
 }
 
 /// Where the dispatcher is in the transaction stream (see `dispatch`).

@@ -94,6 +94,7 @@ pub async fn run(
             _ = shutdown.changed() => return,
         };
         status.connected.store(false, Ordering::Relaxed);
+        metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(0.0);
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -154,6 +155,7 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
     );
     conn.start_replication(&command).await?;
     status.connected.store(true, Ordering::Relaxed);
+    metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(1.0);
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server_lsn = %xlogpos, "replication stream started");
 
     // Bookkeeping for what may be confirmed: inside a transaction nothing beyond the last
@@ -216,6 +218,7 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
             }
             _ = ticker.tick() => {
                 let flush = confirmable(status, last_commit_sent, in_txn, received);
+                metrics::gauge!(crate::telemetry::REPLICATION_LAG_BYTES).set(received.saturating_sub(flush) as f64);
                 if flush > reported || last_status.elapsed() >= cfg.status_interval {
                     conn.send_status(received.max(flush), flush, false).await?;
                     tracing::trace!(flush = %format_lsn(flush), "standby status");

@@ -2,6 +2,7 @@
 //! API and health checks. Every path is served both as the original serves it (`/socket/...`,
 //! `/api/...`) and as supabase-js builds it without a gateway (`/realtime/v1/...`).
 
+mod operator;
 mod rest;
 mod socket;
 
@@ -21,12 +22,14 @@ pub fn router(ctx: Arc<Context>) -> Router {
             "/api/broadcast/{topic}/events/{event}",
             post(rest::broadcast_single),
         )
+        .route("/api/tenants/{tenant}/health", get(operator::tenant_health))
         // Browsers call the broadcast API from other origins, as with the original (CORS `*`).
         .layer(CorsLayer::very_permissive());
     Router::new()
         .route("/socket/websocket", get(socket::upgrade))
         .route("/realtime/v1/websocket", get(socket::upgrade))
         .route("/healthcheck", get(rest::healthcheck))
+        .route("/metrics", get(operator::metrics))
         .merge(api.clone())
         .nest("/realtime/v1", api)
         .with_state(ctx)

@@ -33,6 +33,7 @@ use crate::postgres_changes::binding::{self, BindingSpec};
 use crate::postgres_changes::registry::{Sub, Target};
 use crate::postgres_changes::PgChanges;
 use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, UserBroadcast, Vsn};
+use crate::telemetry;
 use outbound::{CloseReason, Drain, Outbound};
 
 /// The topic prefix every channel topic has.
@@ -57,6 +58,14 @@ pub struct Context {
     pub pg: Option<Arc<PgChanges>>,
     /// Private channel policies, when a database is configured.
     pub policies: Option<Arc<policies::Checker>>,
+    /// The change stream's state, when a database is configured (for health).
+    pub replication: Option<Arc<crate::replication::Status>>,
+    /// Verifies operator tokens (`API_JWT_SECRET`) for the tenant health endpoint.
+    pub admin: Option<Arc<JwtVerifier>>,
+    /// Verifies `/metrics` tokens (`METRICS_JWT_SECRET`).
+    pub metrics_auth: Option<Arc<JwtVerifier>>,
+    /// Renders the Prometheus text.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Flips to `true` when the server starts shutting down.
     pub shutdown: watch::Receiver<bool>,
     /// Held by every live session; the server waits for all clones to drop on shutdown.
@@ -117,6 +126,27 @@ struct JoinRequest {
 /// Pushes that may wait for one channel's write check; more are dropped (and logged).
 const MAX_AWAITING_WRITE: usize = 256;
 
+fn channel_kind(ch: &Channel) -> &'static str {
+    if ch.read.is_some() {
+        "private"
+    } else {
+        "public"
+    }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
 fn unauthorized(sub_topic: &str) -> String {
     format!(
         "Unauthorized: You do not have permissions to read from this Channel topic: {sub_topic}"
@@ -174,6 +204,8 @@ struct Session {
 /// Serves one upgraded socket until it closes.
 pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let _alive = ctx.alive.clone();
+    metrics::gauge!(telemetry::CONNECTIONS).increment(1.0);
+    let _connection = scopeguard(|| metrics::gauge!(telemetry::CONNECTIONS).decrement(1.0));
     let (sink, mut stream) = socket.split();
     let outbound = Arc::new(Outbound::new(ctx.settings.outbound_queue_bytes));
     let mut writer = tokio::spawn(write_loop(sink, outbound.clone()));
@@ -282,10 +314,21 @@ fn is_capacity_error(e: &axum::Error) -> bool {
         || text.contains("Message too big")
 }
 
+fn frame_len(frame: &Message) -> usize {
+    match frame {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(_) => 0,
+    }
+}
+
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>) {
     loop {
         match queue.drain().await {
             Drain::Frames(frames) => {
+                let bytes: usize = frames.iter().map(frame_len).sum();
+                metrics::counter!(telemetry::FRAMES_OUT).increment(frames.len() as u64);
+                metrics::counter!(telemetry::BYTES_OUT).increment(bytes as u64);
                 for frame in frames {
                     if sink.feed(frame).await.is_err() {
                         queue.close(CloseReason::new(1011, "write failed"));
@@ -299,6 +342,7 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound
             }
             Drain::Close(frames, reason) => {
                 if queue.overflowed() {
+                    metrics::counter!(telemetry::SLOW_CONSUMER_DISCONNECTS).increment(1);
                     tracing::warn!(code = reason.code, "disconnecting slow consumer");
                 }
                 for frame in frames {
@@ -337,6 +381,9 @@ impl Session {
     /// A join error, answered after the back-off delay.
     fn join_error(&mut self, m: &Inbound, reason: String) {
         tracing::info!(topic = %m.topic, %reason, "join refused");
+        let code = reason.split(':').next().unwrap_or("Unknown").to_owned();
+        metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
+        metrics::counter!(telemetry::JOIN_ERRORS, "code" => code).increment(1);
         let frame = encode::reply(
             self.vsn,
             &m.join_ref,
@@ -372,11 +419,24 @@ impl Session {
         };
         match decoded {
             Ok(m) => self.dispatch(m),
-            Err(e) => tracing::warn!(error = %e, "MalformedWebSocketMessage: frame dropped"),
+            Err(e) => {
+                metrics::counter!(telemetry::MESSAGES_IN, "kind" => "malformed").increment(1);
+                tracing::warn!(error = %e, "MalformedWebSocketMessage: frame dropped")
+            }
         }
     }
 
     fn dispatch(&mut self, m: Inbound) {
+        let kind = match m.event.as_str() {
+            "heartbeat" => "heartbeat",
+            "phx_join" => "join",
+            "phx_leave" => "leave",
+            "broadcast" => "broadcast",
+            "presence" => "presence",
+            "access_token" => "access_token",
+            _ => "other",
+        };
+        metrics::counter!(telemetry::MESSAGES_IN, "kind" => kind).increment(1);
         if m.topic == "phoenix" && m.event == "heartbeat" {
             self.reply(&m, &Ref::Null, "ok", &json!({}));
             return;
@@ -433,6 +493,8 @@ impl Session {
         }
         if self.channels.len() + self.pending_joins.len() >= self.settings().max_channels_per_client
         {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "channels_per_client")
+                .increment(1);
             self.join_error(&m, "ChannelRateLimitReached: Too many channels".into());
             return;
         }
@@ -626,6 +688,8 @@ impl Session {
             self.push(&channel, "presence_state", &state);
         }
         tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
+        metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
+        metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(&channel)).increment(1.0);
         self.channels.insert(topic, channel);
     }
 
@@ -699,6 +763,7 @@ impl Session {
         };
         let max = self.settings().max_payload_bytes;
         if size > max {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "payload_size").increment(1);
             tracing::info!(topic = %m.topic, size, max, "broadcast over the payload limit: dropped");
             if ch.broadcast_ack {
                 self.reply(&m, &ch.join_ref, "error", &json!("payload_size_exceeded"));
@@ -752,6 +817,7 @@ impl Session {
             return;
         };
         if !self.presence_allowed(&m.topic) {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "client_presence").increment(1);
             self.shutdown_channel(&m.topic, "Client presence rate limit exceeded".into());
             return;
         }
@@ -783,6 +849,8 @@ impl Session {
                     .map(|s| s.len())
                     .unwrap_or(usize::MAX);
                 if size > self.settings().max_payload_bytes {
+                    metrics::counter!(telemetry::RATE_LIMITED, "limit" => "payload_size")
+                        .increment(1);
                     self.shutdown_channel(&m.topic, "Track message size exceeded".into());
                     return;
                 }
@@ -1162,6 +1230,7 @@ impl Session {
 
     /// Removes a channel from the hub and presence. Its presence leave goes to the others.
     fn teardown(&self, ch: &Channel) {
+        metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(ch)).decrement(1.0);
         self.ctx.channels.hub.unsubscribe(&ch.key, ch.id);
         if let Some(pg) = &self.ctx.pg {
             if !ch.pg_bindings.is_empty() {

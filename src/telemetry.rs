@@ -1,0 +1,154 @@
+//! Metric names and how they are recorded. Every name is a constant here and is listed, with its
+//! labels and meaning, in METRICS.md; labels are low-cardinality (no topics, no users).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Open WebSocket connections (gauge).
+pub const CONNECTIONS: &str = "walcast_connections";
+/// Joined channels, by `kind` = public | private (gauge).
+pub const CHANNELS: &str = "walcast_channels";
+/// Joins, by `result` = ok | error (counter).
+pub const JOINS: &str = "walcast_joins_total";
+/// Refused joins, by `code` (the reason's code, e.g. `InvalidJWTToken`) (counter).
+pub const JOIN_ERRORS: &str = "walcast_join_errors_total";
+/// Client messages, by `kind` = heartbeat | join | leave | broadcast | presence | access_token | other | malformed (counter).
+pub const MESSAGES_IN: &str = "walcast_messages_in_total";
+/// Messages queued to sockets, by `kind` = broadcast | presence | postgres_changes (counter).
+pub const MESSAGES_OUT: &str = "walcast_messages_out_total";
+/// Frames written to sockets (counter).
+pub const FRAMES_OUT: &str = "walcast_frames_out_total";
+/// Bytes written to sockets (counter).
+pub const BYTES_OUT: &str = "walcast_bytes_out_total";
+/// Sockets closed for falling behind (counter).
+pub const SLOW_CONSUMER_DISCONNECTS: &str = "walcast_slow_consumer_disconnects_total";
+/// Requests refused by a rate or size limit, by `limit` (counter).
+pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
+/// WAL received from PostgreSQL but not yet delivered, in bytes (gauge).
+pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
+/// Age of the last delivered commit when it was delivered, in seconds (gauge).
+pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
+/// Whether the replication stream is connected (gauge, 0 or 1).
+pub const REPLICATION_CONNECTED: &str = "walcast_replication_connected";
+/// Row changes decoded from the stream (counter; its rate is changes per second).
+pub const DECODED_CHANGES: &str = "walcast_decoded_changes_total";
+/// Duration of one batched row-level-security check (histogram, seconds).
+pub const AUTHZ_QUERY_SECONDS: &str = "walcast_authorization_query_seconds";
+/// Claims cohorts checked per batch (histogram).
+pub const AUTHZ_COHORTS: &str = "walcast_authorization_cohorts";
+/// From commit to the change being queued for its subscribers (histogram, seconds).
+pub const DELIVERY_LATENCY_SECONDS: &str = "walcast_delivery_latency_seconds";
+
+/// Every metric name, for the docs test.
+pub const ALL: &[&str] = &[
+    CONNECTIONS,
+    CHANNELS,
+    JOINS,
+    JOIN_ERRORS,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    FRAMES_OUT,
+    BYTES_OUT,
+    SLOW_CONSUMER_DISCONNECTS,
+    RATE_LIMITED,
+    REPLICATION_LAG_BYTES,
+    REPLICATION_LAG_SECONDS,
+    REPLICATION_CONNECTED,
+    DECODED_CHANGES,
+    AUTHZ_QUERY_SECONDS,
+    AUTHZ_COHORTS,
+    DELIVERY_LATENCY_SECONDS,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(AUTHZ_COHORTS.into()),
+                        &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 500.0, 1000.0],
+                    )
+                });
+            match builder.map(|b| b.install_recorder()) {
+                Ok(Ok(handle)) => {
+                    describe();
+                    Some(handle)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics buckets invalid");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections");
+    describe_gauge!(CHANNELS, "Joined channels by kind");
+    describe_counter!(JOINS, "Channel joins by result");
+    describe_counter!(JOIN_ERRORS, "Refused joins by reason code");
+    describe_counter!(MESSAGES_IN, "Client messages by kind");
+    describe_counter!(MESSAGES_OUT, "Messages queued to sockets by kind");
+    describe_counter!(FRAMES_OUT, "Frames written to sockets");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to sockets");
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Sockets closed for falling behind"
+    );
+    describe_counter!(RATE_LIMITED, "Requests refused by a limit");
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "WAL received but not yet delivered"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the last delivered commit at delivery"
+    );
+    describe_gauge!(REPLICATION_CONNECTED, "Replication stream connected (0/1)");
+    describe_counter!(DECODED_CHANGES, "Row changes decoded from the stream");
+    describe_histogram!(
+        AUTHZ_QUERY_SECONDS,
+        Unit::Seconds,
+        "Batched RLS check duration"
+    );
+    describe_histogram!(AUTHZ_COHORTS, "Claims cohorts per batched RLS check");
+    describe_histogram!(
+        DELIVERY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Commit to queued for subscribers"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_doc_lists_every_metric() {
+        let doc = include_str!("../METRICS.md");
+        for name in super::ALL {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "METRICS.md does not list {name}"
+            );
+        }
+    }
+}
