@@ -76,19 +76,29 @@ async fn the_self_hosted_compose_environment_works_unchanged() {
     )
     .await;
 
-    // The compose health check: HEAD with the anon key as bearer.
+    // The compose health check: HEAD with the anon key as bearer. Like compose, retry until the
+    // replication stream is up (503 until then).
     let health = server.http("/api/tenants/realtime-dev/health");
-    let (status, _, body) = http(
-        "HEAD",
-        &health,
-        &[
-            ("host", "realtime-dev.supabase-realtime"),
-            ("authorization", &format!("Bearer {anon}")),
-        ],
-        b"",
-    )
-    .await;
-    assert_eq!((status, body.len()), (200, 0));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = http(
+            "HEAD",
+            &health,
+            &[
+                ("host", "realtime-dev.supabase-realtime"),
+                ("authorization", &format!("Bearer {anon}")),
+            ],
+            b"",
+        )
+        .await;
+        assert_eq!(body.len(), 0);
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(std::time::Instant::now() < deadline, "never healthy");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let (status, _, body) = http(
         "GET",
         &health,
