@@ -144,6 +144,16 @@ pub async fn run(
             "shutdown deadline passed with sockets still open; exiting anyway"
         );
     }
+    // The replication task confirms what was delivered and ends by itself; give it a moment.
+    let mut tasks = tasks.into_iter();
+    if let Some(replication) = tasks.next() {
+        if tokio::time::timeout(Duration::from_secs(2), replication)
+            .await
+            .is_err()
+        {
+            tracing::warn!("replication stream did not stop in time");
+        }
+    }
     for t in tasks {
         t.abort();
     }

@@ -321,3 +321,53 @@ async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
         .unwrap();
     assert!(exists.is_some(), "the slot outlives walcast");
 }
+
+#[tokio::test]
+async fn sigterm_confirms_what_was_delivered_before_exiting() {
+    let db = TestDb::create("sigterm").await;
+    let mut server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
+         GRANT SELECT ON ticks TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
+    )
+    .await
+    .unwrap();
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    c.join_ok(
+        "realtime:t",
+        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
+    )
+    .await;
+    c.recv_until("subscribed", |f| f.event() == "system").await;
+    let lsn: String = sql
+        .query_one(
+            "INSERT INTO ticks (k) VALUES (1) RETURNING pg_current_wal_lsn()::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.recv_until("the write", |f| f.event() == "postgres_changes")
+        .await;
+    // Straight away: no waiting for a periodic status update.
+    server.terminate();
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(15))
+        .await
+        .success());
+    let slot = format!("s_{}", db.name);
+    let confirmed: bool = sql
+        .query_one(
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &lsn],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        confirmed,
+        "the delivered change is confirmed at shutdown, so a restart will not send it again"
+    );
+}

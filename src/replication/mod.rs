@@ -89,10 +89,8 @@ pub async fn run(
         if *shutdown.borrow() {
             return;
         }
-        let result = tokio::select! {
-            r = stream(&cfg, &tx, &status) => r,
-            _ = shutdown.changed() => return,
-        };
+        // On shutdown the stream confirms what was delivered, then ends.
+        let result = stream(&cfg, &tx, &status, &mut shutdown).await;
         status.connected.store(false, Ordering::Relaxed);
         metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(0.0);
         match result {
@@ -133,7 +131,15 @@ pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<bool,
     Ok(true)
 }
 
-async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Result<(), ConnError> {
+async fn stream(
+    cfg: &Config,
+    tx: &mpsc::Sender<Event>,
+    status: &Status,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    if *shutdown.borrow() {
+        return Ok(());
+    }
     let mut params: Vec<(&str, &str)> = SESSION_GUCS.to_vec();
     params.push(("client_encoding", "UTF8"));
     let mut conn = ReplicationConn::connect(&cfg.db, "walcast_replication", &params).await?;
@@ -215,6 +221,13 @@ async fn stream(cfg: &Config, tx: &mpsc::Sender<Event>, status: &Status) -> Resu
                         }
                     }
                 }
+            }
+            // Shutdown: confirm everything delivered so far, so a restart does not send it again.
+            _ = shutdown.changed() => {
+                let flush = confirmable(status, last_commit_sent, in_txn, received);
+                conn.send_status(received.max(flush), flush, false).await?;
+                tracing::info!(flush = %format_lsn(flush), "replication stream stopped; delivered changes confirmed");
+                return Ok(());
             }
             _ = ticker.tick() => {
                 let flush = confirmable(status, last_commit_sent, in_txn, received);
