@@ -239,6 +239,20 @@ impl DevCluster {
         }
     }
 
+    /// Restarts the cluster (fast shutdown: connections are cut), keeping its port.
+    pub fn restart(&self) -> Result<(), DevError> {
+        run(
+            self.command("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(self.root.join("postgres.log"))
+                .args(["-m", "fast", "-w", "restart"]),
+            "pg_ctl restart",
+        )
+        .map(|_| ())
+    }
+
     pub fn stop(&self) -> Result<(), DevError> {
         run(
             self.command("pg_ctl")

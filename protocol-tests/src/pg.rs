@@ -16,22 +16,31 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("walcast-test-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let c = walcast::dev::DevCluster::start(&dir).unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"));
-        // Stop the cluster (and remove it) once this test process is gone, however it ends.
-        let watchdog = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
-            pid = std::process::id(),
-            stop = c.stop_shell_command(),
-            dir = dir.display()
-        );
-        // Started in the background by a shell that exits at once, so nothing is left to reap.
-        let status = std::process::Command::new("sh")
-            .args(["-c", &format!("( {watchdog} ) </dev/null >/dev/null 2>&1 &")])
-            .status()
-            .expect("start the cluster watchdog");
-        assert!(status.success(), "cluster watchdog did not start");
+        let c = walcast::dev::DevCluster::start(&dir)
+            .unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"));
+        stop_when_this_process_ends(&c, &dir);
         Cluster { port: c.port }
     })
+}
+
+/// Starts a watchdog that stops `cluster` (and removes `dir`) once this test process is gone,
+/// however it ends.
+pub fn stop_when_this_process_ends(cluster: &walcast::dev::DevCluster, dir: &std::path::Path) {
+    let watchdog = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        stop = cluster.stop_shell_command(),
+        dir = dir.display()
+    );
+    // Started in the background by a shell that exits at once, so nothing is left to reap.
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("( {watchdog} ) </dev/null >/dev/null 2>&1 &"),
+        ])
+        .status()
+        .expect("start the cluster watchdog");
+    assert!(status.success(), "cluster watchdog did not start");
 }
 
 /// A database of its own for one test.

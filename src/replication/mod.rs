@@ -69,12 +69,36 @@ pub struct Config {
 }
 
 /// Shared replication state.
-#[derive(Default)]
 pub struct Status {
     /// End LSN of the last commit fully delivered by the dispatcher.
     pub acked: AtomicU64,
     /// Whether the stream is currently up.
     pub connected: AtomicBool,
+    /// The same, for sessions that tell their channels when the stream goes down and comes back.
+    updates: watch::Sender<bool>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Self {
+            acked: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            updates: watch::channel(false).0,
+        }
+    }
+}
+
+impl Status {
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        self.updates.send_replace(up);
+        metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// Follows the stream going down and up.
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.updates.subscribe()
+    }
 }
 
 /// Streams until shutdown, reconnecting with back-off after failures.
@@ -91,8 +115,7 @@ pub async fn run(
         }
         // On shutdown the stream confirms what was delivered, then ends.
         let result = stream(&cfg, &tx, &status, &mut shutdown).await;
-        status.connected.store(false, Ordering::Relaxed);
-        metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(0.0);
+        status.set_connected(false);
         match result {
             Ok(()) => return,
             Err(e) => {
@@ -160,8 +183,7 @@ async fn stream(
         quote_literal(&publications),
     );
     conn.start_replication(&command).await?;
-    status.connected.store(true, Ordering::Relaxed);
-    metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(1.0);
+    status.set_connected(true);
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server_lsn = %xlogpos, "replication stream started");
 
     // Bookkeeping for what may be confirmed: inside a transaction nothing beyond the last

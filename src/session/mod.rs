@@ -226,6 +226,10 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         ctx,
     };
     let mut last_inbound = Instant::now();
+    // The change stream going down and coming back, told to channels with postgres_changes.
+    let mut stream_state = session.ctx.replication.as_ref().map(|s| s.watch());
+    let mut stream_was_up = stream_state.as_ref().is_some_and(|w| *w.borrow());
+    let mut stream_down_told = false;
     let mut closing_since: Option<Instant> = None;
 
     if *shutdown.borrow() {
@@ -278,6 +282,31 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
             },
             // 5. Background work finished (postgres_changes subscriptions).
             Some(event) = events_rx.recv(), if open => session.handle_event(event),
+            // 5b. The change stream went down or came back.
+            changed = async {
+                match stream_state.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if open && stream_state.is_some() => {
+                match changed {
+                    Err(_) => stream_state = None,
+                    Ok(()) => {
+                        let up = stream_state.as_ref().is_some_and(|w| *w.borrow());
+                        if !up && stream_was_up && !stream_down_told {
+                            stream_down_told = true;
+                            session.tell_postgres_channels(
+                                "error",
+                                "The database's change stream was interrupted; changes are kept in the replication slot and will be delivered when it is back",
+                            );
+                        } else if up && stream_down_told {
+                            stream_down_told = false;
+                            session.tell_postgres_channels("ok", "Subscribed to PostgreSQL");
+                        }
+                        stream_was_up |= up;
+                    }
+                }
+            }
             // 6. Join errors whose back-off delay is over.
             _ = sleep_until(delayed_at.unwrap_or(idle_at)), if delayed_at.is_some() && open => {
                 session.flush_delayed(Instant::now());
@@ -1206,6 +1235,15 @@ impl Session {
                 "channel": channel.sub_topic,
             }),
         );
+    }
+
+    /// A postgres_changes `system` message to every channel that has bindings live.
+    fn tell_postgres_channels(&self, status: &str, message: &str) {
+        for ch in self.channels.values() {
+            if !ch.pg_bindings.is_empty() {
+                self.push_system(ch, "postgres_changes", status, message);
+            }
+        }
     }
 
     /// Stops a channel with a reason: `system` error, then `phx_close`.

@@ -1,0 +1,91 @@
+//! PostgreSQL restarts under a running walcast: channels are told, walcast reconnects, and every
+//! committed change arrives exactly once.
+
+use protocol_tests::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_database_restart_loses_nothing_and_duplicates_nothing() {
+    // A cluster of its own: this test restarts it.
+    let dir = std::env::temp_dir().join(format!("walcast-restart-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = walcast::dev::DevCluster::start(&dir).expect("cluster");
+    protocol_tests::pg::stop_when_this_process_ends(&cluster, &dir);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let server = Server::start_with(&[("DATABASE_URL", &url)]).await;
+    let sql = protocol_tests::pg::connect(cluster.port, "postgres").await;
+    sql.batch_execute(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
+         GRANT SELECT ON ticks TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
+    )
+    .await
+    .unwrap();
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    c.join_ok(
+        "realtime:t",
+        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
+    )
+    .await;
+    assert_eq!(
+        c.recv_until("subscribed", |f| f.event() == "system")
+            .await
+            .payload()["status"],
+        "ok"
+    );
+    sql.batch_execute("INSERT INTO ticks (k) VALUES (1)")
+        .await
+        .unwrap();
+    c.recv_until("first", |f| f.event() == "postgres_changes")
+        .await;
+
+    let c2 = cluster.restart();
+    c2.expect("restart");
+    let down = c.recv_until("stream down", |f| f.event() == "system").await;
+    assert_eq!(down.payload()["extension"], "postgres_changes");
+    assert_eq!(down.payload()["status"], "error");
+    // Written while walcast is (probably) not yet streaming again.
+    let sql = protocol_tests::pg::connect(cluster.port, "postgres").await;
+    for k in 2..=5 {
+        sql.execute("INSERT INTO ticks (k) VALUES ($1)", &[&k])
+            .await
+            .unwrap();
+    }
+    let mut ks = Vec::new();
+    let mut resubscribed = false;
+    while ks.len() < 4 {
+        let f = c.recv().await;
+        match f.event() {
+            "postgres_changes" => ks.push(f.payload()["data"]["record"]["k"].as_i64().unwrap()),
+            "system" => {
+                assert_eq!(f.payload()["message"], "Subscribed to PostgreSQL");
+                resubscribed = true;
+            }
+            other => panic!("unexpected {other}: {f:?}"),
+        }
+    }
+    assert_eq!(ks, vec![2, 3, 4, 5], "in commit order, once each");
+    sql.batch_execute("INSERT INTO ticks (k) VALUES (6)")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    loop {
+        let f = c.recv().await;
+        if f.event() == "system" {
+            resubscribed = true;
+            continue;
+        }
+        rest.push(f.payload()["data"]["record"]["k"].as_i64().unwrap());
+        break;
+    }
+    assert_eq!(rest, vec![6]);
+    assert!(resubscribed, "channels are told when the stream is back");
+    let extra = c.barrier().await;
+    assert!(
+        extra.iter().all(|f| f.event() != "postgres_changes"),
+        "duplicates: {extra:?}"
+    );
+    drop(server);
+    let _ = cluster.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
