@@ -424,16 +424,24 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// `infinity` / `-infinity` as the extremes (`Err`); otherwise the text without a trailing
+/// ` BC`, and whether it had one.
+fn era(s: &str) -> Result<(&str, bool), i128> {
+    match s {
+        "infinity" => Err(i128::MAX),
+        "-infinity" => Err(i128::MIN),
+        _ => Ok(match s.strip_suffix(" BC") {
+            Some(b) => (b, true),
+            None => (s, false),
+        }),
+    }
+}
+
 /// `YYYY-MM-DD[ BC]` → days, `infinity` at the ends.
 fn parse_date_key(s: &str) -> Option<i128> {
-    match s {
-        "infinity" => return Some(i128::MAX),
-        "-infinity" => return Some(i128::MIN),
-        _ => {}
-    }
-    let (body, bc) = match s.strip_suffix(" BC") {
-        Some(b) => (b, true),
-        None => (s, false),
+    let (body, bc) = match era(s) {
+        Ok(split) => split,
+        Err(extreme) => return Some(extreme),
     };
     let mut parts = body.splitn(3, '-');
     let y = field(parts.next()?, 7)?;
@@ -466,14 +474,9 @@ fn parse_time(s: &str) -> Option<i128> {
 
 /// `YYYY-MM-DD HH:MM:SS[.f][+HH[:MM[:SS]]][ BC]` → microseconds since the epoch, in UTC.
 fn parse_timestamp(s: &str) -> Option<i128> {
-    match s {
-        "infinity" => return Some(i128::MAX),
-        "-infinity" => return Some(i128::MIN),
-        _ => {}
-    }
-    let (body, bc) = match s.strip_suffix(" BC") {
-        Some(b) => (b, true),
-        None => (s, false),
+    let (body, bc) = match era(s) {
+        Ok(split) => split,
+        Err(extreme) => return Some(extreme),
     };
     let (date, rest) = body.split_once(' ').or_else(|| body.split_once('T'))?;
     // " BC" was taken off the whole string; apply it to the date part.
