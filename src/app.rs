@@ -92,6 +92,7 @@ pub async fn run(
                 status,
                 channels.clone(),
                 max_payload_bytes,
+                db.startup_grace,
             )));
             if db.run_janitor {
                 tasks.push(tokio::spawn(janitor(

@@ -22,6 +22,7 @@ pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
 pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
+pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -219,6 +220,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES)]
     pub max_record_bytes: usize,
 
+    /// After a start, hold the changes waiting in the slot this long (milliseconds) so that
+    /// reconnecting clients are subscribed again before they are delivered.
+    #[arg(long, env = "STARTUP_GRACE_MS", default_value_t = DEFAULT_STARTUP_GRACE_MS)]
+    pub startup_grace_ms: u64,
+
     /// Delete stored broadcast messages (realtime.messages) older than MESSAGES_RETENTION_HOURS.
     #[arg(long, env = "RUN_JANITOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_janitor: bool,
@@ -287,6 +293,7 @@ pub struct DatabaseSettings {
     pub run_janitor: bool,
     pub messages_retention: std::time::Duration,
     pub after_connect: Option<String>,
+    pub startup_grace: std::time::Duration,
 }
 
 /// Settings after validation, in the units the code uses.
@@ -386,6 +393,7 @@ impl ServeArgs {
             max_record_bytes: self.max_record_bytes,
             migrate_on_start: self.migrate_on_start,
             after_connect: self.db_after_connect_query.clone(),
+            startup_grace: std::time::Duration::from_millis(self.startup_grace_ms),
             run_janitor: self.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 self.messages_retention_hours.saturating_mul(3600),

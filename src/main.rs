@@ -116,6 +116,7 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
             max_record_bytes: args.max_record_bytes,
             migrate_on_start: true,
             after_connect: args.db_after_connect_query.clone(),
+            startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
             run_janitor: args.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 args.messages_retention_hours.saturating_mul(3600),

@@ -37,6 +37,7 @@ export async function startDev(env = {}) {
       WALCAST_DEV_DIR: dir,
       CHANNEL_ERROR_BACKOFF_MS: '0',
       CONNECT_ERROR_BACKOFF_MS: '0',
+      STARTUP_GRACE_MS: '0',
       ...env,
     },
     stdio: ['ignore', 'pipe', process.env.WALCAST_TEST_LOG ? 'inherit' : 'ignore'],

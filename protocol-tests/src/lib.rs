@@ -112,6 +112,7 @@ impl Server {
             .env("API_JWT_SECRET", SECRET)
             .env("CONNECT_ERROR_BACKOFF_MS", "0")
             .env("CHANNEL_ERROR_BACKOFF_MS", "0")
+            .env("STARTUP_GRACE_MS", "0")
             .env("LOG_LEVEL", "debug");
         for (k, v) in env {
             cmd.env(k, v);
@@ -188,6 +189,11 @@ impl Server {
             }
             Ok(Err(e)) => panic!("connect failed: {e}"),
         }
+    }
+
+    /// Kills the process (SIGKILL): a crash.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("kill walcast");
     }
 
     /// Sends SIGTERM.
