@@ -242,6 +242,7 @@ async fn dev_mode_serves_on_loopback_with_its_own_postgres_and_prints_keys_that_
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("PORT", "0")
         .env("WALCAST_DEV_DIR", &dir)
+        .env("STARTUP_GRACE_MS", "0")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
