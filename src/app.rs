@@ -80,6 +80,7 @@ pub async fn run(
                 slot: db.slot.clone(),
                 publication: db.publication.clone(),
                 status_interval: Duration::from_secs(10),
+                startup_grace: db.startup_grace,
             };
             tasks.push(tokio::spawn(replication::run(
                 cfg,
@@ -92,7 +93,6 @@ pub async fn run(
                 status,
                 channels.clone(),
                 max_payload_bytes,
-                db.startup_grace,
             )));
             if db.run_janitor {
                 tasks.push(tokio::spawn(janitor(

@@ -28,6 +28,14 @@ struct Cli {
 enum Scenario {
     /// Joins per second: private channels whose read policy queries a membership table, against
     /// public channels (no policy) in the same run.
+    /// Change-stream drain: N single-row transactions wait in the slot; time for walcast to
+    /// deliver them all to a subscriber, against `pg_recvlogical` streaming the same changes from
+    /// its own slot (the decode limit).
+    Drain {
+        /// Transactions to commit.
+        #[arg(long, default_value_t = 20_000)]
+        transactions: usize,
+    },
     Joins {
         /// Concurrent sockets.
         #[arg(long, default_value_t = 50)]
@@ -44,6 +52,7 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
+        Scenario::Drain { transactions } => drain(transactions).await,
         Scenario::Joins {
             sockets,
             joins_per_socket,
@@ -72,6 +81,14 @@ struct Walcast {
 }
 
 async fn start_walcast(db_url: &str, pool: usize) -> anyhow::Result<Walcast> {
+    start_walcast_with(db_url, pool, &[]).await
+}
+
+async fn start_walcast_with(
+    db_url: &str,
+    pool: usize,
+    env: &[(&str, &str)],
+) -> anyhow::Result<Walcast> {
     let bin = std::env::var("WALCAST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join("target/release/walcast"));
@@ -90,6 +107,7 @@ async fn start_walcast(db_url: &str, pool: usize) -> anyhow::Result<Walcast> {
         .env("DB_POOL_SIZE", pool.to_string())
         .env("TENANT_MAX_CHANNELS_PER_CLIENT", "10000")
         .env("LOG_LEVEL", "error")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -245,4 +263,131 @@ async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Res
     let _ = cluster.stop();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+fn pg_bin() -> anyhow::Result<PathBuf> {
+    Ok(walcast::dev::find_binaries()?)
+}
+
+async fn drain(n: usize) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("walcast-bench-drain-{}", std::process::id()));
+    let cluster = walcast::dev::DevCluster::start(&dir)?;
+    let result = async {
+        let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        // First start: migrations and walcast's slot; then the reference slot, at the same point.
+        let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "0")]).await?;
+        let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        sql.batch_execute(
+            "CREATE TABLE IF NOT EXISTS drain (id bigserial PRIMARY KEY, body text);
+             GRANT SELECT ON drain TO anon;
+             ALTER PUBLICATION supabase_realtime ADD TABLE drain;",
+        )
+        .await?;
+        sql.batch_execute("SELECT pg_create_logical_replication_slot('bench_reference', 'pgoutput')")
+            .await?;
+        let _ = w.child.start_kill();
+        let _ = w.child.wait().await;
+
+        // The backlog: n single-row transactions (autocommit), pipelined 100 at a time.
+        let started = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            let bodies: Vec<String> = chunk.iter().map(|i| format!("message {i}")).collect();
+            let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
+                bodies.iter().map(|b| [b as &(dyn tokio_postgres::types::ToSql + Sync)]).collect();
+            let futs: Vec<_> = params
+                .iter()
+                .map(|p| sql.execute("INSERT INTO drain (body) VALUES ($1)", p))
+                .collect();
+            for r in futures_util::future::join_all(futs).await {
+                r?;
+            }
+        }
+        let commit_secs = started.elapsed().as_secs_f64();
+        let end_lsn: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+
+        // walcast: restart with a grace period, subscribe, count deliveries.
+        // The clock starts when the grace period ends: from then on walcast decodes (well, its
+        // walsender does), matches and delivers, like pg_recvlogical from its start below.
+        let grace = Duration::from_millis(1500);
+        let spawned = Instant::now();
+        let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "1500")]).await?;
+        let tok = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )?;
+        let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let join = json!(["1", "1", "realtime:drain", "phx_join",
+            {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "drain"}]}}]);
+        ws.send(Message::Text(join.to_string().into())).await?;
+        let mut first: Option<Instant> = None;
+        let mut got = 0usize;
+        while got < n {
+            let msg = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.context("closed")??;
+            let Message::Text(t) = msg else { continue };
+            if t.contains("\"postgres_changes\",{\"ids\"") {
+                first.get_or_insert_with(Instant::now);
+                got += 1;
+            }
+        }
+        let _ = first;
+        let walcast_secs = (spawned.elapsed() - grace).as_secs_f64();
+        let _ = w.child.kill().await;
+
+        // Reference: pg_recvlogical decodes the same backlog from its own slot.
+        let bin = pg_bin()?.join("pg_recvlogical");
+        let mut cmd = if unsafe_is_root() {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c
+        } else {
+            tokio::process::Command::new(&bin)
+        };
+        let ref_started = Instant::now();
+        let status = cmd
+            .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres",
+                   "-S", "bench_reference", "--start", "-E", &end_lsn, "-f", "/dev/null",
+                   "-o", "proto_version=1", "-o", "publication_names=supabase_realtime"])
+            .status()
+            .await?;
+        let reference_secs = ref_started.elapsed().as_secs_f64();
+        if !status.success() {
+            bail!("pg_recvlogical failed: {status}");
+        }
+
+        let walcast_rate = n as f64 / walcast_secs;
+        let reference_rate = n as f64 / reference_secs;
+        println!("drain: {n} single-row transactions waiting in the slot (committed in {commit_secs:.1} s)");
+        println!("(loader, walcast and PostgreSQL share this {}-core machine)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+        println!("{:<40} {:>12} {:>10}", "", "changes/s", "seconds");
+        println!("{:<40} {:>12.0} {:>10.2}", "pg_recvlogical (reference: decode only)", reference_rate, reference_secs);
+        println!("{:<40} {:>12.0} {:>10.2}", "walcast (decode, match, deliver)", walcast_rate, walcast_secs);
+        println!("{:<40} {:>12.2}", "walcast / pg_recvlogical", walcast_rate / reference_rate);
+        let out = json!({
+            "scenario": "drain", "transactions": n,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "note": "loader, walcast and PostgreSQL share the machine",
+            "reference": {"tool": "pg_recvlogical", "changes_per_sec": reference_rate, "seconds": reference_secs},
+            "walcast": {"changes_per_sec": walcast_rate, "seconds": walcast_secs},
+            "ratio": walcast_rate / reference_rate,
+        });
+        let path = workspace().join("bench/results/drain.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+        println!("written: {}", path.display());
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = cluster.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn unsafe_is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

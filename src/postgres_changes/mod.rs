@@ -302,19 +302,7 @@ impl PgChanges {
         status: Arc<Status>,
         channels: crate::channels::Channels,
         max_payload_bytes: usize,
-        startup_grace: Duration,
     ) {
-        // Changes committed while walcast was down wait in the slot. Hold them for the grace
-        // period so that clients reconnecting after a restart (supabase-js retries after 1, 2,
-        // 5, 10 s) are subscribed again before they are delivered. Reading pauses meanwhile
-        // (the queue is bounded), so nothing is dropped.
-        if !startup_grace.is_zero() {
-            tracing::info!(
-                grace_ms = startup_grace.as_millis() as u64,
-                "holding the change stream for reconnecting clients"
-            );
-            tokio::time::sleep(startup_grace).await;
-        }
         let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
         let mut messages_oid: Option<u32> = None;
         let mut commit_ts: i64 = 0;

@@ -66,6 +66,8 @@ pub struct Config {
     pub publication: String,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
+    /// How long to wait after start before streaming (see `STARTUP_GRACE_MS`).
+    pub startup_grace: Duration,
 }
 
 /// Shared replication state.
@@ -108,6 +110,20 @@ pub async fn run(
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Changes committed while walcast was down wait in the slot. Streaming starts only after the
+    // grace period, so that clients reconnecting after a restart (supabase-js retries after 1,
+    // 2, 5 s) are subscribed again before the backlog is delivered; the WAL stays in the slot
+    // meanwhile, nothing is buffered here.
+    if !cfg.startup_grace.is_zero() {
+        tracing::info!(
+            grace_ms = cfg.startup_grace.as_millis() as u64,
+            "waiting for reconnecting clients before streaming"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.startup_grace) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
     let mut backoff = Duration::from_millis(200);
     loop {
         if *shutdown.borrow() {
