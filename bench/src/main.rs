@@ -36,6 +36,12 @@ enum Scenario {
         #[arg(long, default_value_t = 20_000)]
         transactions: usize,
     },
+    /// Memory per joined idle socket: the server's RSS before and after N sockets each join a
+    /// channel (raise `ulimit -n` above N first).
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        sockets: usize,
+    },
     Joins {
         /// Concurrent sockets.
         #[arg(long, default_value_t = 50)]
@@ -53,6 +59,7 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Drain { transactions } => drain(transactions).await,
+        Scenario::Idle { sockets } => idle(sockets).await,
         Scenario::Joins {
             sockets,
             joins_per_socket,
@@ -390,4 +397,81 @@ fn unsafe_is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
+}
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+async fn idle(n: usize) -> anyhow::Result<()> {
+    // No database: an idle socket's cost is the socket, its session and its channel.
+    let bin = std::env::var("WALCAST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace().join("target/release/walcast"));
+    let mut child = tokio::process::Command::new(bin)
+        .arg("serve")
+        .env("PORT", "0")
+        .env("WALCAST_BIND", "127.0.0.1")
+        .env("API_JWT_SECRET", SECRET)
+        .env("LOG_LEVEL", "error")
+        .env("RLIMIT_NOFILE", (n + 1000).to_string())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("pid")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let line = lines.next_line().await?.context("walcast exited")?;
+    let port: u16 = line.rsplit(':').next().context("port")?.trim().parse()?;
+    let tok = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )?;
+    let open = |i: usize| {
+        let tok = tok.clone();
+        async move {
+            let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0");
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let join = json!(["1", "1", format!("realtime:room-{}", i % 100), "phx_join",
+                {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "private": false}}]);
+            ws.send(Message::Text(join.to_string().into())).await?;
+            ws.next().await.context("no join reply")??;
+            Ok::<_, anyhow::Error>(ws)
+        }
+    };
+    let mut sockets = Vec::with_capacity(n + 50);
+    for i in 0..50 {
+        sockets.push(open(i).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(pid)?;
+    for i in 50..n + 50 {
+        sockets.push(open(i).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(pid)?;
+    let per = (after.saturating_sub(before)) as f64 / n as f64;
+    println!("idle: {n} sockets, each joined to a channel (100 topics), vsn 2.0.0, release build");
+    println!(
+        "server RSS {:.1} MiB -> {:.1} MiB: {:.0} bytes per joined idle socket",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        per
+    );
+    let out = json!({"scenario": "idle", "sockets": n, "rss_before": before, "rss_after": after, "bytes_per_socket": per});
+    let path = workspace().join("bench/results/idle.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    println!("written: {}", path.display());
+    drop(sockets);
+    let _ = child.kill().await;
+    Ok(())
 }

@@ -14,9 +14,10 @@ use crate::auth::AuthError;
 use crate::protocol::Vsn;
 use crate::session::{self, Connect, Context};
 
-/// Per-socket read buffer. The default (128 KiB) costs ~100 KiB per idle socket; 4 KiB was
-/// measured at ~6 KiB per idle socket (see reference/rust-deps.md).
-const READ_BUFFER: usize = 4 * 1024;
+/// Per-socket read buffer. The default (128 KiB) costs ~100 KiB per idle socket; 1 KiB keeps a
+/// joined idle socket under 8 KiB in all (BENCHMARKS.md, "Idle capacity"). Larger frames grow the
+/// buffer as they arrive.
+const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
 
 pub async fn upgrade(

@@ -192,9 +192,10 @@ struct Session {
     log_info: bool,
     outbound: Arc<Outbound>,
     /// Keyed by the full topic (`realtime:<name>`).
-    channels: HashMap<String, Channel>,
+    /// Boxed: an idle socket has one channel, and the map's buckets stay small.
+    channels: HashMap<String, Box<Channel>>,
     delayed: VecDeque<(Instant, Frame)>,
-    events: mpsc::Sender<SessionEvent>,
+    events: mpsc::Sender<Box<SessionEvent>>,
     /// Private joins waiting for their policy check: topic → generation.
     pending_joins: HashMap<String, u64>,
     next_generation: u64,
@@ -211,7 +212,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut writer = tokio::spawn(write_loop(sink, outbound.clone()));
     let mut shutdown = ctx.shutdown.clone();
     let idle_timeout = ctx.settings.idle_timeout;
-    let (events_tx, mut events_rx) = mpsc::channel(SESSION_EVENTS);
+    let (events_tx, mut events_rx) = mpsc::channel::<Box<SessionEvent>>(SESSION_EVENTS);
     let mut session = Session {
         events: events_tx,
         vsn: connect.vsn,
@@ -281,7 +282,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 }
             },
             // 5. Background work finished (postgres_changes subscriptions).
-            Some(event) = events_rx.recv(), if open => session.handle_event(event),
+            Some(event) = events_rx.recv(), if open => session.handle_event(*event),
             // 5b. The change stream went down or came back.
             changed = async {
                 match stream_state.as_mut() {
@@ -591,11 +592,11 @@ impl Session {
             }
             .await;
             let _ = events
-                .send(SessionEvent::PrivateJoin {
+                .send(Box::new(SessionEvent::PrivateJoin {
                     generation,
                     request: Box::new(request),
                     result,
-                })
+                }))
                 .await;
         });
     }
@@ -719,7 +720,7 @@ impl Session {
         tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
         metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(&channel)).increment(1.0);
-        self.channels.insert(topic, channel);
+        self.channels.insert(topic, Box::new(channel));
     }
 
     /// How the hub sees a channel: what it may receive.
@@ -1023,11 +1024,11 @@ impl Session {
         tokio::spawn(async move {
             let result = checker.write(&ctx).await;
             let _ = events
-                .send(SessionEvent::WriteChecked {
+                .send(Box::new(SessionEvent::WriteChecked {
                     topic,
                     channel,
                     result,
-                })
+                }))
                 .await;
         });
     }
@@ -1056,11 +1057,11 @@ impl Session {
         tokio::spawn(async move {
             let result = checker.read(&ctx).await;
             let _ = events
-                .send(SessionEvent::ReadRefreshed {
+                .send(Box::new(SessionEvent::ReadRefreshed {
                     topic,
                     channel,
                     result,
-                })
+                }))
                 .await;
         });
     }
@@ -1113,12 +1114,12 @@ impl Session {
             let result = pg.prepare(target, &claims, &specs).await;
             tracing::debug!(%topic, ok = result.is_ok(), "postgres_changes prepared");
             let _ = events
-                .send(SessionEvent::PgPrepared {
+                .send(Box::new(SessionEvent::PgPrepared {
                     topic,
                     channel: id,
                     generation,
                     result,
-                })
+                }))
                 .await;
         });
     }
@@ -1286,7 +1287,7 @@ impl Session {
     }
 
     fn leave_all(&mut self) {
-        let channels: Vec<Channel> = self.channels.drain().map(|(_, c)| c).collect();
+        let channels: Vec<Box<Channel>> = self.channels.drain().map(|(_, c)| c).collect();
         for ch in &channels {
             self.teardown(ch);
         }
