@@ -42,6 +42,24 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         sockets: usize,
     },
+    /// Live chat load: S subscribers over C conversations (`conversation_id=eq.X`), writers
+    /// committing at fixed rates; latency from the writer's send to the subscriber's receipt
+    /// (one clock), deliveries per second, and a check that nothing was lost or duplicated.
+    Chat {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        conversations: usize,
+        /// Commit rates to run, one after the other (commits per second).
+        #[arg(long, value_delimiter = ',', default_value = "500,1000,2000")]
+        rates: Vec<u64>,
+        /// Seconds per rate.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Writer connections.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+    },
     Joins {
         /// Concurrent sockets.
         #[arg(long, default_value_t = 50)]
@@ -59,6 +77,13 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().scenario {
         Scenario::Drain { transactions } => drain(transactions).await,
+        Scenario::Chat {
+            subscribers,
+            conversations,
+            rates,
+            seconds,
+            writers,
+        } => chat(subscribers, conversations, rates, seconds, writers).await,
         Scenario::Idle { sockets } => idle(sockets).await,
         Scenario::Joins {
             sockets,
@@ -474,4 +499,198 @@ async fn idle(n: usize) -> anyhow::Result<()> {
     drop(sockets);
     let _ = child.kill().await;
     Ok(())
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+struct ChatRun {
+    rate: u64,
+    commits: usize,
+    delivered: usize,
+    lost: usize,
+    duplicated: usize,
+    seconds: f64,
+    p50: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
+}
+
+async fn chat(
+    subscribers: usize,
+    conversations: usize,
+    rates: Vec<u64>,
+    seconds: u64,
+    writers: usize,
+) -> anyhow::Result<()> {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    let dir = std::env::temp_dir().join(format!("walcast-bench-chat-{}", std::process::id()));
+    let cluster = walcast::dev::DevCluster::start(&dir)?;
+    let result = async {
+        let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+        let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "0"), ("RLIMIT_NOFILE", "20000")]).await?;
+        let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        sql.batch_execute(
+            "CREATE TABLE IF NOT EXISTS chat (id bigserial PRIMARY KEY, conversation_id int NOT NULL, sent_us bigint NOT NULL, body text);
+             GRANT SELECT ON chat TO anon;
+             ALTER PUBLICATION supabase_realtime ADD TABLE chat;",
+        )
+        .await?;
+        let tok = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )?;
+        // Received: (subscriber, id) → count; latencies in ms.
+        let received: Arc<Mutex<HashMap<(usize, i64), u32>>> = Arc::new(Mutex::new(HashMap::new()));
+        let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut ready = Vec::new();
+        for s in 0..subscribers {
+            let conv = s % conversations;
+            let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let join = json!(["1", "1", format!("realtime:conversation:{conv}"), "phx_join",
+                {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "chat", "filter": format!("conversation_id=eq.{conv}")}]}}]);
+            ws.send(Message::Text(join.to_string().into())).await?;
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let (received, latencies) = (received.clone(), latencies.clone());
+            tokio::spawn(async move {
+                let mut tx = Some(tx);
+                while let Some(Ok(msg)) = ws.next().await {
+                    let Message::Text(t) = msg else { continue };
+                    let now = now_us();
+                    let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
+                    match v[3].as_str() {
+                        Some("system") if v[4]["status"] == "ok" => {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Some("postgres_changes") => {
+                            let rec = &v[4]["data"]["record"];
+                            let (Some(id), Some(sent)) = (rec["id"].as_i64(), rec["sent_us"].as_i64()) else { continue };
+                            *received.lock().unwrap().entry((s, id)).or_insert(0) += 1;
+                            latencies.lock().unwrap().push((now - sent) as f64 / 1000.0);
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            ready.push(rx);
+        }
+        for r in ready {
+            tokio::time::timeout(Duration::from_secs(30), r).await??;
+        }
+
+        let mut runs = Vec::new();
+        for &rate in &rates {
+            received.lock().unwrap().clear();
+            latencies.lock().unwrap().clear();
+            let inserted: Arc<Mutex<Vec<(i64, usize)>>> = Arc::new(Mutex::new(Vec::new()));
+            let total = (rate * seconds) as usize;
+            let per_writer = total / writers;
+            let interval = Duration::from_secs_f64(writers as f64 / rate as f64);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for wi in 0..writers {
+                let (c, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                let inserted = inserted.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    for i in 0..per_writer {
+                        tick.tick().await;
+                        let conv = ((wi * per_writer + i) * 7919) % conversations;
+                        let sent = now_us();
+                        let row = c
+                            .query_one(
+                                "INSERT INTO chat (conversation_id, sent_us, body) VALUES ($1, $2, 'hello there') RETURNING id",
+                                &[&(conv as i32), &sent],
+                            )
+                            .await?;
+                        inserted.lock().unwrap().push((row.get(0), conv));
+                    }
+                    Ok::<_, anyhow::Error>(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            // Let the last deliveries arrive (bounded wait: everything expected, or 10 s).
+            let expected: usize = inserted.lock().unwrap().len() * (subscribers / conversations);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while received.lock().unwrap().len() < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let seconds_taken = started.elapsed().as_secs_f64();
+            let got = received.lock().unwrap().clone();
+            let mut lost = 0;
+            let mut duplicated = 0;
+            let by_conv: HashMap<usize, Vec<i64>> = inserted.lock().unwrap().iter().fold(HashMap::new(), |mut m, (id, c)| {
+                m.entry(*c).or_insert_with(Vec::new).push(*id);
+                m
+            });
+            for s in 0..subscribers {
+                for id in by_conv.get(&(s % conversations)).map(Vec::as_slice).unwrap_or(&[]) {
+                    match got.get(&(s, *id)) {
+                        None => lost += 1,
+                        Some(n) if *n > 1 => duplicated += (*n - 1) as usize,
+                        _ => {}
+                    }
+                }
+            }
+            let extra: HashSet<(usize, i64)> = got.keys().copied().collect();
+            let _ = extra;
+            let mut l = latencies.lock().unwrap().clone();
+            l.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            let pct = |p: f64| if l.is_empty() { f64::NAN } else { l[((l.len() as f64 * p) as usize).min(l.len() - 1)] };
+            runs.push(ChatRun {
+                rate,
+                commits: inserted.lock().unwrap().len(),
+                delivered: l.len(),
+                lost,
+                duplicated,
+                seconds: seconds_taken,
+                p50: pct(0.50),
+                p95: pct(0.95),
+                p99: pct(0.99),
+                max: l.last().copied().unwrap_or(f64::NAN),
+            });
+        }
+        let _ = w.child.kill().await;
+
+        println!("chat: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers");
+        println!("(loader, walcast and PostgreSQL share this {}-core machine; latency = writer send -> subscriber receipt)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+        println!("{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}", "commit/s", "commits", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "lost", "dup");
+        for r in &runs {
+            println!("{:>8} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>6}",
+                r.rate, r.commits, r.delivered as f64 / r.seconds, r.p50, r.p95, r.p99, r.max, r.lost, r.duplicated);
+        }
+        let best = runs.iter().filter(|r| r.p99 <= 100.0 && r.lost == 0).map(|r| r.rate).max();
+        println!("highest rate run with p99 <= 100 ms and nothing lost: {}", best.map(|b| b.to_string()).unwrap_or("none".into()));
+        let out = json!({
+            "scenario": "chat", "subscribers": subscribers, "conversations": conversations, "writers": writers,
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "note": "loader, walcast and PostgreSQL share the machine",
+            "runs": runs.iter().map(|r| json!({"commits_per_sec": r.rate, "commits": r.commits, "delivered_per_sec": r.delivered as f64 / r.seconds,
+                "p50_ms": r.p50, "p95_ms": r.p95, "p99_ms": r.p99, "max_ms": r.max, "lost": r.lost, "duplicated": r.duplicated})).collect::<Vec<_>>(),
+            "highest_rate_p99_under_100ms": best,
+        });
+        let path = workspace().join("bench/results/chat.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+        println!("written: {}", path.display());
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = cluster.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
