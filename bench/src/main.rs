@@ -59,6 +59,10 @@ enum Scenario {
         /// Writer connections.
         #[arg(long, default_value_t = 8)]
         writers: usize,
+        /// Row level security on: a policy through a participants table, one distinct user per
+        /// subscriber.
+        #[arg(long)]
+        rls: bool,
     },
     Joins {
         /// Concurrent sockets.
@@ -83,7 +87,8 @@ async fn main() -> anyhow::Result<()> {
             rates,
             seconds,
             writers,
-        } => chat(subscribers, conversations, rates, seconds, writers).await,
+            rls,
+        } => chat(subscribers, conversations, rates, seconds, writers, rls).await,
         Scenario::Idle { sockets } => idle(sockets).await,
         Scenario::Joins {
             sockets,
@@ -527,6 +532,7 @@ async fn chat(
     rates: Vec<u64>,
     seconds: u64,
     writers: usize,
+    rls: bool,
 ) -> anyhow::Result<()> {
     use std::collections::{HashMap, HashSet};
     use std::sync::{Arc, Mutex};
@@ -539,21 +545,48 @@ async fn chat(
         tokio::spawn(conn);
         sql.batch_execute(
             "CREATE TABLE IF NOT EXISTS chat (id bigserial PRIMARY KEY, conversation_id int NOT NULL, sent_us bigint NOT NULL, body text);
-             GRANT SELECT ON chat TO anon;
+             GRANT SELECT ON chat TO anon, authenticated;
              ALTER PUBLICATION supabase_realtime ADD TABLE chat;",
         )
         .await?;
-        let tok = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
-            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-        )?;
+        let user = |s: usize| format!("00000000-0000-4000-8000-{s:012}");
+        if rls {
+            sql.batch_execute(
+                "CREATE TABLE participants (conversation_id int NOT NULL, user_id uuid NOT NULL, PRIMARY KEY (conversation_id, user_id));
+                 GRANT SELECT ON participants TO authenticated;
+                 ALTER TABLE chat ENABLE ROW LEVEL SECURITY;
+                 CREATE POLICY participants_read ON chat FOR SELECT TO authenticated
+                   USING (EXISTS (SELECT 1 FROM participants p
+                                   WHERE p.conversation_id = chat.conversation_id AND p.user_id = auth.uid()));",
+            )
+            .await?;
+            for s in 0..subscribers {
+                sql.execute(
+                    "INSERT INTO participants VALUES ($1, $2::text::uuid)",
+                    &[&((s % conversations) as i32), &user(s)],
+                )
+                .await?;
+            }
+        }
+        let token_for = |s: usize| {
+            let claims = if rls {
+                json!({"role": "authenticated", "sub": user(s), "exp": walcast::auth::now_secs() + 3600})
+            } else {
+                json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600})
+            };
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+        };
         // Received: (subscriber, id) → count; latencies in ms.
         let received: Arc<Mutex<HashMap<(usize, i64), u32>>> = Arc::new(Mutex::new(HashMap::new()));
         let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
         let mut ready = Vec::new();
         for s in 0..subscribers {
             let conv = s % conversations;
+            let tok = token_for(s)?;
             let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
             let join = json!(["1", "1", format!("realtime:conversation:{conv}"), "phx_join",
@@ -667,7 +700,7 @@ async fn chat(
         }
         let _ = w.child.kill().await;
 
-        println!("chat: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers");
+        println!("chat{}: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers", if rls { " with RLS (participants policy, one user per subscriber)" } else { "" });
         println!("(loader, walcast and PostgreSQL share this {}-core machine; latency = writer send -> subscriber receipt)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
         println!("{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}", "commit/s", "commits", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "lost", "dup");
         for r in &runs {
@@ -677,14 +710,14 @@ async fn chat(
         let best = runs.iter().filter(|r| r.p99 <= 100.0 && r.lost == 0).map(|r| r.rate).max();
         println!("highest rate run with p99 <= 100 ms and nothing lost: {}", best.map(|b| b.to_string()).unwrap_or("none".into()));
         let out = json!({
-            "scenario": "chat", "subscribers": subscribers, "conversations": conversations, "writers": writers,
+            "scenario": if rls { "chat_rls" } else { "chat" }, "subscribers": subscribers, "conversations": conversations, "writers": writers,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
             "note": "loader, walcast and PostgreSQL share the machine",
             "runs": runs.iter().map(|r| json!({"commits_per_sec": r.rate, "commits": r.commits, "delivered_per_sec": r.delivered as f64 / r.seconds,
                 "p50_ms": r.p50, "p95_ms": r.p95, "p99_ms": r.p99, "max_ms": r.max, "lost": r.lost, "duplicated": r.duplicated})).collect::<Vec<_>>(),
             "highest_rate_p99_under_100ms": best,
         });
-        let path = workspace().join("bench/results/chat.json");
+        let path = workspace().join(if rls { "bench/results/chat_rls.json" } else { "bench/results/chat.json" });
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
         Ok::<_, anyhow::Error>(())
