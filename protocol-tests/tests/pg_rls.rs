@@ -280,11 +280,13 @@ async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
     )
     .await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
+    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
+        .await
+        .unwrap();
+    // The position after the commit record (RETURNING runs before the commit is written): a
+    // slot confirmed past it has confirmed the transaction.
     let lsn: String = sql
-        .query_one(
-            "INSERT INTO ticks (k) VALUES (1) RETURNING pg_current_wal_lsn()::text",
-            &[],
-        )
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
@@ -341,11 +343,13 @@ async fn sigterm_confirms_what_was_delivered_before_exiting() {
     )
     .await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
+    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
+        .await
+        .unwrap();
+    // The position after the commit record (RETURNING runs before the commit is written): a
+    // slot confirmed past it has confirmed the transaction.
     let lsn: String = sql
-        .query_one(
-            "INSERT INTO ticks (k) VALUES (1) RETURNING pg_current_wal_lsn()::text",
-            &[],
-        )
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
@@ -389,11 +393,13 @@ async fn after_a_crash_reconnecting_clients_get_what_was_committed_while_down() 
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     c.join_ok("realtime:t", binding.clone()).await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
+    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
+        .await
+        .unwrap();
+    // The position after the commit record (RETURNING runs before the commit is written): a
+    // slot confirmed past it has confirmed the transaction.
     let lsn: String = sql
-        .query_one(
-            "INSERT INTO ticks (k) VALUES (1) RETURNING pg_current_wal_lsn()::text",
-            &[],
-        )
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await
         .unwrap()
         .get(0);
