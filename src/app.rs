@@ -27,14 +27,29 @@ const DB_STARTUP_WAIT: Duration = Duration::from_secs(60);
 pub struct Database {
     pub settings: DatabaseSettings,
     pub pg: Arc<PgChanges>,
+    /// What start-up found of the slot.
+    start: SlotAtStart,
+}
+
+/// The slot as start-up found it.
+struct SlotAtStart {
+    /// WAL position at start when the slot already existed: changes before it were committed
+    /// while walcast was down. 0 for a new slot (it holds nothing older than this process).
+    backlog_end: u64,
+    /// The slot had been invalidated and was recreated: the gap to tell.
+    gap: Option<String>,
 }
 
 impl Database {
     /// Connects (waiting up to a minute for the database to come up), migrates, and prepares
     /// postgres_changes.
     pub async fn connect(settings: DatabaseSettings) -> Result<Self, AppError> {
-        let pg = start_database(&settings).await?;
-        Ok(Self { settings, pg })
+        let (pg, start) = start_database(&settings).await?;
+        Ok(Self {
+            settings,
+            pg,
+            start,
+        })
     }
 }
 
@@ -71,9 +86,17 @@ pub async fn run(
             );
             None
         }
-        Some(Database { settings: db, pg }) => {
+        Some(Database {
+            settings: db,
+            pg,
+            start,
+        }) => {
             let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
-            let status = Arc::new(replication::Status::default());
+            let status = Arc::new(replication::Status::new(db.gap_notice));
+            status.set_backlog_end(start.backlog_end);
+            if let Some(message) = start.gap {
+                status.record_gap(replication::GapReason::SlotLost, message);
+            }
             replication_status = Some(status.clone());
             let cfg = replication::Config {
                 db: db.db.clone(),
@@ -94,6 +117,11 @@ pub async fn run(
                 channels.clone(),
                 max_payload_bytes,
             )));
+            tasks.push(tokio::spawn(watch_slot(
+                pg.pool.clone(),
+                db.slot.clone(),
+                db.slot_wal_warn_bytes,
+            )));
             if db.run_janitor {
                 tasks.push(tokio::spawn(janitor(
                     pg.pool.clone(),
@@ -107,6 +135,8 @@ pub async fn run(
         .as_ref()
         .map(|pg| Arc::new(crate::policies::Checker::new(pg.pool.clone())));
 
+    let limits = crate::limits::Limits::new(settings.limits);
+    let ticker = limits.spawn_ticker();
     let ctx = Arc::new(Context {
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
@@ -119,6 +149,7 @@ pub async fn run(
         metrics: crate::telemetry::install(),
         shutdown: shutdown_rx,
         alive: alive_tx,
+        limits,
     });
     let router = server::router(ctx.clone());
     drop(ctx);
@@ -158,11 +189,12 @@ pub async fn run(
     for t in tasks {
         t.abort();
     }
+    ticker.abort();
     Ok(())
 }
 
 /// Connects (waiting for the database to come up), migrates, and prepares postgres_changes.
-async fn start_database(db: &DatabaseSettings) -> Result<Arc<PgChanges>, AppError> {
+async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAtStart), AppError> {
     let pool = Pool::with_after_connect(&db.db, db.pool_size, db.after_connect.clone());
     let started = tokio::time::Instant::now();
     loop {
@@ -191,17 +223,94 @@ async fn start_database(db: &DatabaseSettings) -> Result<Arc<PgChanges>, AppErro
     let mut conn = replication::conn::ReplicationConn::connect(&db.db, "walcast_setup", &params)
         .await
         .map_err(AppError::Replication)?;
-    replication::ensure_slot(&mut conn, &db.slot)
+    let slot_state = replication::ensure_slot(&mut conn, &db.slot)
         .await
         .map_err(AppError::Replication)?;
     drop(conn);
+    let backlog_end = if slot_state == replication::SlotState::Existing {
+        let client = pool.get().await?;
+        let row = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(crate::db::DbError::from)?;
+        replication::parse_confirmed(row.get::<_, &str>(0)).unwrap_or(0)
+    } else {
+        0
+    };
+    let start = SlotAtStart {
+        backlog_end,
+        gap: match slot_state {
+            replication::SlotState::Recreated { .. } => replication::slot_gap_message(&slot_state),
+            _ => None,
+        },
+    };
+    warn_unbounded_wal(&pool).await;
     let pg = Arc::new(PgChanges::new(
         pool,
         db.publication.clone(),
         db.max_record_bytes,
     ));
     pg.catalog.load_types().await?;
-    Ok(pg)
+    Ok((pg, start))
+}
+
+/// A slot nobody reads keeps WAL for ever unless `max_slot_wal_keep_size` bounds it: say so at
+/// start, once.
+async fn warn_unbounded_wal(pool: &Arc<Pool>) {
+    let setting = async {
+        let client = pool.get().await?;
+        let row = client
+            .query_one("SELECT current_setting('max_slot_wal_keep_size')", &[])
+            .await?;
+        Ok::<String, DbError>(row.get(0))
+    }
+    .await;
+    match setting {
+        Ok(v) if v == "-1" => tracing::warn!(
+            "max_slot_wal_keep_size is unlimited: while walcast is stopped, its replication slot keeps WAL until the database's disk is full; set it (e.g. '10GB') to bound that, and watch walcast_slot_retained_wal_bytes"
+        ),
+        Ok(v) => tracing::info!(max_slot_wal_keep_size = %v, "WAL kept for the replication slot is bounded"),
+        Err(e) => tracing::debug!(error = %e, "could not read max_slot_wal_keep_size"),
+    }
+}
+
+/// Every 10 s: how much WAL the database keeps for the slot, as a metric, with a warning (at
+/// most once a minute) above `warn_bytes`.
+async fn watch_slot(pool: Arc<Pool>, slot: String, warn_bytes: u64) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut last_warning: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let result = async {
+            let client = pool.get().await?;
+            let row = client
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await?;
+            Ok::<_, DbError>(row.map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<String>>(1))))
+        }
+        .await;
+        match result {
+            Ok(Some((retained, wal_status))) => {
+                let retained = retained.unwrap_or(0).max(0) as u64;
+                metrics::gauge!(crate::telemetry::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
+                let due = last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+                if retained > warn_bytes && due {
+                    last_warning = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        %slot,
+                        retained_bytes = retained,
+                        wal_status = wal_status.as_deref().unwrap_or(""),
+                        "the database keeps more WAL for walcast's slot than SLOT_WAL_WARN_BYTES: walcast is behind"
+                    );
+                }
+            }
+            Ok(None) => tracing::warn!(%slot, "the replication slot does not exist"),
+            Err(e) => tracing::debug!(error = %e, "could not read the slot's retained WAL"),
+        }
+    }
 }
 
 /// Removes stored broadcast messages older than the retention period, at start and every ten

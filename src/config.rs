@@ -151,6 +151,31 @@ pub struct ServeArgs {
     #[arg(long, env = "TENANT_MAX_CHANNELS_PER_CLIENT", default_value_t = DEFAULT_MAX_CHANNELS_PER_CLIENT)]
     pub max_channels_per_client: usize,
 
+    /// Sockets with at least one joined channel, server-wide (0: unlimited).
+    #[arg(long, env = "TENANT_MAX_CONCURRENT_USERS", default_value_t = 10_000)]
+    pub max_concurrent_users: usize,
+
+    /// Channel joins per second, server-wide, averaged over a minute (0: unlimited).
+    #[arg(long, env = "TENANT_MAX_JOINS_PER_SECOND", default_value_t = 10_000)]
+    pub max_joins_per_second: u64,
+
+    /// Broadcast and presence messages per second, server-wide, counted at delivery (a message
+    /// to 100 subscribers counts 100) plus each one sent, averaged over a minute (0: unlimited).
+    #[arg(long, env = "TENANT_MAX_EVENTS_PER_SECOND", default_value_t = 100_000)]
+    pub max_events_per_second: u64,
+
+    /// Presence track/untrack messages per second, server-wide, averaged over a minute (0: unlimited).
+    #[arg(
+        long,
+        env = "TENANT_MAX_PRESENCE_EVENTS_PER_SECOND",
+        default_value_t = 5_000
+    )]
+    pub max_presence_events_per_second: u64,
+
+    /// Length of one bucket of the rate counters (12 buckets are averaged), in milliseconds.
+    #[arg(long, env = "RATE_COUNTER_TICK_MS", default_value_t = 5_000)]
+    pub rate_counter_tick_ms: u64,
+
     /// Largest broadcast or presence payload, in kilobytes (1,000 bytes) of JSON or raw bytes.
     #[arg(long, env = "TENANT_MAX_PAYLOAD_SIZE_IN_KB", default_value_t = DEFAULT_MAX_PAYLOAD_SIZE_IN_KB)]
     pub max_payload_size_in_kb: usize,
@@ -225,6 +250,15 @@ pub struct ServeArgs {
     #[arg(long, env = "STARTUP_GRACE_MS", default_value_t = DEFAULT_STARTUP_GRACE_MS)]
     pub startup_grace_ms: u64,
 
+    /// How long after a gap in the change stream (changes streamed before a channel rejoined
+    /// after a restart, or a recreated slot) joining channels are told about it (milliseconds).
+    #[arg(long, env = "GAP_NOTICE_MS", default_value_t = 300_000)]
+    pub gap_notice_ms: u64,
+
+    /// Log a warning when the database keeps more WAL than this for walcast's slot (bytes).
+    #[arg(long, env = "SLOT_WAL_WARN_BYTES", default_value_t = 1 << 30)]
+    pub slot_wal_warn_bytes: u64,
+
     /// Delete stored broadcast messages (realtime.messages) older than MESSAGES_RETENTION_HOURS.
     #[arg(long, env = "RUN_JANITOR", default_value_t = true, action = clap::ArgAction::Set)]
     pub run_janitor: bool,
@@ -294,6 +328,8 @@ pub struct DatabaseSettings {
     pub messages_retention: std::time::Duration,
     pub after_connect: Option<String>,
     pub startup_grace: std::time::Duration,
+    pub gap_notice: std::time::Duration,
+    pub slot_wal_warn_bytes: u64,
 }
 
 /// Settings after validation, in the units the code uses.
@@ -309,6 +345,7 @@ pub struct Settings {
     pub idle_timeout: Duration,
     pub outbound_queue_bytes: usize,
     pub shutdown_timeout: Duration,
+    pub limits: crate::limits::LimitSettings,
 }
 
 impl ServeArgs {
@@ -355,6 +392,13 @@ impl ServeArgs {
             idle_timeout: Duration::from_millis(self.websocket_idle_timeout_ms),
             outbound_queue_bytes: self.client_outbound_queue_bytes,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+            limits: crate::limits::LimitSettings {
+                max_concurrent_users: self.max_concurrent_users,
+                max_joins_per_second: self.max_joins_per_second,
+                max_events_per_second: self.max_events_per_second,
+                max_presence_events_per_second: self.max_presence_events_per_second,
+                tick: Duration::from_millis(self.rate_counter_tick_ms.max(10)),
+            },
         })
     }
 
@@ -394,6 +438,8 @@ impl ServeArgs {
             migrate_on_start: self.migrate_on_start,
             after_connect: self.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(self.startup_grace_ms),
+            gap_notice: std::time::Duration::from_millis(self.gap_notice_ms),
+            slot_wal_warn_bytes: self.slot_wal_warn_bytes,
             run_janitor: self.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 self.messages_retention_hours.saturating_mul(3600),

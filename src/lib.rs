@@ -31,6 +31,7 @@ pub mod dev;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod limits;
 pub mod policies;
 pub mod postgres_changes;
 pub mod protocol;

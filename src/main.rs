@@ -117,6 +117,8 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
             migrate_on_start: true,
             after_connect: args.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
+            gap_notice: std::time::Duration::from_millis(args.gap_notice_ms),
+            slot_wal_warn_bytes: args.slot_wal_warn_bytes,
             run_janitor: args.run_janitor,
             messages_retention: std::time::Duration::from_secs(
                 args.messages_retention_hours.saturating_mul(3600),

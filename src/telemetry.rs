@@ -31,6 +31,11 @@ pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 /// Whether the replication stream is connected (gauge, 0 or 1).
 pub const REPLICATION_CONNECTED: &str = "walcast_replication_connected";
+/// WAL the database keeps for walcast's slot (current WAL position minus the slot's
+/// restart_lsn), in bytes (gauge).
+pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
+/// Gaps in the change stream told to channels, by `reason` = restart | slot_lost (counter).
+pub const REPLICATION_GAPS: &str = "walcast_replication_gaps_total";
 /// Row changes decoded from the stream (counter; its rate is changes per second).
 pub const DECODED_CHANGES: &str = "walcast_decoded_changes_total";
 /// Duration of one batched row-level-security check (histogram, seconds).
@@ -55,6 +60,8 @@ pub const ALL: &[&str] = &[
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     REPLICATION_CONNECTED,
+    SLOT_RETAINED_WAL_BYTES,
+    REPLICATION_GAPS,
     DECODED_CHANGES,
     AUTHZ_QUERY_SECONDS,
     AUTHZ_COHORTS,
@@ -125,6 +132,12 @@ fn describe() {
         "Age of the last delivered commit at delivery"
     );
     describe_gauge!(REPLICATION_CONNECTED, "Replication stream connected (0/1)");
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the database keeps for the slot"
+    );
+    describe_counter!(REPLICATION_GAPS, "Gaps in the change stream by reason");
     describe_counter!(DECODED_CHANGES, "Row changes decoded from the stream");
     describe_histogram!(
         AUTHZ_QUERY_SECONDS,

@@ -143,6 +143,11 @@ async fn start_walcast_with(
         .env("DATABASE_URL", db_url)
         .env("DB_POOL_SIZE", pool.to_string())
         .env("TENANT_MAX_CHANNELS_PER_CLIENT", "10000")
+        // Capacity is what is measured: the server-wide rate limits are off.
+        .env("TENANT_MAX_CONCURRENT_USERS", "0")
+        .env("TENANT_MAX_JOINS_PER_SECOND", "0")
+        .env("TENANT_MAX_EVENTS_PER_SECOND", "0")
+        .env("TENANT_MAX_PRESENCE_EVENTS_PER_SECOND", "0")
         .env("LOG_LEVEL", "error")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())

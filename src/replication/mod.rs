@@ -70,6 +70,37 @@ pub struct Config {
     pub startup_grace: Duration,
 }
 
+/// Why changes committed to the database may not have reached a channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// walcast was down, and the changes committed meanwhile were streamed (after the startup
+    /// grace period) before the channel joined again.
+    Restart,
+    /// The replication slot was invalidated (`max_slot_wal_keep_size`) or dropped, and recreated:
+    /// the changes it had kept are gone for everyone.
+    SlotLost,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Restart => "restart",
+            GapReason::SlotLost => "slot_lost",
+        }
+    }
+}
+
+/// A gap in the change stream, told to channels in a `system` message.
+#[derive(Clone, Debug)]
+pub struct Gap {
+    /// Counts gaps since start (1, 2, ...), so a channel is told each one once.
+    pub id: u64,
+    pub reason: GapReason,
+    pub message: String,
+    /// When it was recorded: joins up to `GAP_NOTICE_MS` later are told.
+    pub at: std::time::Instant,
+}
+
 /// Shared replication state.
 pub struct Status {
     /// End LSN of the last commit fully delivered by the dispatcher.
@@ -78,19 +109,68 @@ pub struct Status {
     pub connected: AtomicBool,
     /// The same, for sessions that tell their channels when the stream goes down and comes back.
     updates: watch::Sender<bool>,
+    /// The latest gap; sessions follow it to tell the channels subscribed when it happened.
+    gap: watch::Sender<Option<Arc<Gap>>>,
+    /// WAL position when this process started: changes before it were committed while walcast
+    /// was down (0 until known).
+    backlog_end: AtomicU64,
+    /// How long after a gap joining channels are told about it.
+    gap_notice: Duration,
 }
 
 impl Default for Status {
     fn default() -> Self {
-        Self {
-            acked: AtomicU64::new(0),
-            connected: AtomicBool::new(false),
-            updates: watch::channel(false).0,
-        }
+        Self::new(Duration::from_secs(300))
     }
 }
 
 impl Status {
+    pub fn new(gap_notice: Duration) -> Self {
+        Self {
+            acked: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            updates: watch::channel(false).0,
+            gap: watch::channel(None).0,
+            backlog_end: AtomicU64::new(0),
+            gap_notice,
+        }
+    }
+
+    /// Records the WAL position at start (see `backlog_end`).
+    pub fn set_backlog_end(&self, lsn: u64) {
+        self.backlog_end.store(lsn, Ordering::Relaxed);
+    }
+
+    /// Records a gap. `reason` decides who is told: a lost slot concerns every channel
+    /// subscribed now as well as those joining within `GAP_NOTICE_MS`; a restart only the
+    /// channels joining after the backlog started streaming (those subscribed receive it).
+    pub fn record_gap(&self, reason: GapReason, message: String) {
+        let id = self.gap.borrow().as_ref().map_or(0, |g| g.id) + 1;
+        tracing::warn!(reason = reason.as_str(), %message, "gap in the change stream");
+        metrics::counter!(crate::telemetry::REPLICATION_GAPS, "reason" => reason.as_str())
+            .increment(1);
+        self.gap.send_replace(Some(Arc::new(Gap {
+            id,
+            reason,
+            message,
+            at: std::time::Instant::now(),
+        })));
+    }
+
+    /// The gap a channel joining now must be told about, if any.
+    pub fn gap_for_join(&self) -> Option<Arc<Gap>> {
+        self.gap
+            .borrow()
+            .as_ref()
+            .filter(|g| g.at.elapsed() < self.gap_notice)
+            .cloned()
+    }
+
+    /// Follows recorded gaps.
+    pub fn watch_gaps(&self) -> watch::Receiver<Option<Arc<Gap>>> {
+        self.gap.subscribe()
+    }
+
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.updates.send_replace(up);
@@ -150,16 +230,40 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Creates the slot when it does not exist. Returns whether it was created.
-pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<bool, ConnError> {
-    let exists = conn
+/// What `ensure_slot` found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// The slot was there and usable.
+    Existing,
+    /// There was no slot; one was created.
+    Created,
+    /// The slot had been invalidated (its WAL removed, `max_slot_wal_keep_size`); it was dropped
+    /// and created again. What it had kept since `confirmed` is lost.
+    Recreated { confirmed: String },
+}
+
+/// Creates the slot when it does not exist, and replaces it when it has been invalidated.
+pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<SlotState, ConnError> {
+    let rows = conn
         .simple_query(&format!(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = {}",
+            "SELECT wal_status, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await?;
-    if !exists.is_empty() {
-        return Ok(false);
+    let mut state = SlotState::Created;
+    if let Some(row) = rows.first() {
+        let wal_status = row.first().cloned().flatten().unwrap_or_default();
+        if wal_status != "lost" {
+            return Ok(SlotState::Existing);
+        }
+        let confirmed = row.get(1).cloned().flatten().unwrap_or_default();
+        tracing::error!(%slot, %confirmed, "the replication slot was invalidated (its WAL was removed, see max_slot_wal_keep_size); recreating it: changes committed since it fell behind are lost");
+        conn.simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}",
+            crate::db::quote_ident(slot)
+        ))
+        .await?;
+        state = SlotState::Recreated { confirmed };
     }
     conn.simple_query(&format!(
         "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
@@ -167,7 +271,20 @@ pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<bool,
     ))
     .await?;
     tracing::info!(%slot, "created logical replication slot");
-    Ok(true)
+    Ok(state)
+}
+
+/// The `system` message for a recreated or vanished slot.
+pub fn slot_gap_message(state: &SlotState) -> Option<String> {
+    match state {
+        SlotState::Existing => None,
+        SlotState::Created => Some(
+            "The replication slot had been dropped and was created again: changes committed before now may be missing; refetch to catch up".to_string(),
+        ),
+        SlotState::Recreated { confirmed } => Some(format!(
+            "The replication slot was invalidated by the database (max_slot_wal_keep_size) and was created again: changes committed after {confirmed} may be missing; refetch to catch up"
+        )),
+    }
 }
 
 async fn stream(
@@ -187,7 +304,16 @@ async fn stream(
         .first()
         .and_then(|r| r.get(2).cloned().flatten())
         .unwrap_or_default();
-    ensure_slot(&mut conn, &cfg.slot).await?;
+    let slot_state = ensure_slot(&mut conn, &cfg.slot).await?;
+    if let Some(message) = slot_gap_message(&slot_state) {
+        status.record_gap(GapReason::SlotLost, message);
+    }
+    let backlog_end = status.backlog_end.load(Ordering::Relaxed);
+    let mut backlog_told = status
+        .gap
+        .borrow()
+        .as_ref()
+        .is_some_and(|g| g.reason == GapReason::Restart);
     let publications = format!(
         "{},{}",
         crate::db::quote_ident(&cfg.publication),
@@ -242,6 +368,18 @@ async fn stream(
                             Message::Message { prefix, content, .. } => Some(Event::Message { prefix, content }),
                             Message::Truncate { .. } | Message::Type { .. } | Message::Origin { .. } => None,
                         };
+                        if !backlog_told && lsn < backlog_end && matches!(event, Some(Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. })) {
+                            // The first change committed while walcast was down goes out now:
+                            // channels joining from here on have missed it (and maybe others).
+                            backlog_told = true;
+                            status.record_gap(
+                                GapReason::Restart,
+                                format!(
+                                    "Changes committed while the server was down (before {}) were delivered before this channel joined; refetch to catch up",
+                                    format_lsn(backlog_end)
+                                ),
+                            );
+                        }
                         if let Some(ev) = event {
                             // Backpressure: waits while the dispatcher is behind.
                             if tx.send(ev).await.is_err() {

@@ -102,6 +102,20 @@ pub async fn broadcast_batch(
         }
         Some(_) => return unprocessable(json!({"messages": ["is invalid"]})),
     };
+    let events = &ctx.limits.events;
+    if events.triggered() {
+        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
+            .increment(1);
+        return message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    }
+    if events.limit() != 0 && messages.len() as u64 + events.average() > events.limit() {
+        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
+            .increment(1);
+        return message(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many messages to broadcast, please reduce the batch size",
+        );
+    }
     let max = ctx.settings.max_payload_bytes;
     let mut valid = Vec::with_capacity(messages.len());
     let mut errors = Vec::with_capacity(messages.len());
@@ -144,7 +158,7 @@ pub async fn broadcast_batch(
             continue;
         };
         let key = TopicKey::new(&format!("{TOPIC_PREFIX}{}", m.topic), m.private);
-        ctx.channels.broker.publish(
+        let delivered = ctx.channels.broker.publish(
             &key,
             Fanout::new(
                 key.topic.clone(),
@@ -155,6 +169,7 @@ pub async fn broadcast_batch(
             ),
             None,
         );
+        ctx.limits.events.add(delivered as u64 + 1);
     }
     StatusCode::ACCEPTED.into_response()
 }
@@ -329,8 +344,13 @@ pub async fn broadcast_single(
     if private && !may_write(&ctx, &topic, &claims, &headers).await {
         return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
+    if ctx.limits.events.triggered() {
+        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
+            .increment(1);
+        return message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    }
     let key = TopicKey::new(&full_topic, private);
-    ctx.channels.broker.publish(
+    let delivered = ctx.channels.broker.publish(
         &key,
         Fanout::new(
             key.topic.clone(),
@@ -343,5 +363,6 @@ pub async fn broadcast_single(
         ),
         None,
     );
+    ctx.limits.events.add(delivered as u64 + 1);
     StatusCode::ACCEPTED.into_response()
 }

@@ -46,6 +46,13 @@ pub async fn upgrade(
     if let Err(e) = ctx.verifier.verify(&token) {
         return connect_error(&ctx, e).await;
     }
+    // The server-wide limits, as the original checks them at connect.
+    if ctx.limits.users_full() {
+        return limit_error(&ctx, "concurrent_users", "Too many connected users").await;
+    }
+    if ctx.limits.joins.triggered() {
+        return limit_error(&ctx, "joins_per_second", "Too many joins per second").await;
+    }
     let log_info = params.get("log_level").map(String::as_str) == Some("info");
     // `request.headers` for private channel policies: the `x-` headers, never the token.
     let headers: serde_json::Map<String, serde_json::Value> = headers
@@ -75,6 +82,21 @@ pub async fn upgrade(
                 },
             )
         })
+}
+
+/// An upgrade refused by a limit: HTTP 429 with `{"error": ...}`, after the back-off delay.
+async fn limit_error(ctx: &Context, limit: &'static str, message: &str) -> Response {
+    tracing::info!(limit, "socket connection refused: {message}");
+    metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => limit).increment(1);
+    let delay = ctx.settings.connect_error_backoff;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({ "error": message })),
+    )
+        .into_response()
 }
 
 /// A refused upgrade: HTTP 401 with `{"error": ...}`, after the connect back-off delay.

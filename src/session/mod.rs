@@ -70,6 +70,8 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
     /// Held by every live session; the server waits for all clones to drop on shutdown.
     pub alive: mpsc::Sender<()>,
+    /// Server-wide limits: users, joins/s, events/s, presence/s.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 /// What the upgrade handler established before handing the socket over.
@@ -101,6 +103,8 @@ struct Channel {
     pg_bindings: Vec<BindingSpec>,
     /// Bumped at every (re)subscription, so that a late result of an older one is ignored.
     pg_generation: u64,
+    /// The last change-stream gap this channel was told about (0: none).
+    gap_told: u64,
     /// Private channels: what the read policies allow (`None` on public channels).
     read: Option<policies::Read>,
     /// Private channels: the write policies, checked on the first send or track.
@@ -200,6 +204,8 @@ struct Session {
     pending_joins: HashMap<String, u64>,
     next_generation: u64,
     headers: Map<String, Value>,
+    /// Counted in the concurrent users (it has had a channel since it last had none).
+    user_counted: bool,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -224,6 +230,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         pending_joins: HashMap::new(),
         next_generation: 0,
         headers: connect.headers,
+        user_counted: false,
         ctx,
     };
     let mut last_inbound = Instant::now();
@@ -231,6 +238,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut stream_state = session.ctx.replication.as_ref().map(|s| s.watch());
     let mut stream_was_up = stream_state.as_ref().is_some_and(|w| *w.borrow());
     let mut stream_down_told = false;
+    let mut gaps = session.ctx.replication.as_ref().map(|s| s.watch_gaps());
     let mut closing_since: Option<Instant> = None;
 
     if *shutdown.borrow() {
@@ -241,6 +249,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     }
 
     loop {
+        session.sync_user_count();
         if closing_since.is_none() && outbound.is_closing() {
             closing_since = Some(Instant::now());
         }
@@ -308,6 +317,23 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                     }
                 }
             }
+            // 5c. A gap in the change stream (a recreated slot) concerns the channels subscribed.
+            changed = async {
+                match gaps.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if open && gaps.is_some() => {
+                match changed {
+                    Err(_) => gaps = None,
+                    Ok(()) => {
+                        let gap = gaps.as_ref().and_then(|w| w.borrow().clone());
+                        if let Some(gap) = gap {
+                            session.tell_gap_to_subscribed(&gap);
+                        }
+                    }
+                }
+            }
             // 6. Join errors whose back-off delay is over.
             _ = sleep_until(delayed_at.unwrap_or(idle_at)), if delayed_at.is_some() && open => {
                 session.flush_delayed(Instant::now());
@@ -325,6 +351,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     }
 
     session.leave_all();
+    session.sync_user_count();
     outbound.close(CloseReason::new(1000, "bye"));
     if !writer.is_finished() {
         // Give the writer a moment to send the close frame, then stop it.
@@ -521,6 +548,36 @@ impl Session {
         if !cfg.problems.is_empty() {
             tracing::info!(topic = %m.topic, problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
         }
+        // The server-wide limits, in the original's order: users, joins per second.
+        let limits = self.ctx.limits.clone();
+        if !self.user_counted && self.channels.is_empty() && limits.users_full() {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "concurrent_users").increment(1);
+            self.join_error(
+                &m,
+                "ConnectionRateLimitReached: Too many connected users".into(),
+            );
+            return;
+        }
+        limits.joins.add(1);
+        if limits.joins.triggered() {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "joins_per_second").increment(1);
+            tracing::info!(topic = %m.topic, average = limits.joins.average(), "join refused: too many joins per second; closing the socket");
+            metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
+            metrics::counter!(telemetry::JOIN_ERRORS, "code" => "ClientJoinRateLimitReached")
+                .increment(1);
+            self.send(encode::reply(
+                self.vsn,
+                &m.join_ref,
+                &m.msg_ref,
+                &m.topic,
+                "error",
+                &json!({ "reason": "ClientJoinRateLimitReached: Too many joins per second" }),
+            ));
+            // As the original, the socket is disconnected too.
+            self.outbound
+                .close(CloseReason::new(1001, "too many joins per second"));
+            return;
+        }
         if self.channels.len() + self.pending_joins.len() >= self.settings().max_channels_per_client
         {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "channels_per_client")
@@ -677,6 +734,7 @@ impl Session {
             presence_window: None,
             pg_bindings: Vec::new(),
             pg_generation: 0,
+            gap_told: 0,
             read,
             write: None,
             write_check_in_flight: false,
@@ -800,6 +858,11 @@ impl Session {
             }
             return;
         }
+        if self.ctx.limits.events.triggered() {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "events_per_second").increment(1);
+            self.shutdown_channel(&m.topic, "Too many messages per second".into());
+            return;
+        }
         let except = (!ch.broadcast_self).then_some(ch.id);
         let key = ch.key.clone();
         let ack = ch.broadcast_ack.then(|| {
@@ -823,10 +886,12 @@ impl Session {
                 ..ub
             }),
         };
-        self.ctx
-            .channels
-            .broker
-            .publish(&key, Fanout::new(key.topic.clone(), payload), except);
+        let delivered =
+            self.ctx
+                .channels
+                .broker
+                .publish(&key, Fanout::new(key.topic.clone(), payload), except);
+        self.ctx.limits.events.add(delivered as u64 + 1);
         if let Some(ack) = ack {
             self.send(ack);
         }
@@ -849,6 +914,13 @@ impl Session {
         if !self.presence_allowed(&m.topic) {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "client_presence").increment(1);
             self.shutdown_channel(&m.topic, "Client presence rate limit exceeded".into());
+            return;
+        }
+        self.ctx.limits.presence.add(1);
+        if self.ctx.limits.presence.triggered() {
+            metrics::counter!(telemetry::RATE_LIMITED, "limit" => "presence_per_second")
+                .increment(1);
+            self.shutdown_channel(&m.topic, "Too many presence messages per second".into());
             return;
         }
         let event = event.as_str().map(str::to_ascii_lowercase);
@@ -938,7 +1010,7 @@ impl Session {
         let Ok(payload) = RawValue::from_string(diff.to_string()) else {
             return;
         };
-        self.ctx.channels.broker.publish(
+        let delivered = self.ctx.channels.broker.publish(
             key,
             Fanout::new(
                 key.topic.clone(),
@@ -949,6 +1021,7 @@ impl Session {
             ),
             None,
         );
+        self.ctx.limits.events.add(delivered as u64);
     }
 
     fn access_token(&mut self, m: Inbound) {
@@ -1212,6 +1285,10 @@ impl Session {
                         // Sent only now that the subscriptions are live: a change committed
                         // after the client reads this is matched against them.
                         self.push_system(ch, "postgres_changes", "ok", "Subscribed to PostgreSQL");
+                        let gap = self.ctx.replication.as_ref().and_then(|s| s.gap_for_join());
+                        if let Some(gap) = gap {
+                            self.tell_gap(&topic, &gap);
+                        }
                     }
                     Err(message) => {
                         tracing::info!(%topic, %message, "postgres_changes subscription refused");
@@ -1236,6 +1313,57 @@ impl Session {
                 "channel": channel.sub_topic,
             }),
         );
+    }
+
+    /// Keeps the concurrent-users count: a socket counts while it has a channel.
+    fn sync_user_count(&mut self) {
+        let has = !self.channels.is_empty();
+        if has && !self.user_counted {
+            self.ctx.limits.add_user();
+            self.user_counted = true;
+        } else if !has && self.user_counted {
+            self.ctx.limits.remove_user();
+            self.user_counted = false;
+        }
+    }
+
+    /// Tells a channel with postgres_changes about a gap in the change stream, once.
+    fn tell_gap(&mut self, topic: &str, gap: &crate::replication::Gap) {
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return;
+        };
+        if ch.gap_told >= gap.id || ch.pg_bindings.is_empty() {
+            return;
+        }
+        ch.gap_told = gap.id;
+        let ch = &self.channels[topic];
+        self.push(
+            ch,
+            "system",
+            &json!({
+                "extension": "postgres_changes",
+                "status": "error",
+                "message": gap.message,
+                "channel": ch.sub_topic,
+                "gap": { "reason": gap.reason.as_str() },
+            }),
+        );
+    }
+
+    /// A gap that concerns the channels subscribed now (a lost slot): tell each.
+    fn tell_gap_to_subscribed(&mut self, gap: &crate::replication::Gap) {
+        if gap.reason != crate::replication::GapReason::SlotLost {
+            return;
+        }
+        let topics: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| !ch.pg_bindings.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in topics {
+            self.tell_gap(&topic, gap);
+        }
     }
 
     /// A postgres_changes `system` message to every channel that has bindings live.
