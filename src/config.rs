@@ -139,6 +139,12 @@ pub struct ServeArgs {
     #[arg(long, env = "JWT_CLAIM_VALIDATORS")]
     pub jwt_claim_validators: Option<String>,
 
+    /// Browser origins allowed to open sockets, comma-separated (`https://app.example.com`,
+    /// `https://*.example.com`); empty allows every origin. Requests without an `Origin` header
+    /// (servers, mobile apps) are not affected.
+    #[arg(long, env = "ALLOWED_ORIGINS", default_value = "")]
+    pub allowed_origins: String,
+
     /// Delay before a refused WebSocket upgrade is answered (slows down retry storms).
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MS)]
     pub connect_error_backoff_ms: u64,
@@ -335,6 +341,8 @@ pub struct DatabaseSettings {
 /// Settings after validation, in the units the code uses.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Allowed `Origin`s (empty: all).
+    pub allowed_origins: Vec<String>,
     pub connect_error_backoff: Duration,
     pub channel_error_backoff: Duration,
     pub max_channels_per_client: usize,
@@ -382,6 +390,12 @@ impl ServeArgs {
             });
         }
         Ok(Settings {
+            allowed_origins: self
+                .allowed_origins
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
             connect_error_backoff: Duration::from_millis(self.connect_error_backoff_ms),
             channel_error_backoff: Duration::from_millis(self.channel_error_backoff_ms),
             max_channels_per_client: self.max_channels_per_client,

@@ -103,6 +103,21 @@ impl Server {
     }
 
     pub async fn start_with(env: &[(&str, &str)]) -> Server {
+        let stderr = if std::env::var_os("WALCAST_TEST_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        Self::start_inner(env, stderr).await
+    }
+
+    /// Starts walcast with its log (stderr) written to `log`.
+    pub async fn start_logging_to(env: &[(&str, &str)], log: &std::path::Path) -> Server {
+        let file = std::fs::File::create(log).expect("log file");
+        Self::start_inner(env, Stdio::from(file)).await
+    }
+
+    async fn start_inner(env: &[(&str, &str)], stderr: Stdio) -> Server {
         let mut cmd = Command::new(walcast_bin());
         cmd.arg("serve")
             .env_clear()
@@ -117,13 +132,7 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::piped())
-            .stderr(if std::env::var_os("WALCAST_TEST_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true);
+        cmd.stdout(Stdio::piped()).stderr(stderr).kill_on_drop(true);
         let mut child = cmd.spawn().expect("start walcast");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();

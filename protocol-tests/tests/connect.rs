@@ -337,3 +337,37 @@ async fn dev_mode_serves_on_loopback_with_its_own_postgres_and_prints_keys_that_
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn allowed_origins_refuse_other_browser_pages_but_not_clients_without_origin() {
+    let server = Server::start_with(&[(
+        "ALLOWED_ORIGINS",
+        "https://app.example.com, https://*.widget.io",
+    )])
+    .await;
+    let url = server.ws_url(
+        "/socket/websocket",
+        &format!("apikey={}&vsn=2.0.0", token("anon")),
+    );
+    for (origin, ok) in [
+        ("https://app.example.com", true),
+        ("https://shop.widget.io", true),
+        ("https://evil.example", false),
+        ("https://app.example.com.evil.example", false),
+        ("null", false),
+    ] {
+        let result = server
+            .connect_url(Vsn::V2, &url, &[("origin", origin)])
+            .await;
+        match (ok, result) {
+            (true, Ok(mut c)) => {
+                c.join_ok("realtime:o", json!({})).await;
+            }
+            (false, Err((status, _))) => assert_eq!(status, 403, "{origin}"),
+            (ok, r) => panic!("{origin}: expected ok={ok}, got {:?}", r.err()),
+        }
+    }
+    // No Origin header (a server or a mobile app): not a browser, not refused.
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    c.join_ok("realtime:o", json!({})).await;
+}

@@ -30,6 +30,15 @@ pub async fn upgrade(
         form_urlencoded::parse(query.unwrap_or_default().as_bytes())
             .into_owned()
             .collect();
+    // Cross-site WebSocket hijacking: a browser page from another origin is refused before
+    // anything else, when origins are configured.
+    if let Some(origin) = headers.get("origin") {
+        let origin = origin.to_str().unwrap_or("");
+        if !origin_allowed(&ctx.settings.allowed_origins, origin) {
+            tracing::info!(%origin, "socket refused: origin not in ALLOWED_ORIGINS");
+            return StatusCode::FORBIDDEN.into_response();
+        }
+    }
     // An unknown serializer is refused by Phoenix before the socket's connect runs: 403, no body.
     let Some(vsn) = Vsn::negotiate(params.get("vsn").map(String::as_str)) else {
         return StatusCode::FORBIDDEN.into_response();
@@ -84,6 +93,23 @@ pub async fn upgrade(
         })
 }
 
+/// Whether `origin` matches one of `allowed` (exactly, or `scheme://*.domain` for subdomains);
+/// every origin when `allowed` is empty.
+pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+    allowed.iter().any(|a| match a.split_once("://*.") {
+        Some((scheme, domain)) => origin
+            .strip_prefix(scheme)
+            .and_then(|r| r.strip_prefix("://"))
+            .and_then(|host| host.strip_suffix(domain))
+            .is_some_and(|sub| sub.ends_with('.') && sub.len() > 1),
+        None => *a == origin,
+    })
+}
+
 /// An upgrade refused by a limit: HTTP 429 with `{"error": ...}`, after the back-off delay.
 async fn limit_error(ctx: &Context, limit: &'static str, message: &str) -> Response {
     tracing::info!(limit, "socket connection refused: {message}");
@@ -111,4 +137,30 @@ async fn connect_error(ctx: &Context, e: AuthError) -> Response {
         Json(json!({ "error": e.connect_message() })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    #[test]
+    fn origins_match_exactly_or_by_subdomain() {
+        let allowed = vec![
+            "https://app.example.com".to_string(),
+            "https://*.widget.io".to_string(),
+        ];
+        assert!(origin_allowed(&[], "https://anything.test"));
+        assert!(origin_allowed(&allowed, "https://app.example.com"));
+        assert!(origin_allowed(&allowed, "HTTPS://APP.EXAMPLE.COM/"));
+        assert!(origin_allowed(&allowed, "https://shop.widget.io"));
+        assert!(origin_allowed(&allowed, "https://a.b.widget.io"));
+        assert!(!origin_allowed(&allowed, "https://widget.io"));
+        assert!(!origin_allowed(&allowed, "https://evilwidget.io"));
+        assert!(!origin_allowed(&allowed, "http://shop.widget.io"));
+        assert!(!origin_allowed(
+            &allowed,
+            "https://app.example.com.evil.com"
+        ));
+        assert!(!origin_allowed(&allowed, "null"));
+    }
 }

@@ -1,0 +1,385 @@
+//! Authorization as a property: random policies (by `auth.uid()`, by a membership table, by a
+//! claim, by role, plus a restrictive one), random claims, random filters and events, random
+//! INSERT/UPDATE/DELETE. What each subscriber receives must equal what PostgreSQL itself says
+//! it may see (`SET ROLE`, `request.jwt.claims`, `SELECT`), change by change: nothing more
+//! (a leak) and nothing less. Deletes of rows under RLS carry the key only.
+//!
+//! The seed is printed; `WALCAST_AUTHZ_SEED=<n>` replays a run.
+
+use std::collections::BTreeSet;
+
+use protocol_tests::*;
+use serde_json::{json, Value};
+
+const USERS: [&str; 4] = [
+    "00000000-0000-0000-0000-00000000000a",
+    "00000000-0000-0000-0000-00000000000b",
+    "00000000-0000-0000-0000-00000000000c",
+    "00000000-0000-0000-0000-00000000000d",
+];
+const ROUNDS: usize = 3;
+const SUBSCRIBERS: usize = 10;
+const OPS: usize = 150;
+
+/// splitmix64: small, seedable, good enough to pick cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+const POLICIES: [(&str, &str); 4] = [
+    (
+        "p_author",
+        "CREATE POLICY p_author ON msgs FOR SELECT USING (author = auth.uid())",
+    ),
+    (
+        "p_member",
+        "CREATE POLICY p_member ON msgs FOR SELECT USING (EXISTS (SELECT 1 FROM members m WHERE m.room = msgs.room AND m.user_id = auth.uid()))",
+    ),
+    (
+        "p_gold",
+        "CREATE POLICY p_gold ON msgs FOR SELECT USING ((auth.jwt() ->> 'tier') = 'gold' AND level < 5)",
+    ),
+    (
+        "p_anon",
+        "CREATE POLICY p_anon ON msgs FOR SELECT TO anon USING (level = 0)",
+    ),
+];
+const RESTRICTIVE: &str =
+    "CREATE POLICY r_not7 ON msgs AS RESTRICTIVE FOR SELECT USING (level <> 7)";
+
+struct Subscriber {
+    client: Client,
+    role: &'static str,
+    claims: Value,
+    event: &'static str,
+    /// The filter as sent, and the same as SQL for the ground truth.
+    filter: Option<(String, String)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+fn random_filter(rng: &mut Rng) -> Option<(String, String)> {
+    match rng.below(5) {
+        0 | 1 => None,
+        2 => {
+            let r = rng.below(4) + 1;
+            Some((format!("room=eq.{r}"), format!("room = {r}")))
+        }
+        3 => {
+            let l = rng.below(8) + 1;
+            Some((format!("level=lt.{l}"), format!("level < {l}")))
+        }
+        _ => {
+            let a = rng.below(4) + 1;
+            let b = rng.below(4) + 1;
+            Some((format!("room=in.({a},{b})"), format!("room IN ({a}, {b})")))
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
+    let seed: u64 = std::env::var("WALCAST_AUTHZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now() as u64 ^ u64::from(std::process::id()));
+    println!("WALCAST_AUTHZ_SEED={seed}");
+    let mut rng = Rng(seed);
+
+    let db = pg::TestDb::create("authz").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let mut sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE members (room int, user_id uuid);
+         CREATE TABLE msgs (id serial PRIMARY KEY, room int, author uuid, body text, secret text, level int);
+         CREATE TABLE marks (n int PRIMARY KEY);
+         ALTER TABLE msgs ENABLE ROW LEVEL SECURITY;
+         GRANT SELECT ON members, marks TO anon, authenticated;
+         GRANT SELECT ON msgs TO anon;
+         GRANT SELECT (id, room, author, body, level) ON msgs TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE msgs, marks;",
+    )
+    .await
+    .unwrap();
+
+    let mut live: Vec<i32> = Vec::new();
+    let mut mark = 0;
+    let mut checked = 0usize;
+    let mut delivered = 0usize;
+    let mut deletes_seen = 0usize;
+    for round in 0..ROUNDS {
+        // Policies: a random non-empty set of permissive ones, sometimes a restrictive one.
+        sql.batch_execute(
+            "DROP POLICY IF EXISTS p_author ON msgs; DROP POLICY IF EXISTS p_member ON msgs;
+             DROP POLICY IF EXISTS p_gold ON msgs; DROP POLICY IF EXISTS p_anon ON msgs;
+             DROP POLICY IF EXISTS r_not7 ON msgs; DELETE FROM members;",
+        )
+        .await
+        .unwrap();
+        let mut chosen = Vec::new();
+        for (name, ddl) in POLICIES {
+            if rng.chance(50) {
+                sql.batch_execute(ddl).await.unwrap();
+                chosen.push(name);
+            }
+        }
+        if chosen.is_empty() {
+            sql.batch_execute(POLICIES[1].1).await.unwrap();
+            chosen.push(POLICIES[1].0);
+        }
+        if rng.chance(40) {
+            sql.batch_execute(RESTRICTIVE).await.unwrap();
+            chosen.push("r_not7");
+        }
+        for user in USERS {
+            for room in 1..=4 {
+                if rng.chance(40) {
+                    sql.execute(
+                        "INSERT INTO members VALUES ($1, $2::text::uuid)",
+                        &[&room, &user],
+                    )
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+        println!("round {round}: policies {chosen:?}");
+
+        // Subscribers with random claims, events and filters.
+        let mut subs = Vec::new();
+        for i in 0..SUBSCRIBERS {
+            let role = if rng.chance(25) {
+                "anon"
+            } else {
+                "authenticated"
+            };
+            let mut claims = json!({"role": role, "exp": now() + 3600});
+            if rng.chance(85) {
+                claims["sub"] = json!(rng.pick(&USERS));
+            }
+            if rng.chance(40) {
+                claims["tier"] = json!("gold");
+            }
+            let event = *rng.pick(&["*", "*", "INSERT", "UPDATE", "DELETE"]);
+            let filter = random_filter(&mut rng);
+            let mut binding = json!({"event": event, "schema": "public", "table": "msgs"});
+            if let Some((f, _)) = &filter {
+                binding["filter"] = json!(f);
+            }
+            let mut client = server.connect(Vsn::V2, &sign(claims.clone())).await;
+            client
+                .join_ok(
+                    &format!("realtime:s{i}"),
+                    json!({"postgres_changes": [binding, {"event": "INSERT", "schema": "public", "table": "marks"}]}),
+                )
+                .await;
+            let f = client
+                .recv_until("subscribed", |f| f.event() == "system")
+                .await;
+            assert_eq!(
+                f.payload()["status"],
+                "ok",
+                "subscriber {i} ({role}, {filter:?}): {f:?}"
+            );
+            subs.push(Subscriber {
+                client,
+                role,
+                claims,
+                event,
+                filter,
+            });
+        }
+
+        for n in 0..OPS {
+            let op = if live.is_empty() || rng.chance(50) {
+                Op::Insert
+            } else if rng.chance(70) {
+                Op::Update
+            } else {
+                Op::Delete
+            };
+            let body = format!("r{round}-op{n}");
+            let room = rng.below(4) as i32 + 1;
+            let level = rng.below(9) as i32;
+            let author = *rng.pick(&USERS);
+            let id: i32 = match op {
+                Op::Insert => {
+                    let id: i32 = sql
+                        .query_one(
+                            "INSERT INTO msgs (room, author, body, secret, level) VALUES ($1, $2::text::uuid, $3, 'hidden', $4) RETURNING id",
+                            &[&room, &author, &body, &level],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    live.push(id);
+                    id
+                }
+                Op::Update => {
+                    let id = *rng.pick(&live);
+                    sql.execute(
+                        "UPDATE msgs SET room = $2, author = $3::text::uuid, body = $4, level = $5 WHERE id = $1",
+                        &[&id, &room, &author, &body, &level],
+                    )
+                    .await
+                    .unwrap();
+                    id
+                }
+                Op::Delete => {
+                    let i = rng.below(live.len() as u64) as usize;
+                    let id = live.swap_remove(i);
+                    sql.execute("DELETE FROM msgs WHERE id = $1", &[&id])
+                        .await
+                        .unwrap();
+                    id
+                }
+            };
+
+            // The ground truth, before anything else changes: may each subscriber select the
+            // row as it now is (through its filter)?
+            let mut expected = BTreeSet::new();
+            if op != Op::Delete {
+                for (i, s) in subs.iter().enumerate() {
+                    let wanted = match s.event {
+                        "*" => true,
+                        "INSERT" => op == Op::Insert,
+                        "UPDATE" => op == Op::Update,
+                        _ => false,
+                    };
+                    if !wanted {
+                        continue;
+                    }
+                    let pred = s
+                        .filter
+                        .as_ref()
+                        .map_or("true".to_owned(), |(_, p)| p.clone());
+                    let tx = sql.transaction().await.unwrap();
+                    tx.batch_execute(&format!("SET LOCAL ROLE {}", s.role))
+                        .await
+                        .unwrap();
+                    tx.execute(
+                        "SELECT set_config('request.jwt.claims', $1, true)",
+                        &[&s.claims.to_string()],
+                    )
+                    .await
+                    .unwrap();
+                    let visible: i64 = tx
+                        .query_one(
+                            &format!("SELECT count(*) FROM msgs WHERE id = $1 AND ({pred})"),
+                            &[&id],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    tx.commit().await.unwrap();
+                    if visible > 0 {
+                        expected.insert(i);
+                    }
+                }
+            }
+
+            // A marker every subscriber receives: changes are delivered in commit order, so
+            // once it is in, everything this operation caused has been delivered or withheld.
+            mark += 1;
+            sql.execute("INSERT INTO marks VALUES ($1)", &[&mark])
+                .await
+                .unwrap();
+            let mut got = BTreeSet::new();
+            for (i, s) in subs.iter_mut().enumerate() {
+                loop {
+                    let f = s
+                        .client
+                        .recv_until("change", |f| f.event() == "postgres_changes")
+                        .await;
+                    let data = &f.payload()["data"];
+                    if data["table"] == "marks" {
+                        assert_eq!(data["record"]["n"], mark, "marks arrive in order");
+                        break;
+                    }
+                    let record = &data["record"];
+                    if s.role == "authenticated" {
+                        assert!(
+                            record.get("secret").is_none()
+                                && data["old_record"].get("secret").is_none(),
+                            "seed {seed}: a column the role may not select was sent: {data}"
+                        );
+                    }
+                    match data["type"].as_str() {
+                        Some("DELETE") => {
+                            deletes_seen += 1;
+                            assert_eq!(op, Op::Delete, "seed {seed}: unexpected DELETE {data}");
+                            assert!(
+                                s.event == "*" || s.event == "DELETE",
+                                "seed {seed}: DELETE to a {} binding",
+                                s.event
+                            );
+                            let old = data["old_record"].as_object().expect("old_record");
+                            assert_eq!(
+                                old.keys().collect::<Vec<_>>(),
+                                vec!["id"],
+                                "seed {seed}: a deleted row under RLS must carry its key only: {data}"
+                            );
+                            assert_eq!(old["id"], id);
+                        }
+                        Some(kind) => {
+                            assert_eq!(
+                                record["body"], body,
+                                "seed {seed}: a change of another operation ({kind}): {data}"
+                            );
+                            got.insert(i);
+                        }
+                        None => panic!("no type: {data}"),
+                    }
+                }
+            }
+            if op != Op::Delete {
+                checked += subs.len();
+                delivered += got.len();
+                if got != expected {
+                    let detail: Vec<String> = subs
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| got.contains(i) != expected.contains(i))
+                        .map(|(i, s)| {
+                            format!("#{i}: {} {} {} {:?}", s.role, s.claims, s.event, s.filter)
+                        })
+                        .collect();
+                    panic!(
+                        "seed {seed}, round {round} ({chosen:?}), op {n} {op:?} on row {id} (room {room}, level {level}, author {author}): \
+                         delivered to {got:?}, PostgreSQL allows {expected:?}; differing subscribers: {detail:?}"
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "{checked} subscriber-change decisions checked against PostgreSQL ({delivered} delivered), {deletes_seen} key-only deletes"
+    );
+    assert!(checked >= 3000, "{checked}");
+    assert!(
+        delivered > 0 && delivered < checked,
+        "the cases must include both verdicts"
+    );
+}
