@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
+mod stall;
+
 const SECRET: &str = "walcast-bench-secret-with-at-least-32-characters";
 
 #[derive(Parser)]
@@ -64,6 +66,26 @@ enum Scenario {
         #[arg(long)]
         rls: bool,
     },
+    /// Stalled readers: S sockets on a busy topic stop reading, next to healthy readers; the
+    /// server's memory, the sockets cut off, and the healthy readers' latency, against a run
+    /// without stalled readers.
+    Stall {
+        #[arg(long, default_value_t = 1000)]
+        stalled: usize,
+        #[arg(long, default_value_t = 10)]
+        healthy: usize,
+        /// Broadcasts per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Padding per broadcast, in bytes.
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        /// CLIENT_OUTBOUND_QUEUE_BYTES for the run.
+        #[arg(long, default_value_t = 1024 * 1024)]
+        queue_bytes: usize,
+    },
     Joins {
         /// Concurrent sockets.
         #[arg(long, default_value_t = 50)]
@@ -90,6 +112,24 @@ async fn main() -> anyhow::Result<()> {
             rls,
         } => chat(subscribers, conversations, rates, seconds, writers, rls).await,
         Scenario::Idle { sockets } => idle(sockets).await,
+        Scenario::Stall {
+            stalled,
+            healthy,
+            rate,
+            seconds,
+            payload,
+            queue_bytes,
+        } => {
+            stall::stall(stall::StallArgs {
+                stalled,
+                healthy,
+                rate,
+                seconds,
+                payload,
+                queue_bytes,
+            })
+            .await
+        }
         Scenario::Joins {
             sockets,
             joins_per_socket,
@@ -100,6 +140,16 @@ async fn main() -> anyhow::Result<()> {
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Where a scenario's JSON goes: `bench/results/`, or `WALCAST_BENCH_RESULTS` (the smoke test
+/// writes elsewhere so it never replaces published figures).
+fn results_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("WALCAST_BENCH_RESULTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("bench/results"));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(name)
 }
 
 fn token(sub: &str) -> String {
@@ -296,7 +346,7 @@ async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Res
             "private": {"joins_per_sec": rate(&private), "p50_ms": private.p50_ms, "p99_ms": private.p99_ms},
             "ratio": rate(&private) / rate(&public),
         });
-        let path = workspace().join("bench/results/joins.json");
+        let path = results_path("joins.json");
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
         Ok::<_, anyhow::Error>(())
@@ -415,7 +465,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
             "walcast": {"changes_per_sec": walcast_rate, "seconds": walcast_secs},
             "ratio": walcast_rate / reference_rate,
         });
-        let path = workspace().join("bench/results/drain.json");
+        let path = results_path("drain.json");
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
         Ok::<_, anyhow::Error>(())
@@ -503,7 +553,7 @@ async fn idle(n: usize) -> anyhow::Result<()> {
         per
     );
     let out = json!({"scenario": "idle", "sockets": n, "rss_before": before, "rss_after": after, "bytes_per_socket": per});
-    let path = workspace().join("bench/results/idle.json");
+    let path = results_path("idle.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("written: {}", path.display());
     drop(sockets);
@@ -722,7 +772,7 @@ async fn chat(
                 "p50_ms": r.p50, "p95_ms": r.p95, "p99_ms": r.p99, "max_ms": r.max, "lost": r.lost, "duplicated": r.duplicated})).collect::<Vec<_>>(),
             "highest_rate_p99_under_100ms": best,
         });
-        let path = workspace().join(if rls { "bench/results/chat_rls.json" } else { "bench/results/chat.json" });
+        let path = results_path(if rls { "chat_rls.json" } else { "chat.json" });
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
         Ok::<_, anyhow::Error>(())

@@ -1,0 +1,126 @@
+//! Every benchmark scenario at its smallest setting, so none can rot: it must run end to end
+//! against the real binary and PostgreSQL, pass its own checks (nothing lost, nothing duplicated)
+//! and write its JSON. Figures from these runs mean nothing and go to a temporary directory.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn run(scenario: &str, args: &[&str], output: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "walcast-bench-smoke-{}-{scenario}-{output}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let walcast = std::env::var_os("WALCAST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/walcast")
+        });
+    assert!(
+        walcast.exists(),
+        "{} missing: build walcast first",
+        walcast.display()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_walcast-bench"))
+        .arg(scenario)
+        .args(args)
+        .env("WALCAST_BIN", &walcast)
+        .env("WALCAST_BENCH_RESULTS", &dir)
+        .output()
+        .expect("run walcast-bench");
+    assert!(
+        out.status.success(),
+        "{scenario} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = std::fs::read_to_string(dir.join(output)).expect("results JSON");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
+    assert!(v.get("scenario").is_some(), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn drain() {
+    run("drain", &["--transactions", "200"], "drain.json");
+}
+
+#[test]
+fn chat() {
+    run(
+        "chat",
+        &[
+            "--subscribers",
+            "20",
+            "--conversations",
+            "4",
+            "--rates",
+            "50",
+            "--seconds",
+            "1",
+            "--writers",
+            "2",
+        ],
+        "chat.json",
+    );
+}
+
+#[test]
+fn chat_rls() {
+    run(
+        "chat",
+        &[
+            "--subscribers",
+            "20",
+            "--conversations",
+            "4",
+            "--rates",
+            "50",
+            "--seconds",
+            "1",
+            "--writers",
+            "2",
+            "--rls",
+        ],
+        "chat_rls.json",
+    );
+}
+
+#[test]
+fn idle() {
+    run("idle", &["--sockets", "50"], "idle.json");
+}
+
+#[test]
+fn joins() {
+    run(
+        "joins",
+        &[
+            "--sockets",
+            "2",
+            "--joins-per-socket",
+            "5",
+            "--members",
+            "10",
+        ],
+        "joins.json",
+    );
+}
+
+#[test]
+fn stall() {
+    run(
+        "stall",
+        &[
+            "--stalled",
+            "5",
+            "--healthy",
+            "2",
+            "--rate",
+            "50",
+            "--seconds",
+            "1",
+        ],
+        "stall.json",
+    );
+}
