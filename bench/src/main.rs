@@ -414,9 +414,16 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let join = json!(["1", "1", "realtime:drain", "phx_join",
             {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "drain"}]}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
+        // Memory while the backlog drains: it waits in the slot, not in walcast (backpressure).
+        let pid = w.child.id().context("pid")?;
+        let rss_start = rss_bytes(pid)?;
+        let mut rss_peak = rss_start;
         let mut first: Option<Instant> = None;
         let mut got = 0usize;
         while got < n {
+            if got % 500 == 0 {
+                rss_peak = rss_peak.max(rss_bytes(pid)?);
+            }
             let msg = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.context("closed")??;
             let Message::Text(t) = msg else { continue };
             if t.contains("\"postgres_changes\",{\"ids\"") {
@@ -457,6 +464,11 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         println!("{:<40} {:>12.0} {:>10.2}", "pg_recvlogical (reference: decode only)", reference_rate, reference_secs);
         println!("{:<40} {:>12.0} {:>10.2}", "walcast (decode, match, deliver)", walcast_rate, walcast_secs);
         println!("{:<40} {:>12.2}", "walcast / pg_recvlogical", walcast_rate / reference_rate);
+        println!(
+            "walcast RSS while draining: {:.1} MiB at the join, {:.1} MiB peak",
+            rss_start as f64 / 1048576.0,
+            rss_peak as f64 / 1048576.0
+        );
         let out = json!({
             "scenario": "drain", "transactions": n,
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -464,6 +476,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
             "reference": {"tool": "pg_recvlogical", "changes_per_sec": reference_rate, "seconds": reference_secs},
             "walcast": {"changes_per_sec": walcast_rate, "seconds": walcast_secs},
             "ratio": walcast_rate / reference_rate,
+            "walcast_rss_start": rss_start, "walcast_rss_peak": rss_peak,
         });
         let path = results_path("drain.json");
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
