@@ -421,7 +421,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let mut first: Option<Instant> = None;
         let mut got = 0usize;
         while got < n {
-            if got % 500 == 0 {
+            if got.is_multiple_of(500) {
                 rss_peak = rss_peak.max(rss_bytes(pid)?);
             }
             let msg = tokio::time::timeout(Duration::from_secs(60), ws.next()).await?.context("closed")??;
