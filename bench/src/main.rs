@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
+mod fanout;
 mod stall;
 
 const SECRET: &str = "walcast-bench-secret-with-at-least-32-characters";
@@ -66,6 +67,25 @@ enum Scenario {
         #[arg(long)]
         rls: bool,
     },
+    /// Broadcast fan-out against nats-server (Debian package), same subscribers, payloads and
+    /// publish rates: one topic with S subscribers, and many topics with a few each.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Topics in the "many topics" shape (subscribers are spread over them).
+        #[arg(long, default_value_t = 250)]
+        topics: usize,
+        /// Publish rates for the one-topic shape (messages per second).
+        #[arg(long, value_delimiter = ',', default_value = "100,200,400,800")]
+        rates: Vec<u64>,
+        /// Publish rates for the many-topics shape (messages per second over all topics).
+        #[arg(long, value_delimiter = ',', default_value = "2000,8000,16000")]
+        many_rates: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50.0)]
+        p99_bound_ms: f64,
+    },
     /// Stalled readers: S sockets on a busy topic stop reading, next to healthy readers; the
     /// server's memory, the sockets cut off, and the healthy readers' latency, against a run
     /// without stalled readers.
@@ -112,6 +132,24 @@ async fn main() -> anyhow::Result<()> {
             rls,
         } => chat(subscribers, conversations, rates, seconds, writers, rls).await,
         Scenario::Idle { sockets } => idle(sockets).await,
+        Scenario::Fanout {
+            subscribers,
+            topics,
+            rates,
+            many_rates,
+            seconds,
+            p99_bound_ms,
+        } => {
+            fanout::fanout(fanout::FanoutArgs {
+                subscribers,
+                topics_for_many: topics,
+                rates,
+                many_rates,
+                seconds,
+                p99_bound_ms,
+            })
+            .await
+        }
         Scenario::Stall {
             stalled,
             healthy,

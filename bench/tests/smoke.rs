@@ -124,3 +124,23 @@ fn stall() {
         "stall.json",
     );
 }
+
+#[test]
+fn fanout() {
+    run(
+        "fanout",
+        &[
+            "--subscribers",
+            "10",
+            "--topics",
+            "5",
+            "--rates",
+            "10",
+            "--many-rates",
+            "20",
+            "--seconds",
+            "1",
+        ],
+        "fanout.json",
+    );
+}

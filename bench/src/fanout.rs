@@ -1,0 +1,464 @@
+//! Broadcast fan-out against nats-server: the same subscribers, the same payloads, the same
+//! publish rates, in the same run. Two shapes: one topic with S subscribers, and many topics
+//! with a few subscribers each. For each publish rate: deliveries per second and latency
+//! (publish to receipt, one clock); the figure is the highest delivery rate whose p99 stays under
+//! the bound, walcast against nats-server.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{now_us, results_path, workspace, SECRET};
+
+pub struct FanoutArgs {
+    pub subscribers: usize,
+    pub topics_for_many: usize,
+    pub rates: Vec<u64>,
+    pub many_rates: Vec<u64>,
+    pub seconds: u64,
+    pub p99_bound_ms: f64,
+}
+
+#[derive(Clone, Debug)]
+struct Point {
+    rate: u64,
+    delivered_per_sec: f64,
+    expected: usize,
+    received: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Reads the microsecond timestamp after `t=` in a payload.
+fn stamp(bytes: &[u8]) -> Option<i64> {
+    let pos = bytes.windows(2).position(|w| w == b"t=")? + 2;
+    let digits = bytes[pos..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&bytes[pos..pos + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+type Latencies = Arc<std::sync::Mutex<Vec<f64>>>;
+
+/// What a system under test must do: subscribe S receivers over topics, publish.
+trait Target {
+    async fn subscribe(
+        &mut self,
+        topic: String,
+        lat: Latencies,
+        done: Arc<AtomicBool>,
+    ) -> anyhow::Result<()>;
+    /// Connects the publisher (and joins its topics) before the clock starts.
+    async fn prepare(&mut self, topics: &[String]) -> anyhow::Result<()>;
+    async fn publish(&mut self, topic: &str, body: &str) -> anyhow::Result<()>;
+}
+
+struct Walcast {
+    port: u16,
+    token: String,
+    publisher: Option<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+}
+
+impl Target for Walcast {
+    async fn subscribe(
+        &mut self,
+        topic: String,
+        lat: Latencies,
+        done: Arc<AtomicBool>,
+    ) -> anyhow::Result<()> {
+        let url = format!(
+            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+            self.port, self.token
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let join = json!(["1", "1", format!("realtime:{topic}"), "phx_join",
+            {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
+        ws.send(Message::Text(join.to_string().into())).await?;
+        ws.next().await.context("no join reply")??;
+        tokio::spawn(async move {
+            let mut local = Vec::new();
+            loop {
+                // Until publishing is over, silence is waiting; after it, 500 ms of it ends.
+                let msg = match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                    Ok(Some(Ok(msg))) => msg,
+                    Ok(_) => break,
+                    Err(_) if done.load(Ordering::Relaxed) => break,
+                    Err(_) => continue,
+                };
+                if let Message::Text(t) = msg {
+                    if let Some(sent) = stamp(t.as_bytes()) {
+                        local.push((now_us() - sent) as f64 / 1000.0);
+                    }
+                }
+            }
+            if let Ok(mut l) = lat.lock() {
+                l.extend(local);
+            }
+        });
+        Ok(())
+    }
+
+    async fn prepare(&mut self, topics: &[String]) -> anyhow::Result<()> {
+        let url = format!(
+            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+            self.port, self.token
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        // A client may only broadcast on channels it joined.
+        for (i, topic) in topics.iter().enumerate() {
+            let r = (i + 1).to_string();
+            let join = json!([r, r, format!("realtime:{topic}"), "phx_join",
+                {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
+            ws.send(Message::Text(join.to_string().into())).await?;
+            loop {
+                let msg = ws.next().await.context("closed")??;
+                if let Message::Text(t) = msg {
+                    if t.contains("phx_reply") {
+                        if !t.contains("\"ok\"") {
+                            bail!("publisher join refused: {t}");
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        self.publisher = Some(ws);
+        Ok(())
+    }
+
+    async fn publish(&mut self, topic: &str, body: &str) -> anyhow::Result<()> {
+        if self.publisher.is_none() {
+            let url = format!(
+                "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
+                self.port, self.token
+            );
+            let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+            self.publisher = Some(ws);
+        }
+        let ws = self.publisher.as_mut().context("publisher")?;
+        let frame = json!([null, null, format!("realtime:{topic}"), "broadcast",
+            {"type": "broadcast", "event": "m", "payload": {"b": body}}]);
+        ws.send(Message::Text(frame.to_string().into())).await?;
+        Ok(())
+    }
+}
+
+struct Nats {
+    port: u16,
+    publisher: Option<tokio::net::TcpStream>,
+}
+
+async fn nats_connect(port: u16) -> anyhow::Result<BufReader<tokio::net::TcpStream>> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.set_nodelay(true)?;
+    let mut r = BufReader::new(stream);
+    let mut info = String::new();
+    r.read_line(&mut info).await?;
+    if !info.starts_with("INFO") {
+        bail!("not a NATS server: {info}");
+    }
+    r.get_mut()
+        .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+        .await?;
+    Ok(r)
+}
+
+impl Target for Nats {
+    async fn subscribe(
+        &mut self,
+        topic: String,
+        lat: Latencies,
+        done: Arc<AtomicBool>,
+    ) -> anyhow::Result<()> {
+        let mut r = nats_connect(self.port).await?;
+        r.get_mut()
+            .write_all(format!("SUB {topic} 1\r\nPING\r\n").as_bytes())
+            .await?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).await?;
+            if line.starts_with("PONG") {
+                break;
+            }
+        }
+        tokio::spawn(async move {
+            let mut local = Vec::new();
+            let mut line = String::new();
+            let mut buf = Vec::new();
+            loop {
+                line.clear();
+                match tokio::time::timeout(Duration::from_millis(500), r.read_line(&mut line)).await
+                {
+                    Ok(Ok(n)) if n > 0 => {}
+                    Ok(_) => break,
+                    Err(_) if done.load(Ordering::Relaxed) => break,
+                    Err(_) => continue,
+                }
+                if line.starts_with("PING") {
+                    if r.get_mut().write_all(b"PONG\r\n").await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                if let Some(rest) = line.strip_prefix("MSG ") {
+                    let size: usize = rest
+                        .split_whitespace()
+                        .last()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    buf.resize(size + 2, 0);
+                    if r.read_exact(&mut buf).await.is_err() {
+                        break;
+                    }
+                    if let Some(sent) = stamp(&buf) {
+                        local.push((now_us() - sent) as f64 / 1000.0);
+                    }
+                }
+            }
+            if let Ok(mut l) = lat.lock() {
+                l.extend(local);
+            }
+        });
+        Ok(())
+    }
+
+    async fn prepare(&mut self, _topics: &[String]) -> anyhow::Result<()> {
+        self.publisher = Some(nats_connect(self.port).await?.into_inner());
+        Ok(())
+    }
+
+    async fn publish(&mut self, topic: &str, body: &str) -> anyhow::Result<()> {
+        if self.publisher.is_none() {
+            self.publisher = Some(nats_connect(self.port).await?.into_inner());
+        }
+        let p = self.publisher.as_mut().context("publisher")?;
+        // The same JSON body walcast's subscribers receive inside their frame.
+        let payload = format!("{{\"b\":\"{body}\"}}");
+        p.write_all(format!("PUB {topic} {}\r\n{payload}\r\n", payload.len()).as_bytes())
+            .await?;
+        Ok(())
+    }
+}
+
+async fn measure<T: Target>(
+    target: &mut T,
+    topics: &[String],
+    subs_per_topic: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<Point> {
+    let lat: Latencies = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    for topic in topics {
+        for _ in 0..subs_per_topic {
+            target
+                .subscribe(topic.clone(), lat.clone(), done.clone())
+                .await?;
+        }
+    }
+    target.prepare(topics).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let total = (rate * seconds) as usize;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    for i in 0..total {
+        tokio::time::sleep_until((start + interval * i as u32).into()).await;
+        let topic = &topics[i % topics.len()];
+        target.publish(topic, &format!("t={}", now_us())).await?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    // Receivers end after 500 ms of quiet.
+    let expected = total * subs_per_topic;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let n = Arc::strong_count(&lat);
+        if n == 1 || Instant::now() > deadline {
+            break;
+        }
+    }
+    let mut l = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    l.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        if l.is_empty() {
+            0.0
+        } else {
+            l[((l.len() as f64 * p) as usize).min(l.len() - 1)]
+        }
+    };
+    Ok(Point {
+        rate,
+        delivered_per_sec: l.len() as f64 / elapsed,
+        expected,
+        received: l.len(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+    })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
+    let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("nats-server not found: apt-get install nats-server")?;
+    let bin = std::env::var("WALCAST_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| workspace().join("target/release/walcast"));
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )?;
+    let shapes: Vec<(String, Vec<String>, usize, &Vec<u64>)> = vec![
+        (
+            format!("1 topic x {} subscribers", a.subscribers),
+            vec!["room".to_string()],
+            a.subscribers,
+            &a.rates,
+        ),
+        (
+            format!(
+                "{} topics x {} subscribers",
+                a.topics_for_many,
+                a.subscribers / a.topics_for_many.max(1)
+            ),
+            (0..a.topics_for_many).map(|i| format!("room{i}")).collect(),
+            (a.subscribers / a.topics_for_many.max(1)).max(1),
+            &a.many_rates,
+        ),
+    ];
+    let mut report = Vec::new();
+    println!(
+        "fanout: walcast (vsn 2.0.0 JSON over WebSocket) vs nats-server (its text protocol over TCP), same subscribers, payloads and publish rates, {} s per rate; p99 bound {} ms; loader and servers share 2 cores",
+        a.seconds, a.p99_bound_ms
+    );
+    for (name, topics, per_topic, rates) in &shapes {
+        let mut rows: Vec<(u64, Point, Point)> = Vec::new();
+        for &rate in rates.iter() {
+            // Fresh servers per point, so one point's backlog cannot spill into the next.
+            let mut w = tokio::process::Command::new(&bin)
+                .arg("serve")
+                .env("PORT", "0")
+                .env("WALCAST_BIND", "127.0.0.1")
+                .env("API_JWT_SECRET", SECRET)
+                .env("LOG_LEVEL", "error")
+                .env("RLIMIT_NOFILE", (a.subscribers + 1000).to_string())
+                .env("TENANT_MAX_CONCURRENT_USERS", "0")
+                .env("TENANT_MAX_JOINS_PER_SECOND", "0")
+                .env("TENANT_MAX_EVENTS_PER_SECOND", "0")
+                .env("TENANT_MAX_CHANNELS_PER_CLIENT", "100000")
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let mut lines = BufReader::new(w.stdout.take().context("stdout")?).lines();
+            let line = lines.next_line().await?.context("walcast exited")?;
+            let port: u16 = line.rsplit(':').next().context("port")?.trim().parse()?;
+            let mut target = Walcast {
+                port,
+                token: token.clone(),
+                publisher: None,
+            };
+            let wp = measure(&mut target, topics, *per_topic, rate, a.seconds).await?;
+            drop(target);
+            let _ = w.kill().await;
+
+            let nport = free_port()?;
+            let mut n = tokio::process::Command::new(nats_bin)
+                .args(["-a", "127.0.0.1", "-p", &nport.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?;
+            let up = Instant::now();
+            while tokio::net::TcpStream::connect(("127.0.0.1", nport))
+                .await
+                .is_err()
+            {
+                if up.elapsed() > Duration::from_secs(10) {
+                    bail!("nats-server did not start");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut target = Nats {
+                port: nport,
+                publisher: None,
+            };
+            let np = measure(&mut target, topics, *per_topic, rate, a.seconds).await?;
+            drop(target);
+            let _ = n.kill().await;
+            rows.push((rate, wp, np));
+        }
+        println!("\n{name}");
+        println!(
+            "{:>10} | {:>14} {:>9} {:>9} {:>13} | {:>14} {:>9} {:>9} {:>13}",
+            "publish/s",
+            "walcast del/s",
+            "p50 ms",
+            "p99 ms",
+            "recv/expected",
+            "nats del/s",
+            "p50 ms",
+            "p99 ms",
+            "recv/expected"
+        );
+        for (rate, w, n) in &rows {
+            println!(
+                "{:>10} | {:>14.0} {:>9.2} {:>9.2} {:>6}/{:<6} | {:>14.0} {:>9.2} {:>9.2} {:>6}/{:<6}",
+                rate, w.delivered_per_sec, w.p50_ms, w.p99_ms, w.received, w.expected,
+                n.delivered_per_sec, n.p50_ms, n.p99_ms, n.received, n.expected
+            );
+        }
+        let best = |pick: &dyn Fn(&(u64, Point, Point)) -> &Point| {
+            rows.iter()
+                .map(pick)
+                .filter(|p| p.p99_ms <= a.p99_bound_ms && p.received == p.expected)
+                .map(|p| p.delivered_per_sec)
+                .fold(0.0_f64, f64::max)
+        };
+        let wb = best(&|r| &r.1);
+        let nb = best(&|r| &r.2);
+        let ratio = if nb > 0.0 { wb / nb } else { 0.0 };
+        println!(
+            "highest deliveries/s with p99 <= {} ms and nothing lost: walcast {:.0}, nats-server {:.0}, ratio {:.2}",
+            a.p99_bound_ms, wb, nb, ratio
+        );
+        let point = |p: &Point| {
+            json!({"publish_rate": p.rate, "delivered_per_sec": p.delivered_per_sec, "expected": p.expected,
+                                         "received": p.received, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms})
+        };
+        report.push(
+            json!({"shape": name, "walcast": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),
+            "nats": rows.iter().map(|r| point(&r.2)).collect::<Vec<_>>(),
+            "walcast_best": wb, "nats_best": nb, "ratio": ratio}),
+        );
+    }
+    let out = json!({"scenario": "fanout", "subscribers": a.subscribers, "seconds": a.seconds,
+        "p99_bound_ms": a.p99_bound_ms, "note": "loader, walcast and nats-server share the machine", "shapes": report});
+    let path = results_path("fanout.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    println!("written: {}", path.display());
+    Ok(())
+}
