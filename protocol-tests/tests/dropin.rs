@@ -158,6 +158,20 @@ async fn the_self_hosted_compose_environment_works_unchanged() {
     );
     assert!(delta("walcast_bytes_out_total") > 0.0);
     assert!(after.contains("walcast_replication_connected 1"), "{after}");
+    // The WAL the database keeps for the slot is visible (read at start, then every 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = scrape().await;
+        if text.contains("walcast_slot_retained_wal_bytes ") {
+            assert!(metric(&text, "walcast_slot_retained_wal_bytes") >= 0.0);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no slot metric: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let (status, _, _) = http("GET", &server.http("/metrics"), &[], b"").await;
     assert_eq!(status, 403);
 }
