@@ -118,12 +118,6 @@ pub struct Status {
     gap_notice: Duration,
 }
 
-impl Default for Status {
-    fn default() -> Self {
-        Self::new(Duration::from_secs(300))
-    }
-}
-
 impl Status {
     pub fn new(gap_notice: Duration) -> Self {
         Self {

@@ -80,6 +80,21 @@ async fn may_write(ctx: &Context, topic: &str, claims: &Claims, headers: &Header
 }
 
 /// `POST /api/broadcast` with `{"messages":[{topic, event, payload, private?, id?}]}`.
+/// The events-per-second limit for a REST request: 429 while it is triggered, or (batch
+/// endpoint) when the batch alone would cross it, as the original.
+fn events_limit(ctx: &Context, batch: Option<u64>) -> Option<Response> {
+    let events = &ctx.limits.events;
+    let reason = if events.triggered() {
+        "Too many requests"
+    } else if batch.is_some_and(|n| events.limit() != 0 && n + events.average() > events.limit()) {
+        "Too many messages to broadcast, please reduce the batch size"
+    } else {
+        return None;
+    };
+    metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second").increment(1);
+    Some(message(StatusCode::TOO_MANY_REQUESTS, reason))
+}
+
 pub async fn broadcast_batch(
     State(ctx): State<Arc<Context>>,
     headers: HeaderMap,
@@ -102,19 +117,8 @@ pub async fn broadcast_batch(
         }
         Some(_) => return unprocessable(json!({"messages": ["is invalid"]})),
     };
-    let events = &ctx.limits.events;
-    if events.triggered() {
-        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
-            .increment(1);
-        return message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
-    }
-    if events.limit() != 0 && messages.len() as u64 + events.average() > events.limit() {
-        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
-            .increment(1);
-        return message(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Too many messages to broadcast, please reduce the batch size",
-        );
+    if let Some(refused) = events_limit(&ctx, Some(messages.len() as u64)) {
+        return refused;
     }
     let max = ctx.settings.max_payload_bytes;
     let mut valid = Vec::with_capacity(messages.len());
@@ -344,10 +348,8 @@ pub async fn broadcast_single(
     if private && !may_write(&ctx, &topic, &claims, &headers).await {
         return message(StatusCode::FORBIDDEN, "Unauthorized");
     }
-    if ctx.limits.events.triggered() {
-        metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => "events_per_second")
-            .increment(1);
-        return message(StatusCode::TOO_MANY_REQUESTS, "Too many requests");
+    if let Some(refused) = events_limit(&ctx, None) {
+        return refused;
     }
     let key = TopicKey::new(&full_topic, private);
     let delivered = ctx.channels.broker.publish(

@@ -114,29 +114,22 @@ pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
 async fn limit_error(ctx: &Context, limit: &'static str, message: &str) -> Response {
     tracing::info!(limit, "socket connection refused: {message}");
     metrics::counter!(crate::telemetry::RATE_LIMITED, "limit" => limit).increment(1);
-    let delay = ctx.settings.connect_error_backoff;
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        Json(json!({ "error": message })),
-    )
-        .into_response()
+    refuse(ctx, StatusCode::TOO_MANY_REQUESTS, message).await
 }
 
 /// A refused upgrade: HTTP 401 with `{"error": ...}`, after the connect back-off delay.
 async fn connect_error(ctx: &Context, e: AuthError) -> Response {
     tracing::info!(reason = e.code(), "socket connection refused");
+    refuse(ctx, StatusCode::UNAUTHORIZED, &e.connect_message()).await
+}
+
+/// `{"error": message}` with `status`, after `CONNECT_ERROR_BACKOFF_MS` (slows retry storms).
+async fn refuse(ctx: &Context, status: StatusCode, message: &str) -> Response {
     let delay = ctx.settings.connect_error_backoff;
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    (
-        StatusCode::UNAUTHORIZED,
-        Json(json!({ "error": e.connect_message() })),
-    )
-        .into_response()
+    (status, Json(json!({ "error": message }))).into_response()
 }
 
 #[cfg(test)]
