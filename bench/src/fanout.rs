@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{now_us, results_path, workspace, SECRET};
+use crate::{anon_token, now_us, results_path, start_walcast_alone};
 
 pub struct FanoutArgs {
     pub subscribers: usize,
@@ -324,14 +324,8 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .context("nats-server not found: apt-get install nats-server")?;
-    let bin = std::env::var("WALCAST_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| workspace().join("target/release/walcast"));
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )?;
+    let token = anon_token();
+    let nofile = (a.subscribers + 1000).to_string();
     let shapes: Vec<(String, Vec<String>, usize, &Vec<u64>)> = vec![
         (
             format!("1 topic x {} subscribers", a.subscribers),
@@ -359,23 +353,12 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         let mut rows: Vec<(u64, Point, Point)> = Vec::new();
         for &rate in rates.iter() {
             // Fresh servers per point, so one point's backlog cannot spill into the next.
-            let mut w = tokio::process::Command::new(&bin)
-                .arg("serve")
-                .env("PORT", "0")
-                .env("WALCAST_BIND", "127.0.0.1")
-                .env("API_JWT_SECRET", SECRET)
-                .env("LOG_LEVEL", "error")
-                .env("RLIMIT_NOFILE", (a.subscribers + 1000).to_string())
-                .env("TENANT_MAX_CONCURRENT_USERS", "0")
-                .env("TENANT_MAX_JOINS_PER_SECOND", "0")
-                .env("TENANT_MAX_EVENTS_PER_SECOND", "0")
-                .env("TENANT_MAX_CHANNELS_PER_CLIENT", "100000")
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let mut lines = BufReader::new(w.stdout.take().context("stdout")?).lines();
-            let line = lines.next_line().await?.context("walcast exited")?;
-            let port: u16 = line.rsplit(':').next().context("port")?.trim().parse()?;
+            let crate::Walcast { child: mut w, port } = start_walcast_alone(&[
+                ("RLIMIT_NOFILE", &nofile),
+                // The publisher joins every topic.
+                ("TENANT_MAX_CHANNELS_PER_CLIENT", "100000"),
+            ])
+            .await?;
             let mut target = Walcast {
                 port,
                 token: token.clone(),

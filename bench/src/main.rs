@@ -214,6 +214,25 @@ async fn start_walcast_with(
     pool: usize,
     env: &[(&str, &str)],
 ) -> anyhow::Result<Walcast> {
+    let pool = pool.to_string();
+    let mut all = vec![("DATABASE_URL", db_url), ("DB_POOL_SIZE", pool.as_str())];
+    all.extend_from_slice(env);
+    start_walcast_alone(&all).await
+}
+
+/// A token for the `anon` role, valid for an hour.
+fn anon_token() -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// Starts the walcast under test (`WALCAST_BIN`, else the release build) with `env`; without
+/// `DATABASE_URL` in it, postgres_changes is off (sockets, broadcast, presence only).
+async fn start_walcast_alone(env: &[(&str, &str)]) -> anyhow::Result<Walcast> {
     let bin = std::env::var("WALCAST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join("target/release/walcast"));
@@ -228,8 +247,6 @@ async fn start_walcast_with(
         .env("PORT", "0")
         .env("WALCAST_BIND", "127.0.0.1")
         .env("API_JWT_SECRET", SECRET)
-        .env("DATABASE_URL", db_url)
-        .env("DB_POOL_SIZE", pool.to_string())
         .env("TENANT_MAX_CHANNELS_PER_CLIENT", "10000")
         // Capacity is what is measured: the server-wide rate limits are off.
         .env("TENANT_MAX_CONCURRENT_USERS", "0")
@@ -442,11 +459,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let grace = Duration::from_millis(1500);
         let spawned = Instant::now();
         let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "1500")]).await?;
-        let tok = jsonwebtoken::encode(
-            &jsonwebtoken::Header::default(),
-            &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
-            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-        )?;
+        let tok = anon_token();
         let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
         let join = json!(["1", "1", "realtime:drain", "phx_join",
@@ -550,28 +563,10 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
 
 async fn idle(n: usize) -> anyhow::Result<()> {
     // No database: an idle socket's cost is the socket, its session and its channel.
-    let bin = std::env::var("WALCAST_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace().join("target/release/walcast"));
-    let mut child = tokio::process::Command::new(bin)
-        .arg("serve")
-        .env("PORT", "0")
-        .env("WALCAST_BIND", "127.0.0.1")
-        .env("API_JWT_SECRET", SECRET)
-        .env("LOG_LEVEL", "error")
-        .env("RLIMIT_NOFILE", (n + 1000).to_string())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let nofile = (n + 1000).to_string();
+    let Walcast { mut child, port } = start_walcast_alone(&[("RLIMIT_NOFILE", &nofile)]).await?;
     let pid = child.id().context("pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let line = lines.next_line().await?.context("walcast exited")?;
-    let port: u16 = line.rsplit(':').next().context("port")?.trim().parse()?;
-    let tok = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )?;
+    let tok = anon_token();
     let open = |i: usize| {
         let tok = tok.clone();
         async move {

@@ -4,16 +4,15 @@
 //! (CLIENT_OUTBOUND_QUEUE_BYTES), and the healthy readers' latency, against a reference run
 //! without stalled readers in the same invocation.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{now_us, results_path, rss_bytes, workspace, SECRET};
+use crate::{anon_token, now_us, results_path, rss_bytes, start_walcast_alone, Walcast};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -70,39 +69,20 @@ async fn connect(port: u16, tok: &str, recv_buffer: Option<u32>) -> anyhow::Resu
 }
 
 async fn one_run(a: &StallArgs, stalled: usize, reading: bool) -> anyhow::Result<Run> {
-    let bin = std::env::var("WALCAST_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| workspace().join("target/release/walcast"));
-    let mut child = tokio::process::Command::new(bin)
-        .arg("serve")
-        .env("PORT", "0")
-        .env("WALCAST_BIND", "127.0.0.1")
-        .env("API_JWT_SECRET", SECRET)
-        .env("LOG_LEVEL", "error")
-        .env("RLIMIT_NOFILE", (stalled + a.healthy + 1000).to_string())
-        .env("CLIENT_OUTBOUND_QUEUE_BYTES", a.queue_bytes.to_string())
-        // The queue must hold the largest payload plus headroom.
-        .env(
-            "TENANT_MAX_PAYLOAD_SIZE_IN_KB",
-            (a.queue_bytes.saturating_sub(64 * 1024) / 1000)
-                .clamp(1, 3000)
-                .to_string(),
-        )
-        .env("TENANT_MAX_CONCURRENT_USERS", "0")
-        .env("TENANT_MAX_JOINS_PER_SECOND", "0")
-        .env("TENANT_MAX_EVENTS_PER_SECOND", "0")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let nofile = (stalled + a.healthy + 1000).to_string();
+    let queue = a.queue_bytes.to_string();
+    // The queue must hold the largest payload plus headroom.
+    let payload_kb = (a.queue_bytes.saturating_sub(64 * 1024) / 1000)
+        .clamp(1, 3000)
+        .to_string();
+    let Walcast { mut child, port } = start_walcast_alone(&[
+        ("RLIMIT_NOFILE", &nofile),
+        ("CLIENT_OUTBOUND_QUEUE_BYTES", &queue),
+        ("TENANT_MAX_PAYLOAD_SIZE_IN_KB", &payload_kb),
+    ])
+    .await?;
     let pid = child.id().context("pid")?;
-    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let line = lines.next_line().await?.context("walcast exited")?;
-    let port: u16 = line.rsplit(':').next().context("port")?.trim().parse()?;
-    let tok = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )?;
+    let tok = anon_token();
 
     let mut stalled_ws = Vec::with_capacity(stalled);
     let mut drains = Vec::new();
