@@ -15,6 +15,15 @@ fn until(what: &str) -> impl FnMut() {
     move || assert!(Instant::now() < deadline, "timed out waiting for {what}")
 }
 
+/// A new V2 socket with an anon token; `Err` carries the refused upgrade's status and body.
+async fn try_connect(server: &Server) -> Result<Client, (u16, String)> {
+    let url = server.ws_url(
+        "/socket/websocket",
+        &format!("apikey={}&vsn=2.0.0", token("anon")),
+    );
+    server.connect_url(Vsn::V2, &url, &[]).await
+}
+
 #[tokio::test]
 async fn concurrent_users_are_capped_at_connect_and_at_join_and_released_on_leave() {
     let server = Server::start_with(&[("TENANT_MAX_CONCURRENT_USERS", "2")]).await;
@@ -34,18 +43,7 @@ async fn concurrent_users_are_capped_at_connect_and_at_join_and_released_on_leav
         "ConnectionRateLimitReached: Too many connected users"
     );
     // A new socket is refused at the upgrade, as the original: 429.
-    let refused = server
-        .connect_url(
-            Vsn::V2,
-            &server.ws_url(
-                "/socket/websocket",
-                &format!("apikey={}&vsn=2.0.0", token("anon")),
-            ),
-            &[],
-        )
-        .await
-        .err()
-        .expect("refused");
+    let refused = try_connect(&server).await.err().expect("refused");
     assert_eq!(refused.0, 429);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&refused.1).unwrap(),
@@ -102,18 +100,7 @@ async fn too_many_joins_per_second_refuses_the_join_and_disconnects() {
     let (code, _) = c.closed().await.expect("close frame");
     assert_eq!(code, 1001);
     // While the limit holds, new sockets are refused at the upgrade.
-    let refused = server
-        .connect_url(
-            Vsn::V2,
-            &server.ws_url(
-                "/socket/websocket",
-                &format!("apikey={}&vsn=2.0.0", token("anon")),
-            ),
-            &[],
-        )
-        .await
-        .err()
-        .expect("refused");
+    let refused = try_connect(&server).await.err().expect("refused");
     assert_eq!(refused.0, 429);
     assert!(
         refused.1.contains("Too many joins per second"),
@@ -122,11 +109,7 @@ async fn too_many_joins_per_second_refuses_the_join_and_disconnects() {
     // It clears once the average falls (12 buckets of 100 ms).
     let mut tick = until("the joins limit to clear");
     loop {
-        let url = server.ws_url(
-            "/socket/websocket",
-            &format!("apikey={}&vsn=2.0.0", token("anon")),
-        );
-        if server.connect_url(Vsn::V2, &url, &[]).await.is_ok() {
+        if try_connect(&server).await.is_ok() {
             break;
         }
         tick();

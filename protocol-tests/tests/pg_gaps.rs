@@ -72,6 +72,17 @@ async fn insert(sql: &Client, k: i32) -> String {
         .get(0)
 }
 
+/// walcast's slot's `wal_status` (None while it does not exist).
+async fn slot_status(sql: &Client) -> Option<String> {
+    sql.query_opt(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walcast_changes'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .and_then(|r| r.get(0))
+}
+
 async fn wait_for(sql: &Client, what: &str, query: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -171,15 +182,7 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
             .batch_execute("INSERT INTO ticks (k) SELECT 0 FROM generate_series(1, 1000); SELECT pg_switch_wal(); CHECKPOINT;")
             .await
             .unwrap();
-        let status: Option<String> = s
-            .sql
-            .query_one(
-                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walcast_changes'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let status = slot_status(&s.sql).await;
         if status.as_deref() == Some("lost") {
             break;
         }
@@ -203,16 +206,11 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
     // The new slot streams.
     insert(&s.sql, 7).await;
     expect_change(&mut c, 7).await;
-    let status: Option<String> = s
-        .sql
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walcast_changes'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(status.as_deref(), Some("lost"));
+    let status = slot_status(&s.sql).await;
+    assert!(
+        status.is_some() && status.as_deref() != Some("lost"),
+        "the recreated slot: {status:?}"
+    );
 }
 
 #[tokio::test]
