@@ -4,6 +4,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -53,8 +54,6 @@ impl Database {
     }
 }
 
-/// Serves on `listener` until `shutdown` resolves, then closes every socket (1012) and waits for
-/// them, at most `settings.shutdown_timeout`.
 /// Tokens for the operator endpoints.
 pub struct Operator {
     /// Verifies `API_JWT_SECRET` tokens (`/api/tenants/:id/health`).
@@ -63,6 +62,8 @@ pub struct Operator {
     pub metrics: Option<JwtVerifier>,
 }
 
+/// Serves on `listener` until `shutdown` resolves, then closes every socket (1012) and waits for
+/// them, at most `settings.shutdown_timeout`.
 pub async fn run(
     listener: TcpListener,
     settings: Settings,
@@ -161,6 +162,13 @@ pub async fn run(
         // Keep the sender alive so sessions see `true` rather than a closed channel.
         std::mem::forget(shutdown_tx);
     };
+    // Frames are small and latency is the product: no Nagle delay (which, paired with the
+    // client's delayed ACK, held back a socket's second small frame by up to 40 ms).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .await?;

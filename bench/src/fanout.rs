@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{anon_token, now_us, results_path, start_walcast_alone};
+use crate::{anon_token, cpu_seconds, now_us, results_path, start_walcast_alone};
 
 pub struct FanoutArgs {
     pub subscribers: usize,
@@ -34,6 +34,21 @@ struct Point {
     received: usize,
     p50_ms: f64,
     p99_ms: f64,
+    /// Server CPU (user + system) from the first publish until the receivers were done.
+    server_cpu_s: f64,
+    /// The load generator's CPU over the same window (it shares the machine).
+    loader_cpu_s: f64,
+}
+
+impl Point {
+    /// Server CPU per delivered message, in microseconds.
+    fn cpu_us_per_delivery(&self) -> f64 {
+        if self.received == 0 {
+            0.0
+        } else {
+            self.server_cpu_s * 1e6 / self.received as f64
+        }
+    }
 }
 
 /// Reads the microsecond timestamp after `t=` in a payload.
@@ -85,7 +100,7 @@ impl Target for Walcast {
             "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
             self.port, self.token
         );
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (mut ws, _) = crate::ws_connect(url).await?;
         let join = json!(["1", "1", format!("realtime:{topic}"), "phx_join",
             {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -118,7 +133,7 @@ impl Target for Walcast {
             "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
             self.port, self.token
         );
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (mut ws, _) = crate::ws_connect(url).await?;
         // A client may only broadcast on channels it joined.
         for (i, topic) in topics.iter().enumerate() {
             let r = (i + 1).to_string();
@@ -147,7 +162,7 @@ impl Target for Walcast {
                 "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
                 self.port, self.token
             );
-            let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let (ws, _) = crate::ws_connect(url).await?;
             self.publisher = Some(ws);
         }
         let ws = self.publisher.as_mut().context("publisher")?;
@@ -258,6 +273,7 @@ impl Target for Nats {
 
 async fn measure<T: Target>(
     target: &mut T,
+    server_pid: u32,
     topics: &[String],
     subs_per_topic: usize,
     rate: u64,
@@ -276,6 +292,8 @@ async fn measure<T: Target>(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let total = (rate * seconds) as usize;
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let server_cpu = cpu_seconds(server_pid)?;
+    let loader_cpu = cpu_seconds(std::process::id())?;
     let start = Instant::now();
     for i in 0..total {
         tokio::time::sleep_until((start + interval * i as u32).into()).await;
@@ -294,6 +312,8 @@ async fn measure<T: Target>(
             break;
         }
     }
+    let server_cpu_s = cpu_seconds(server_pid)? - server_cpu;
+    let loader_cpu_s = cpu_seconds(std::process::id())? - loader_cpu;
     let mut l = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     l.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| {
@@ -310,6 +330,8 @@ async fn measure<T: Target>(
         received: l.len(),
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
+        server_cpu_s,
+        loader_cpu_s,
     })
 }
 
@@ -364,7 +386,8 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 token: token.clone(),
                 publisher: None,
             };
-            let wp = measure(&mut target, topics, *per_topic, rate, a.seconds).await?;
+            let wpid = w.id().context("walcast pid")?;
+            let wp = measure(&mut target, wpid, topics, *per_topic, rate, a.seconds).await?;
             drop(target);
             let _ = w.kill().await;
 
@@ -389,29 +412,41 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 port: nport,
                 publisher: None,
             };
-            let np = measure(&mut target, topics, *per_topic, rate, a.seconds).await?;
+            let npid = n.id().context("nats-server pid")?;
+            let np = measure(&mut target, npid, topics, *per_topic, rate, a.seconds).await?;
             drop(target);
             let _ = n.kill().await;
             rows.push((rate, wp, np));
         }
         println!("\n{name}");
         println!(
-            "{:>10} | {:>14} {:>9} {:>9} {:>13} | {:>14} {:>9} {:>9} {:>13}",
+            "{:>10} | {:>14} {:>8} {:>8} {:>15} {:>8} | {:>14} {:>8} {:>8} {:>15} {:>8}",
             "publish/s",
             "walcast del/s",
             "p50 ms",
             "p99 ms",
             "recv/expected",
+            "cpu us/d",
             "nats del/s",
             "p50 ms",
             "p99 ms",
-            "recv/expected"
+            "recv/expected",
+            "cpu us/d"
         );
         for (rate, w, n) in &rows {
             println!(
-                "{:>10} | {:>14.0} {:>9.2} {:>9.2} {:>6}/{:<6} | {:>14.0} {:>9.2} {:>9.2} {:>6}/{:<6}",
-                rate, w.delivered_per_sec, w.p50_ms, w.p99_ms, w.received, w.expected,
-                n.delivered_per_sec, n.p50_ms, n.p99_ms, n.received, n.expected
+                "{:>10} | {:>14.0} {:>8.2} {:>8.2} {:>15} {:>8.2} | {:>14.0} {:>8.2} {:>8.2} {:>15} {:>8.2}",
+                rate,
+                w.delivered_per_sec,
+                w.p50_ms,
+                w.p99_ms,
+                format!("{}/{}", w.received, w.expected),
+                w.cpu_us_per_delivery(),
+                n.delivered_per_sec,
+                n.p50_ms,
+                n.p99_ms,
+                format!("{}/{}", n.received, n.expected),
+                n.cpu_us_per_delivery()
             );
         }
         let best = |pick: &dyn Fn(&(u64, Point, Point)) -> &Point| {
@@ -430,7 +465,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         );
         let point = |p: &Point| {
             json!({"publish_rate": p.rate, "delivered_per_sec": p.delivered_per_sec, "expected": p.expected,
-                                         "received": p.received, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms})
+                                         "received": p.received, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms,
+                                         "server_cpu_s": p.server_cpu_s, "loader_cpu_s": p.loader_cpu_s,
+                                         "server_cpu_us_per_delivery": p.cpu_us_per_delivery()})
         };
         report.push(
             json!({"shape": name, "walcast": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),

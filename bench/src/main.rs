@@ -190,6 +190,20 @@ fn results_path(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client with Nagle off, like a browser's and like the NATS clients: the loader
+/// must not add its own delay to the latencies it measures.
+async fn ws_connect(
+    url: String,
+) -> anyhow::Result<(
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+)> {
+    Ok(tokio_tungstenite::connect_async_with_config(url, None, true).await?)
+}
+
 fn token(sub: &str) -> String {
     let exp = walcast::auth::now_secs() + 3600;
     jsonwebtoken::encode(
@@ -276,7 +290,7 @@ async fn join_many(
     private: bool,
 ) -> anyhow::Result<Vec<Duration>> {
     let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0");
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (mut ws, _) = crate::ws_connect(url).await?;
     let mut latencies = Vec::with_capacity(topics.len());
     for (i, topic) in topics.iter().enumerate() {
         let r = (i + 1).to_string();
@@ -461,7 +475,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "1500")]).await?;
         let tok = anon_token();
         let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (mut ws, _) = crate::ws_connect(url).await?;
         let join = json!(["1", "1", "realtime:drain", "phx_join",
             {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "drain"}]}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -548,6 +562,19 @@ fn unsafe_is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds. Linux reports it in clock
+/// ticks of 1/100 s (USER_HZ, 100 on every Linux architecture walcast builds for).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis are plain.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
+    let ticks: u64 = fields.get(11).context("no utime")?.parse::<u64>()?
+        + fields.get(12).context("no stime")?.parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
 fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
@@ -571,7 +598,7 @@ async fn idle(n: usize) -> anyhow::Result<()> {
         let tok = tok.clone();
         async move {
             let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0");
-            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let (mut ws, _) = crate::ws_connect(url).await?;
             let join = json!(["1", "1", format!("realtime:room-{}", i % 100), "phx_join",
                 {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "private": false}}]);
             ws.send(Message::Text(join.to_string().into())).await?;
@@ -689,7 +716,7 @@ async fn chat(
             let conv = s % conversations;
             let tok = token_for(s)?;
             let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
-            let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+            let (mut ws, _) = crate::ws_connect(url).await?;
             let join = json!(["1", "1", format!("realtime:conversation:{conv}"), "phx_join",
                 {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "chat", "filter": format!("conversation_id=eq.{conv}")}]}}]);
             ws.send(Message::Text(join.to_string().into())).await?;
