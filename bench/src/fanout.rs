@@ -367,6 +367,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         ),
     ];
     let mut report = Vec::new();
+    let mut panels = Vec::new();
     println!(
         "fanout: walcast (vsn 2.0.0 JSON over WebSocket) vs nats-server (its text protocol over TCP), same subscribers, payloads and publish rates, {} s per rate; p99 bound {} ms; loader and servers share 2 cores",
         a.seconds, a.p99_bound_ms
@@ -469,6 +470,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                                          "server_cpu_s": p.server_cpu_s, "loader_cpu_s": p.loader_cpu_s,
                                          "server_cpu_us_per_delivery": p.cpu_us_per_delivery()})
         };
+        panels.push(latency_panel(name, &rows, a.p99_bound_ms));
         report.push(
             json!({"shape": name, "walcast": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),
             "nats": rows.iter().map(|r| point(&r.2)).collect::<Vec<_>>(),
@@ -480,5 +482,37 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let path = results_path("fanout.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("written: {}", path.display());
+    let png = results_path("fanout.png");
+    crate::chart::write_png(&png, &panels)?;
+    println!("written: {}", png.display());
     Ok(())
+}
+
+/// p50 and p99 against deliveries per second, walcast solid and nats-server dashed.
+fn latency_panel(shape: &str, rows: &[(u64, Point, Point)], bound_ms: f64) -> crate::chart::Panel {
+    use crate::chart::{LineChart, Panel, Series};
+    let series =
+        |name: &str, pick: fn(&(u64, Point, Point)) -> &Point, p99: bool, dashed: bool| Series {
+            name: name.to_string(),
+            points: rows
+                .iter()
+                .map(pick)
+                .map(|p| (p.delivered_per_sec, if p99 { p.p99_ms } else { p.p50_ms }))
+                .collect(),
+            dashed,
+            colour: usize::from(p99),
+        };
+    Panel::Line(LineChart {
+        title: format!("broadcast fan-out, {shape}"),
+        x_label: "deliveries per second (publish rate x subscribers per topic)".into(),
+        y_label: "latency ms (log)".into(),
+        log_y: true,
+        series: vec![
+            series("walcast p50", |r| &r.1, false, false),
+            series("walcast p99", |r| &r.1, true, false),
+            series("nats-server p50", |r| &r.2, false, true),
+            series("nats-server p99", |r| &r.2, true, true),
+        ],
+        bound: Some((bound_ms, format!("p99 bound {bound_ms} ms"))),
+    })
 }

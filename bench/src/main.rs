@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
+mod chart;
 mod fanout;
 mod stall;
 
@@ -76,7 +77,7 @@ enum Scenario {
         #[arg(long, default_value_t = 250)]
         topics: usize,
         /// Publish rates for the one-topic shape (messages per second).
-        #[arg(long, value_delimiter = ',', default_value = "100,200,400,800")]
+        #[arg(long, value_delimiter = ',', default_value = "400,800,1600,2400,3200")]
         rates: Vec<u64>,
         /// Publish rates for the many-topics shape (messages per second over all topics).
         #[arg(long, value_delimiter = ',', default_value = "2000,8000,16000")]

@@ -380,12 +380,16 @@ fn frame_len(frame: &Message) -> usize {
 }
 
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>) {
+    // Handles looked up once: this loop runs once per frame batch of every socket, and a
+    // registry lookup per batch was 5% of a fan-out profile.
+    let frames_out = metrics::counter!(telemetry::FRAMES_OUT);
+    let bytes_out = metrics::counter!(telemetry::BYTES_OUT);
     loop {
         match queue.drain().await {
             Drain::Frames(frames) => {
                 let bytes: usize = frames.iter().map(frame_len).sum();
-                metrics::counter!(telemetry::FRAMES_OUT).increment(frames.len() as u64);
-                metrics::counter!(telemetry::BYTES_OUT).increment(bytes as u64);
+                frames_out.increment(frames.len() as u64);
+                bytes_out.increment(bytes as u64);
                 for frame in frames {
                     if sink.feed(frame).await.is_err() {
                         queue.close(CloseReason::new(1011, "write failed"));

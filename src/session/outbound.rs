@@ -51,8 +51,8 @@ pub struct Outbound {
 
 /// What the writer should do next.
 pub enum Drain {
-    Frames(Vec<Frame>),
-    Close(Vec<Frame>, CloseReason),
+    Frames(VecDeque<Frame>),
+    Close(VecDeque<Frame>, CloseReason),
 }
 
 /// A push that was not queued.
@@ -136,7 +136,8 @@ impl Outbound {
             {
                 let mut st = self.lock();
                 if !st.frames.is_empty() || st.close.is_some() {
-                    let frames: Vec<Frame> = st.frames.drain(..).collect();
+                    // Take the queue whole: no copy under the lock.
+                    let frames = std::mem::take(&mut st.frames);
                     st.bytes = 0;
                     return match st.close.clone() {
                         Some(reason) => Drain::Close(frames, reason),
