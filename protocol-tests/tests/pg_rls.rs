@@ -443,3 +443,98 @@ async fn after_a_crash_reconnecting_clients_get_what_was_committed_while_down() 
     );
     c.assert_quiet().await;
 }
+
+/// Keys that must survive being quoted into the lookup: quotes, backslashes, braces, commas,
+/// the word NULL, spaces, non-ASCII; one text key and one composite key, many keys of several
+/// users in one transaction (so one batch checks many keys per user).
+#[tokio::test]
+async fn awkward_and_composite_keys_are_checked_exactly() {
+    let db = TestDb::create("keys").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    sql.batch_execute(
+        "CREATE TABLE tags (name text PRIMARY KEY, owner uuid NOT NULL);
+         CREATE TABLE docs (owner uuid, slug text, rev int, body text, PRIMARY KEY (owner, slug, rev));
+         ALTER TABLE tags ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE docs ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON tags FOR SELECT TO authenticated USING (owner = auth.uid());
+         CREATE POLICY mine ON docs FOR SELECT TO authenticated USING (owner = auth.uid());
+         GRANT SELECT ON tags, docs TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE tags, docs;",
+    )
+    .await
+    .unwrap();
+    const AWKWARD: [&str; 10] = [
+        "plain",
+        "a\"quote",
+        "back\\slash",
+        "{braces}",
+        "com,ma",
+        "NULL",
+        "it's",
+        " spaced ",
+        "ünï",
+        "\\\"{,}'",
+    ];
+    let mut subs = Vec::new();
+    for n in 0..3u32 {
+        let vsn = if n % 2 == 0 { Vsn::V2 } else { Vsn::V1 };
+        let mut c = server.connect(vsn, &user_token(n)).await;
+        subscribe(
+            &mut c,
+            "realtime:keys",
+            json!([{"event":"INSERT","schema":"public","table":"tags"},
+                   {"event":"INSERT","schema":"public","table":"docs"}]),
+        )
+        .await;
+        subs.push(c);
+    }
+    // One transaction: every awkward key for every user, in both tables.
+    let mut statements = String::from("BEGIN;");
+    for n in 0..3u32 {
+        for (i, k) in AWKWARD.iter().enumerate() {
+            let lit = k.replace('\'', "''");
+            statements.push_str(&format!(
+                "INSERT INTO tags VALUES ('{n}/{lit}', '{}');
+                 INSERT INTO docs VALUES ('{}', '{lit}', {i}, 'doc {n} {i}');",
+                user(n),
+                user(n)
+            ));
+        }
+    }
+    statements.push_str("COMMIT;");
+    sql.batch_execute(&statements).await.unwrap();
+
+    for (n, c) in subs.iter_mut().enumerate() {
+        let mut tags = std::collections::BTreeSet::new();
+        let mut docs = std::collections::BTreeSet::new();
+        while tags.len() + docs.len() < 2 * AWKWARD.len() {
+            let ev = c
+                .recv_until("change", |f| f.event() == "postgres_changes")
+                .await;
+            let data = &ev.payload()["data"];
+            let rec = &data["record"];
+            match data["table"].as_str() {
+                Some("tags") => {
+                    assert!(tags.insert(rec["name"].as_str().unwrap().to_string()));
+                }
+                Some("docs") => {
+                    assert_eq!(rec["owner"], user(n as u32), "user {n} got {rec}");
+                    assert!(docs.insert(rec["slug"].as_str().unwrap().to_string()));
+                }
+                other => panic!("unexpected table {other:?}"),
+            }
+        }
+        let want_tags: std::collections::BTreeSet<String> =
+            AWKWARD.iter().map(|k| format!("{n}/{k}")).collect();
+        let want_docs: std::collections::BTreeSet<String> =
+            AWKWARD.iter().map(|k| k.to_string()).collect();
+        assert_eq!(tags, want_tags, "user {n}");
+        assert_eq!(docs, want_docs, "user {n}");
+        let extra = c.barrier().await;
+        assert!(
+            extra.iter().all(|f| f.event() != "postgres_changes"),
+            "user {n} saw more: {extra:?}"
+        );
+    }
+}

@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
         "realtime_messages",
         include_str!("../../migrations/0003_realtime_messages.sql"),
     ),
+    (
+        4,
+        "check_cohorts",
+        include_str!("../../migrations/0004_check_cohorts.sql"),
+    ),
 ];
 
 /// The publication that carries `realtime.messages` (broadcast from the database).

@@ -2,11 +2,16 @@
 
 pub mod migrations;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls, Statement};
+
+/// Prepared statements kept per connection; past this many the connection's cache starts over.
+const STATEMENTS_PER_CONNECTION: usize = 256;
 
 /// Session settings for every walcast connection, replication included: they fix the text form
 /// of values (timestamps in UTC and ISO, hex bytea, shortest exact floats), which the value
@@ -133,12 +138,25 @@ pub struct Pool {
     config: tokio_postgres::Config,
     /// Run on every new connection (`DB_AFTER_CONNECT_QUERY`).
     after_connect: Option<String>,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
 }
 
+/// A pooled connection and the statements prepared on it (named server-side statements: parsed
+/// and planned once, then only bound and executed).
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+    /// SQL-level prepared statements (`PREPARE`), for running from inside a function:
+    /// (parameter types, SQL) → name.
+    named: HashMap<(String, String), String>,
+    next_name: u64,
+    /// Set when the session's state is in doubt: the connection is closed, not reused.
+    discard: bool,
+}
+
 pub struct PooledClient {
-    client: Option<Client>,
+    conn: Option<Conn>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -146,20 +164,78 @@ pub struct PooledClient {
 impl std::ops::Deref for PooledClient {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.client.as_ref().expect("client present until drop")
+        &self
+            .conn
+            .as_ref()
+            .expect("client present until drop")
+            .client
     }
 }
 
 impl std::ops::DerefMut for PooledClient {
     fn deref_mut(&mut self) -> &mut Client {
-        self.client.as_mut().expect("client present until drop")
+        &mut self
+            .conn
+            .as_mut()
+            .expect("client present until drop")
+            .client
+    }
+}
+
+impl PooledClient {
+    /// `sql` prepared on this connection with these parameter types, from its cache when it
+    /// was prepared before. PostgreSQL re-plans a cached statement itself when a table it
+    /// reads changes.
+    pub async fn prepared(&mut self, sql: &str, types: &[Type]) -> Result<Statement, DbError> {
+        let conn = self.conn.as_mut().expect("client present until drop");
+        if let Some(s) = conn.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let statement = conn.client.prepare_typed(sql, types).await?;
+        if conn.statements.len() >= STATEMENTS_PER_CONNECTION {
+            conn.statements.clear();
+        }
+        conn.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    /// The name of a statement prepared with SQL `PREPARE` on this connection (for `EXECUTE`
+    /// from SQL), preparing it the first time. `types` is the parameter type list.
+    pub async fn named_statement(&mut self, sql: &str, types: &str) -> Result<String, DbError> {
+        let conn = self.conn.as_mut().expect("client present until drop");
+        let key = (types.to_owned(), sql.to_owned());
+        if let Some(name) = conn.named.get(&key) {
+            return Ok(name.clone());
+        }
+        if conn.named.len() >= STATEMENTS_PER_CONNECTION {
+            for (_, name) in conn.named.drain() {
+                conn.client
+                    .batch_execute(&format!("DEALLOCATE {name}"))
+                    .await?;
+            }
+        }
+        conn.next_name += 1;
+        let name = format!("walcast_stmt_{}", conn.next_name);
+        conn.client
+            .batch_execute(&format!("PREPARE {name}({types}) AS {sql}"))
+            .await?;
+        conn.named.insert(key, name.clone());
+        Ok(name)
+    }
+
+    /// Closes this connection instead of returning it to the pool (after an error that leaves
+    /// its session state in doubt, such as its prepared statements).
+    pub fn discard(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.discard = true;
+        }
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
-            if !c.is_closed() {
+        if let Some(c) = self.conn.take() {
+            if !c.client.is_closed() && !c.discard {
                 self.pool
                     .idle
                     .lock()
@@ -200,7 +276,7 @@ impl Pool {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             let mut found = None;
             while let Some(c) = idle.pop() {
-                if !c.is_closed() {
+                if !c.client.is_closed() {
                     found = Some(c);
                     break;
                 }
@@ -219,15 +295,52 @@ impl Pool {
                 if let Some(q) = &self.after_connect {
                     client.batch_execute(q).await?;
                 }
-                client
+                Conn {
+                    client,
+                    statements: HashMap::new(),
+                    named: HashMap::new(),
+                    next_name: 0,
+                    discard: false,
+                }
             }
         };
         Ok(PooledClient {
-            client: Some(client),
+            conn: Some(client),
             pool: self.clone(),
             _permit: permit,
         })
     }
+}
+
+/// Quotes a string as an SQL literal, correct whatever `standard_conforming_strings` is
+/// (backslashes go into an `E'...'` string, doubled), like PostgreSQL's `quote_literal`.
+pub fn quote_literal(value: &str) -> String {
+    if value.contains('\\') {
+        format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
+}
+
+/// A PostgreSQL array literal of text elements: every element double-quoted, with `\` and `"`
+/// escaped, so any text (commas, braces, quotes, `NULL`) stays one element.
+pub fn text_array_literal<S: AsRef<str>>(items: &[S]) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for ch in item.as_ref().chars() {
+            if ch == '"' || ch == '\\' {
+                out.push('\\');
+            }
+            out.push(ch);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// Quotes an identifier for SQL (`"name"`, doubling inner quotes).
