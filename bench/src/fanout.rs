@@ -470,7 +470,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                                          "server_cpu_s": p.server_cpu_s, "loader_cpu_s": p.loader_cpu_s,
                                          "server_cpu_us_per_delivery": p.cpu_us_per_delivery()})
         };
-        panels.push(latency_panel(name, &rows, a.p99_bound_ms));
+        panels.push(latency_panel(name, &rows, a.p99_bound_ms, a.seconds as f64));
         report.push(
             json!({"shape": name, "walcast": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),
             "nats": rows.iter().map(|r| point(&r.2)).collect::<Vec<_>>(),
@@ -489,7 +489,12 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
 }
 
 /// p50 and p99 against deliveries per second, walcast solid and nats-server dashed.
-fn latency_panel(shape: &str, rows: &[(u64, Point, Point)], bound_ms: f64) -> crate::chart::Panel {
+fn latency_panel(
+    shape: &str,
+    rows: &[(u64, Point, Point)],
+    bound_ms: f64,
+    seconds: f64,
+) -> crate::chart::Panel {
     use crate::chart::{LineChart, Panel, Series};
     let series =
         |name: &str, pick: fn(&(u64, Point, Point)) -> &Point, p99: bool, dashed: bool| Series {
@@ -497,14 +502,19 @@ fn latency_panel(shape: &str, rows: &[(u64, Point, Point)], bound_ms: f64) -> cr
             points: rows
                 .iter()
                 .map(pick)
-                .map(|p| (p.delivered_per_sec, if p99 { p.p99_ms } else { p.p50_ms }))
+                .map(|p| {
+                    (
+                        p.expected as f64 / seconds,
+                        if p99 { p.p99_ms } else { p.p50_ms },
+                    )
+                })
                 .collect(),
             dashed,
             colour: usize::from(p99),
         };
     Panel::Line(LineChart {
         title: format!("broadcast fan-out, {shape}"),
-        x_label: "deliveries per second (publish rate x subscribers per topic)".into(),
+        x_label: "deliveries per second offered (publish rate x subscribers per topic)".into(),
         y_label: "latency ms (log)".into(),
         log_y: true,
         series: vec![

@@ -419,6 +419,26 @@ async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Res
         let path = results_path("joins.json");
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
+        let cases = vec!["public (reference, no policy)".to_string(), "private (membership policy)".to_string()];
+        let png = results_path("joins.png");
+        chart::write_png(&png, &[
+            chart::Panel::Bars(chart::BarChart {
+                title: format!("joins per second, {sockets} sockets x {per_socket} channels"),
+                y_label: "joins/s".into(),
+                categories: cases.clone(),
+                series: vec![("joins/s".into(), vec![rate(&public), rate(&private)], false)],
+            }),
+            chart::Panel::Bars(chart::BarChart {
+                title: "join latency (phx_join sent -> reply)".into(),
+                y_label: "ms".into(),
+                categories: cases,
+                series: vec![
+                    ("p50".into(), vec![public.p50_ms, private.p50_ms], false),
+                    ("p99".into(), vec![public.p99_ms, private.p99_ms], false),
+                ],
+            }),
+        ])?;
+        println!("written: {}", png.display());
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -547,6 +567,17 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let path = results_path("drain.json");
         std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
         println!("written: {}", path.display());
+        let png = results_path("drain.png");
+        chart::write_png(&png, &[chart::Panel::Bars(chart::BarChart {
+            title: format!("change-stream drain, {n} single-row transactions"),
+            y_label: "changes/s".into(),
+            categories: vec![format!("{n} transactions")],
+            series: vec![
+                ("walcast (decode, match, deliver)".into(), vec![walcast_rate], false),
+                ("pg_recvlogical (decode only)".into(), vec![reference_rate], true),
+            ],
+        })])?;
+        println!("written: {}", png.display());
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -613,8 +644,18 @@ async fn idle(n: usize) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes(pid)?;
+    // Bytes per socket so far, at tenths of the way (the chart's points).
+    let mut growth = Vec::new();
+    let step = (n / 10).max(1);
     for i in 50..n + 50 {
         sockets.push(open(i).await?);
+        let opened = i - 49;
+        if opened % step == 0 && opened < n {
+            growth.push((
+                opened as f64,
+                rss_bytes(pid)?.saturating_sub(before) as f64 / opened as f64,
+            ));
+        }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_bytes(pid)?;
@@ -630,6 +671,25 @@ async fn idle(n: usize) -> anyhow::Result<()> {
     let path = results_path("idle.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("written: {}", path.display());
+    growth.push((n as f64, per));
+    let png = results_path("idle.png");
+    chart::write_png(
+        &png,
+        &[chart::Panel::Line(chart::LineChart {
+            title: "memory per joined idle socket (server RSS growth / sockets)".into(),
+            x_label: "joined idle sockets".into(),
+            y_label: "bytes per socket".into(),
+            log_y: false,
+            series: vec![chart::Series {
+                name: "walcast".into(),
+                points: growth,
+                dashed: false,
+                colour: 0,
+            }],
+            bound: Some((8192.0, "target 8 KiB".into())),
+        })],
+    )?;
+    println!("written: {}", png.display());
     drop(sockets);
     let _ = child.kill().await;
     Ok(())
@@ -655,6 +715,95 @@ struct ChatRun {
     max: f64,
 }
 
+impl ChatRun {
+    fn delivered_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.seconds
+    }
+
+    fn json(&self) -> Value {
+        json!({"commits_per_sec": self.rate, "commits": self.commits, "delivered_per_sec": self.delivered_per_sec(),
+            "p50_ms": self.p50, "p95_ms": self.p95, "p99_ms": self.p99, "max_ms": self.max, "lost": self.lost, "duplicated": self.duplicated})
+    }
+}
+
+/// The run that delivered the most per second with its p99 within 100 ms and nothing lost
+/// (by deliveries achieved, not the rate asked for: writers that fall behind deliver less).
+fn sustainable(runs: &[ChatRun]) -> Option<&ChatRun> {
+    runs.iter()
+        .filter(|r| r.p99 <= 100.0 && r.lost == 0)
+        .max_by(|a, b| a.delivered_per_sec().total_cmp(&b.delivered_per_sec()))
+}
+
+fn print_chat_table(title: &str, runs: &[ChatRun]) {
+    println!("\n{title}");
+    println!(
+        "{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
+        "commit/s", "commits", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "lost", "dup"
+    );
+    for r in runs {
+        println!(
+            "{:>8} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>6}",
+            r.rate,
+            r.commits,
+            r.delivered_per_sec(),
+            r.p50,
+            r.p95,
+            r.p99,
+            r.max,
+            r.lost,
+            r.duplicated
+        );
+    }
+    match sustainable(runs) {
+        Some(b) => println!(
+            "highest rate with p99 <= 100 ms and nothing lost: {} commits/s ({:.0} deliveries/s)",
+            b.rate,
+            b.delivered_per_sec()
+        ),
+        None => println!("highest rate with p99 <= 100 ms and nothing lost: none"),
+    }
+}
+
+/// A percentile's name and how to read it from a run.
+type Percentile = (&'static str, fn(&ChatRun) -> f64);
+
+/// Latency percentiles against deliveries per second; `reference` (the run without RLS) dashed.
+fn chat_panel(title: &str, runs: &[ChatRun], reference: Option<&[ChatRun]>) -> chart::Panel {
+    let mut series = Vec::new();
+    let pick: [Percentile; 3] = [("p50", |r| r.p50), ("p95", |r| r.p95), ("p99", |r| r.p99)];
+    for (colour, (name, f)) in pick.iter().enumerate() {
+        let label = if reference.is_some() {
+            format!("RLS {name}")
+        } else {
+            name.to_string()
+        };
+        series.push(chart::Series {
+            name: label,
+            points: runs.iter().map(|r| (r.rate as f64, f(r))).collect(),
+            dashed: false,
+            colour,
+        });
+    }
+    if let Some(reference) = reference {
+        for (colour, (name, f)) in pick.iter().enumerate() {
+            series.push(chart::Series {
+                name: format!("no RLS {name}"),
+                points: reference.iter().map(|r| (r.rate as f64, f(r))).collect(),
+                dashed: true,
+                colour,
+            });
+        }
+    }
+    chart::Panel::Line(chart::LineChart {
+        title: title.to_string(),
+        x_label: "commits per second offered (each goes to its conversation's subscribers)".into(),
+        y_label: "latency ms (log)".into(),
+        log_y: true,
+        series,
+        bound: Some((100.0, "p99 bound 100 ms".into())),
+    })
+}
+
 async fn chat(
     subscribers: usize,
     conversations: usize,
@@ -663,7 +812,85 @@ async fn chat(
     writers: usize,
     rls: bool,
 ) -> anyhow::Result<()> {
-    use std::collections::{HashMap, HashSet};
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!("chat: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers, {seconds} s per rate");
+    println!("(loader, walcast and PostgreSQL share this {cores}-core machine; latency = writer send -> subscriber receipt)");
+    // With RLS, the same load without it runs first, in the same command: the figure is a ratio.
+    let plain = chat_runs(subscribers, conversations, &rates, seconds, writers, false).await?;
+    print_chat_table("without RLS", &plain);
+    let secured = if rls {
+        let runs = chat_runs(subscribers, conversations, &rates, seconds, writers, true).await?;
+        print_chat_table(
+            "with RLS (participants policy, one distinct user per subscriber)",
+            &runs,
+        );
+        Some(runs)
+    } else {
+        None
+    };
+    let best = |runs: &[ChatRun]| {
+        sustainable(runs)
+            .map(|r| r.delivered_per_sec())
+            .unwrap_or(0.0)
+    };
+    let ratio = secured.as_deref().map(|s| {
+        if best(&plain) > 0.0 {
+            best(s) / best(&plain)
+        } else {
+            0.0
+        }
+    });
+    if let Some(ratio) = ratio {
+        println!("\nsustainable deliveries/s (p99 <= 100 ms, nothing lost): RLS {:.0}, no RLS {:.0}, ratio {ratio:.2}",
+            secured.as_deref().map(best).unwrap_or(0.0), best(&plain));
+    }
+    let mut out = json!({
+        "scenario": if rls { "chat_rls" } else { "chat" }, "subscribers": subscribers, "conversations": conversations, "writers": writers,
+        "seconds_per_rate": seconds, "cores": cores,
+        "note": "loader, walcast and PostgreSQL share the machine",
+        "runs": plain.iter().map(ChatRun::json).collect::<Vec<_>>(),
+        "highest_rate_p99_under_100ms": sustainable(&plain).map(|r| r.rate),
+    });
+    let panel = match &secured {
+        Some(s) => {
+            out["reference_without_rls"] = out["runs"].take();
+            out["runs"] = json!(s.iter().map(ChatRun::json).collect::<Vec<_>>());
+            out["highest_rate_p99_under_100ms"] = json!(sustainable(s).map(|r| r.rate));
+            out["reference_highest_rate_p99_under_100ms"] =
+                json!(sustainable(&plain).map(|r| r.rate));
+            out["rls_to_plain_ratio"] = json!(ratio);
+            chat_panel(&format!("postgres_changes with RLS, {subscribers} users in {conversations} conversations (no RLS dashed)"), s, Some(&plain))
+        }
+        None => chat_panel(
+            &format!(
+                "postgres_changes, {subscribers} subscribers in {conversations} conversations"
+            ),
+            &plain,
+            None,
+        ),
+    };
+    let name = if rls { "chat_rls" } else { "chat" };
+    let path = results_path(&format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
+    println!("written: {}", path.display());
+    let png = results_path(&format!("{name}.png"));
+    chart::write_png(&png, &[panel])?;
+    println!("written: {}", png.display());
+    Ok(())
+}
+
+/// One chat load: its own cluster and walcast, every rate in turn.
+async fn chat_runs(
+    subscribers: usize,
+    conversations: usize,
+    rates: &[u64],
+    seconds: u64,
+    writers: usize,
+    rls: bool,
+) -> anyhow::Result<Vec<ChatRun>> {
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     let dir = std::env::temp_dir().join(format!("walcast-bench-chat-{}", std::process::id()));
     let cluster = walcast::dev::DevCluster::start(&dir)?;
@@ -752,7 +979,7 @@ async fn chat(
         }
 
         let mut runs = Vec::new();
-        for &rate in &rates {
+        for &rate in rates {
             received.lock().unwrap().clear();
             latencies.lock().unwrap().clear();
             let inserted: Arc<Mutex<Vec<(i64, usize)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -809,8 +1036,6 @@ async fn chat(
                     }
                 }
             }
-            let extra: HashSet<(usize, i64)> = got.keys().copied().collect();
-            let _ = extra;
             let mut l = latencies.lock().unwrap().clone();
             l.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
             let pct = |p: f64| if l.is_empty() { f64::NAN } else { l[((l.len() as f64 * p) as usize).min(l.len() - 1)] };
@@ -828,28 +1053,7 @@ async fn chat(
             });
         }
         let _ = w.child.kill().await;
-
-        println!("chat{}: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers", if rls { " with RLS (participants policy, one user per subscriber)" } else { "" });
-        println!("(loader, walcast and PostgreSQL share this {}-core machine; latency = writer send -> subscriber receipt)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
-        println!("{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}", "commit/s", "commits", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "lost", "dup");
-        for r in &runs {
-            println!("{:>8} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>6}",
-                r.rate, r.commits, r.delivered as f64 / r.seconds, r.p50, r.p95, r.p99, r.max, r.lost, r.duplicated);
-        }
-        let best = runs.iter().filter(|r| r.p99 <= 100.0 && r.lost == 0).map(|r| r.rate).max();
-        println!("highest rate run with p99 <= 100 ms and nothing lost: {}", best.map(|b| b.to_string()).unwrap_or("none".into()));
-        let out = json!({
-            "scenario": if rls { "chat_rls" } else { "chat" }, "subscribers": subscribers, "conversations": conversations, "writers": writers,
-            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-            "note": "loader, walcast and PostgreSQL share the machine",
-            "runs": runs.iter().map(|r| json!({"commits_per_sec": r.rate, "commits": r.commits, "delivered_per_sec": r.delivered as f64 / r.seconds,
-                "p50_ms": r.p50, "p95_ms": r.p95, "p99_ms": r.p99, "max_ms": r.max, "lost": r.lost, "duplicated": r.duplicated})).collect::<Vec<_>>(),
-            "highest_rate_p99_under_100ms": best,
-        });
-        let path = results_path(if rls { "chat_rls.json" } else { "chat.json" });
-        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-        println!("written: {}", path.display());
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(runs)
     }
     .await;
     let _ = cluster.stop();

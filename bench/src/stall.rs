@@ -239,6 +239,55 @@ pub async fn stall(a: StallArgs) -> anyhow::Result<()> {
     let path = results_path("stall.json");
     std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     println!("written: {}", path.display());
+    let cases = vec![
+        "healthy alone".to_string(),
+        format!("+{} reading", a.stalled),
+        format!("+{} stalled", a.stalled),
+    ];
+    let runs = [&alone, &reference, &run];
+    let latency = crate::chart::BarChart {
+        title: format!(
+            "stalled readers: latency of the {} healthy readers",
+            a.healthy
+        ),
+        y_label: "ms".into(),
+        categories: cases.clone(),
+        series: vec![
+            ("p50".into(), runs.iter().map(|r| r.p50_ms).collect(), false),
+            ("p99".into(), runs.iter().map(|r| r.p99_ms).collect(), false),
+        ],
+    };
+    let memory = crate::chart::BarChart {
+        title: "walcast memory (RSS)".into(),
+        y_label: "MiB".into(),
+        categories: cases,
+        series: vec![
+            (
+                "start".into(),
+                runs.iter().map(|r| mib(r.rss_start)).collect(),
+                false,
+            ),
+            (
+                "peak".into(),
+                runs.iter().map(|r| mib(r.rss_peak)).collect(),
+                false,
+            ),
+            (
+                "end".into(),
+                runs.iter().map(|r| mib(r.rss_end)).collect(),
+                false,
+            ),
+        ],
+    };
+    let png = results_path("stall.png");
+    crate::chart::write_png(
+        &png,
+        &[
+            crate::chart::Panel::Bars(latency),
+            crate::chart::Panel::Bars(memory),
+        ],
+    )?;
+    println!("written: {}", png.display());
     if run.received < run.sent {
         bail!(
             "healthy readers lost broadcasts: {} of {}",

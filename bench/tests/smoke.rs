@@ -1,6 +1,6 @@
 //! Every benchmark scenario at its smallest setting, so none can rot: it must run end to end
 //! against the real binary and PostgreSQL, pass its own checks (nothing lost, nothing duplicated)
-//! and write its JSON. Figures from these runs mean nothing and go to a temporary directory.
+//! and write its JSON and its PNG chart. Figures from these runs mean nothing and go to a temporary directory.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -37,6 +37,13 @@ fn run(scenario: &str, args: &[&str], output: &str) {
     let json = std::fs::read_to_string(dir.join(output)).expect("results JSON");
     let v: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
     assert!(v.get("scenario").is_some(), "{json}");
+    let png = dir.join(output.replace(".json", ".png"));
+    let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000,
+        "{} is not a chart",
+        png.display()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
