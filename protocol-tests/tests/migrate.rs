@@ -2,6 +2,7 @@
 
 use protocol_tests::pg::TestDb;
 use protocol_tests::*;
+use serde_json::json;
 
 #[tokio::test]
 async fn migrate_installs_what_a_plain_postgres_needs_and_is_idempotent() {
@@ -158,4 +159,57 @@ async fn wait_visible_waits_for_commits_to_become_visible() {
         .unwrap()
         .get(0);
     assert!(committed);
+}
+
+/// `walcast.check_cohorts` runs each lookup after its own cohort's settings, as that cohort's
+/// role, and is not callable by PUBLIC (anon, authenticated).
+#[tokio::test]
+async fn check_cohorts_runs_each_lookup_under_its_own_claims() {
+    let db = TestDb::create("cohorts").await;
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("migrate")
+        .env("DATABASE_URL", db.url())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let sql = db.client().await;
+    sql.batch_execute(
+        "PREPARE whoami AS SELECT ARRAY[current_user::text, auth.uid()::text, current_setting('request.jwt.claims')];",
+    )
+    .await
+    .unwrap();
+    let a = "00000000-0000-0000-0000-00000000000a";
+    let b = "00000000-0000-0000-0000-00000000000b";
+    let claims = |sub: &str, role: &str| json!({"sub": sub, "role": role}).to_string();
+    let rows = sql
+        .query(
+            "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+            &[
+                &vec!["authenticated", "anon"],
+                &vec![claims(a, "authenticated"), claims(b, "anon")],
+                &vec![a, b],
+                &vec!["EXECUTE whoami", "EXECUTE whoami"],
+            ],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i32, Vec<String>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0, 1);
+    assert_eq!(got[0].1[..2], ["authenticated".to_string(), a.to_string()]);
+    assert_eq!(got[0].1[2], claims(a, "authenticated"));
+    assert_eq!(got[1].0, 2);
+    assert_eq!(got[1].1[..2], ["anon".to_string(), b.to_string()]);
+    for role in ["anon", "authenticated"] {
+        let callable: bool = sql
+            .query_one(
+                "SELECT has_function_privilege($1, 'walcast.check_cohorts(text[], text[], text[], text[])', 'EXECUTE')",
+                &[&role],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!callable, "{role} may call check_cohorts");
+    }
 }
