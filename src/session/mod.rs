@@ -382,12 +382,11 @@ fn frame_len(frame: &Message) -> usize {
 async fn write_loop(mut sink: SplitSink<WebSocket, Message>, queue: Arc<Outbound>) {
     // Handles looked up once: this loop runs once per frame batch of every socket, and a
     // registry lookup per batch was 5% of a fan-out profile.
-    let frames_out = metrics::counter!(telemetry::FRAMES_OUT);
-    let bytes_out = metrics::counter!(telemetry::BYTES_OUT);
     loop {
         match queue.drain().await {
             Drain::Frames(frames) => {
                 let bytes: usize = frames.iter().map(frame_len).sum();
+                let (frames_out, bytes_out) = telemetry::frames_and_bytes_out();
                 frames_out.increment(frames.len() as u64);
                 bytes_out.increment(bytes as u64);
                 for frame in frames {
