@@ -538,3 +538,64 @@ async fn awkward_and_composite_keys_are_checked_exactly() {
         );
     }
 }
+
+/// A policy that fails for one user (here: a division by zero only that user's check reaches)
+/// withholds that user's changes and nobody else's, batch after batch; both sockets stay open.
+#[tokio::test]
+async fn a_policy_error_withholds_only_the_cohort_it_hits() {
+    let db = TestDb::create("policyerr").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let sql = db.client().await;
+    let bad = user(2);
+    sql.batch_execute(&format!(
+        "CREATE TABLE notes (id serial PRIMARY KEY, owner uuid NOT NULL, body text);
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY fragile ON notes FOR SELECT TO authenticated
+           USING (CASE WHEN auth.uid() = '{bad}'::uuid THEN 1 / (id - id) = 1 ELSE true END);
+         GRANT SELECT ON notes TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE notes;"
+    ))
+    .await
+    .unwrap();
+    let binding = json!([{"event":"INSERT","schema":"public","table":"notes"}]);
+    let mut good = server.connect(Vsn::V2, &user_token(1)).await;
+    subscribe(&mut good, "realtime:notes", binding.clone()).await;
+    let mut fails = server.connect(Vsn::V1, &user_token(2)).await;
+    subscribe(&mut fails, "realtime:notes", binding.clone()).await;
+    let mut other = server.connect(Vsn::V2, &user_token(3)).await;
+    subscribe(&mut other, "realtime:notes", binding).await;
+
+    // Several transactions, some in one batch with both users' checks, some alone.
+    for round in 0..3 {
+        sql.batch_execute(&format!(
+            "INSERT INTO notes (owner, body) VALUES ('{}', 'a{round}');
+             BEGIN; INSERT INTO notes (owner, body) VALUES ('{}', 'b{round}'); COMMIT;",
+            user(1),
+            user(1)
+        ))
+        .await
+        .unwrap();
+    }
+    for c in [&mut good, &mut other] {
+        let mut bodies = Vec::new();
+        while bodies.len() < 6 {
+            let ev = c
+                .recv_until("change", |f| f.event() == "postgres_changes")
+                .await;
+            bodies.push(
+                ev.payload()["data"]["record"]["body"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        bodies.sort();
+        assert_eq!(bodies, ["a0", "a1", "a2", "b0", "b1", "b2"]);
+    }
+    // The failing user gets nothing, and its socket still answers.
+    let rest = fails.barrier().await;
+    assert!(
+        rest.iter().all(|f| f.event() != "postgres_changes"),
+        "{rest:?}"
+    );
+}
