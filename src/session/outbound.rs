@@ -16,6 +16,10 @@ use crate::protocol::Frame;
 /// frames is bounded too.
 const FRAME_OVERHEAD: usize = 64;
 
+/// A drained batch at least this long marks a busy socket, whose next batch gets its buffer
+/// allocated up front.
+const BUSY_BATCH: usize = 16;
+
 /// Why the socket is being closed, sent to the client as the WebSocket close frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CloseReason {
@@ -136,8 +140,14 @@ impl Outbound {
             {
                 let mut st = self.lock();
                 if !st.frames.is_empty() || st.close.is_some() {
-                    // Take the queue whole: no copy under the lock.
-                    let frames = std::mem::take(&mut st.frames);
+                    // Take the queue whole: no copy under the lock. A busy socket gets a buffer
+                    // as big as the batch it just had (one allocation, not a doubling series
+                    // with copies); an idle one keeps none.
+                    let next = match st.frames.len() {
+                        n if n >= BUSY_BATCH => VecDeque::with_capacity(n),
+                        _ => VecDeque::new(),
+                    };
+                    let frames = std::mem::replace(&mut st.frames, next);
                     st.bytes = 0;
                     return match st.close.clone() {
                         Some(reason) => Drain::Close(frames, reason),
