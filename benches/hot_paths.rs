@@ -1,8 +1,12 @@
 //! Micro-benchmarks of the hot paths (criterion): pgoutput decode, value conversion, filter
 //! matching, V1/V2 encoding. `cargo bench --bench hot_paths`; BENCHMARKS.md has the figures.
+//!
+//! `hot_paths --instructions <case> <n>` runs one case n times and nothing else:
+//! `scripts/callgrind-hot-paths` counts its instructions under callgrind, a figure that does
+//! not move with the machine's load the way wall time does.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{black_box, Criterion};
 use serde_json::value::RawValue;
 
 use walcast::postgres_changes::filter;
@@ -31,14 +35,20 @@ fn chat_insert() -> Bytes {
     b.freeze()
 }
 
-fn decode(c: &mut Criterion) {
-    let msg = chat_insert();
-    c.bench_function("pgoutput decode (5-column insert)", |b| {
-        b.iter(|| pgoutput::decode(black_box(&msg)))
-    });
-}
+/// One operation of a hot path, run once per call.
+type Case = Box<dyn FnMut()>;
 
-fn convert(c: &mut Criterion) {
+fn cases() -> Vec<(String, Case)> {
+    let mut out: Vec<(String, Case)> = Vec::new();
+
+    let msg = chat_insert();
+    out.push((
+        "pgoutput decode (5-column insert)".into(),
+        Box::new(move || {
+            black_box(pgoutput::decode(black_box(&msg)).ok());
+        }),
+    ));
+
     let row = [
         (values::Conv::Integer, "1234567"),
         (values::Conv::Integer, "42"),
@@ -49,67 +59,107 @@ fn convert(c: &mut Criterion) {
         ),
         (values::Conv::Timestamptz, "2026-11-26 16:45:23.123456+00"),
     ];
-    c.bench_function("values to JSON (5-column chat row)", |b| {
-        b.iter(|| {
-            let mut out = String::with_capacity(256);
+    out.push((
+        "values to JSON (5-column chat row)".into(),
+        Box::new(move || {
+            let mut json = String::with_capacity(256);
             for (conv, text) in &row {
-                values::push_json(&mut out, conv, black_box(text));
+                values::push_json(&mut json, conv, black_box(text));
             }
-            out
-        })
-    });
+            black_box(json);
+        }),
+    ));
     let jsonb =
         r#"{"plan": "pro", "seats": 12, "tags": ["vip", "eu"], "address": {"city": "Lyon"}}"#;
-    c.bench_function("values to JSON (jsonb object)", |b| {
-        b.iter(|| values::to_json(&values::Conv::Jsonb, black_box(jsonb)))
-    });
-}
+    out.push((
+        "values to JSON (jsonb object)".into(),
+        Box::new(move || {
+            black_box(values::to_json(&values::Conv::Jsonb, black_box(jsonb)));
+        }),
+    ));
 
-fn filters(c: &mut Criterion) {
-    c.bench_function("filter parse (conversation_id=eq.42)", |b| {
-        b.iter(|| filter::parse(black_box("conversation_id=eq.42")))
-    });
-    c.bench_function("filter compare int", |b| {
-        b.iter(|| filter::Kind::Int.compare(black_box("1234567"), black_box("1234568")))
-    });
-    c.bench_function("filter compare timestamp", |b| {
-        b.iter(|| {
-            filter::Kind::Timestamp.compare(
+    out.push((
+        "filter parse (conversation_id=eq.42)".into(),
+        Box::new(|| {
+            black_box(filter::parse(black_box("conversation_id=eq.42")).ok());
+        }),
+    ));
+    out.push((
+        "filter compare int".into(),
+        Box::new(|| {
+            black_box(filter::Kind::Int.compare(black_box("1234567"), black_box("1234568")));
+        }),
+    ));
+    out.push((
+        "filter compare timestamp".into(),
+        Box::new(|| {
+            black_box(filter::Kind::Timestamp.compare(
                 black_box("2026-11-26 16:45:23.123456"),
                 black_box("2026-11-26 16:45:24"),
-            )
-        })
-    });
-    c.bench_function("filter like (%invoice%)", |b| {
-        b.iter(|| {
-            filter::like(
+            ));
+        }),
+    ));
+    out.push((
+        "filter like (%invoice%)".into(),
+        Box::new(|| {
+            black_box(filter::like(
                 black_box("Hello! I have a question about my last invoice, could you help?"),
                 black_box("%invoice%"),
                 false,
-            )
-        })
-    });
-}
+            ));
+        }),
+    ));
 
-fn encoding(c: &mut Criterion) {
-    let payload = RawValue::from_string(
-        r#"{"ids":[31415926],"data":{"schema":"public","table":"messages","commit_timestamp":"2026-11-26T16:45:23.123Z","eventType":"INSERT","new":{"id":1234567,"conversation_id":42,"body":"Hello! I have a question about my last invoice, could you help?"},"old":{},"errors":null}}"#
-            .to_string(),
-    )
-    .expect("valid JSON");
     for vsn in [Vsn::V1, Vsn::V2] {
-        c.bench_function(&format!("encode postgres_changes push ({vsn:?})"), |b| {
-            b.iter(|| {
-                encode::fastlane(
+        let payload = RawValue::from_string(
+            r#"{"ids":[31415926],"data":{"schema":"public","table":"messages","commit_timestamp":"2026-11-26T16:45:23.123Z","eventType":"INSERT","new":{"id":1234567,"conversation_id":42,"body":"Hello! I have a question about my last invoice, could you help?"},"old":{},"errors":null}}"#
+                .to_string(),
+        )
+        .expect("valid JSON");
+        out.push((
+            format!("encode postgres_changes push ({vsn:?})"),
+            Box::new(move || {
+                black_box(encode::fastlane(
                     vsn,
                     black_box("realtime:conversation-42"),
                     "postgres_changes",
                     black_box(&payload),
-                )
-            })
-        });
+                ));
+            }),
+        ));
     }
+    out
 }
 
-criterion_group!(hot_paths, decode, convert, filters, encoding);
-criterion_main!(hot_paths);
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--list-cases") {
+        for (name, _) in cases() {
+            println!("{name}");
+        }
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--instructions") {
+        let (Some(name), Some(n)) = (args.get(at + 1), args.get(at + 2)) else {
+            eprintln!("usage: hot_paths --instructions <case> <n>");
+            std::process::exit(2);
+        };
+        let Ok(n) = n.parse::<u64>() else {
+            eprintln!("n must be a number: {n}");
+            std::process::exit(2);
+        };
+        let Some((_, mut case)) = cases().into_iter().find(|(c, _)| c == name) else {
+            eprintln!("no case named {name:?}; see --list-cases");
+            std::process::exit(2);
+        };
+        for _ in 0..n {
+            case();
+        }
+        return;
+    }
+    let mut c = Criterion::default().configure_from_args();
+    for (name, mut case) in cases() {
+        c.bench_function(&name, |b| b.iter(&mut case));
+    }
+    c.final_summary();
+}
