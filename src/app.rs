@@ -220,6 +220,14 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         if !applied.is_empty() {
             tracing::info!(?applied, "applied migrations");
         }
+    } else {
+        // Without them this binary would run with functions it relies on missing (a row check
+        // that cannot run withholds every change): refuse to start, and say what to do.
+        let pending = migrations::pending(&pool).await?;
+        if !pending.is_empty() {
+            let names: Vec<String> = pending.iter().map(|(v, n)| format!("{v} ({n})")).collect();
+            return Err(AppError::MigrationsPending(names.join(", ")));
+        }
     }
     if migrations::ensure_publication(&pool, &db.publication).await? {
         tracing::info!(publication = %db.publication, "created the (empty) publication; add tables with ALTER PUBLICATION ... ADD TABLE");

@@ -14,4 +14,6 @@ pub enum AppError {
     Replication(crate::replication::conn::ConnError),
     #[error("server I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the database lacks walcast migrations {0} and MIGRATE_ON_START is off: run `walcast migrate` (or start once with MIGRATE_ON_START=true)")]
+    MigrationsPending(String),
 }

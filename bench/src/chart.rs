@@ -254,16 +254,8 @@ fn legend_entry(
     let x = plot.top_left.x + plot.size.width as i32 + 16;
     let y = plot.top_left.y + 8 + row as i32 * 18;
     if bar {
-        let style = if is_dashed {
-            PrimitiveStyleBuilder::new()
-                .stroke_color(colour)
-                .stroke_width(2)
-                .build()
-        } else {
-            PrimitiveStyle::with_fill(colour)
-        };
         let _ = Rectangle::new(Point::new(x, y - 5), Size::new(24, 11))
-            .into_styled(style)
+            .into_styled(bar_style(colour, is_dashed))
             .draw(canvas);
     } else if is_dashed {
         dashed(canvas, Point::new(x, y), Point::new(x + 24, y), colour, 2);
@@ -276,6 +268,44 @@ fn legend_entry(
         Point::new(x + 30, y),
         &FONT_6X10,
         Alignment::Left,
+    );
+}
+
+/// A bar: filled, or outlined for a reference.
+fn bar_style(colour: Rgb888, reference: bool) -> PrimitiveStyle<Rgb888> {
+    if reference {
+        PrimitiveStyleBuilder::new()
+            .stroke_color(colour)
+            .stroke_width(2)
+            .build()
+    } else {
+        PrimitiveStyle::with_fill(colour)
+    }
+}
+
+/// A horizontal grid line at `py`, its tick and its label.
+fn y_tick(canvas: &mut Canvas, plot: Rectangle, value: f64, py: i32) {
+    let right = plot.top_left.x + plot.size.width as i32;
+    line(
+        canvas,
+        Point::new(plot.top_left.x + 1, py),
+        Point::new(right - 1, py),
+        GRID,
+        1,
+    );
+    line(
+        canvas,
+        Point::new(plot.top_left.x - 4, py),
+        Point::new(plot.top_left.x, py),
+        INK,
+        1,
+    );
+    text(
+        canvas,
+        &short_number(value),
+        Point::new(plot.top_left.x - 7, py),
+        &FONT_6X10,
+        Alignment::Right,
     );
 }
 
@@ -351,28 +381,7 @@ fn draw_line_chart(canvas: &mut Canvas, area: Rectangle, c: &LineChart) {
         linear_ticks(y_lo, y_hi)
     };
     for y in y_ticks {
-        let py = to_y(y);
-        line(
-            canvas,
-            Point::new(plot.top_left.x + 1, py),
-            Point::new(right - 1, py),
-            GRID,
-            1,
-        );
-        line(
-            canvas,
-            Point::new(plot.top_left.x - 4, py),
-            Point::new(plot.top_left.x, py),
-            INK,
-            1,
-        );
-        text(
-            canvas,
-            &short_number(y),
-            Point::new(plot.top_left.x - 7, py),
-            &FONT_6X10,
-            Alignment::Right,
-        );
+        y_tick(canvas, plot, y, to_y(y));
     }
     text(
         canvas,
@@ -442,31 +451,9 @@ fn draw_bar_chart(canvas: &mut Canvas, area: Rectangle, c: &BarChart) {
         .fold(1e-9, f64::max)
         * 1.15;
     let bottom = plot.top_left.y + plot.size.height as i32;
-    let right = plot.top_left.x + plot.size.width as i32;
     let to_y = |v: f64| bottom - (v / hi * plot.size.height as f64) as i32;
     for y in linear_ticks(0.0, hi) {
-        let py = to_y(y);
-        line(
-            canvas,
-            Point::new(plot.top_left.x + 1, py),
-            Point::new(right - 1, py),
-            GRID,
-            1,
-        );
-        line(
-            canvas,
-            Point::new(plot.top_left.x - 4, py),
-            Point::new(plot.top_left.x, py),
-            INK,
-            1,
-        );
-        text(
-            canvas,
-            &short_number(y),
-            Point::new(plot.top_left.x - 7, py),
-            &FONT_6X10,
-            Alignment::Right,
-        );
+        y_tick(canvas, plot, y, to_y(y));
     }
     text(
         canvas,
@@ -498,15 +485,7 @@ fn draw_bar_chart(canvas: &mut Canvas, area: Rectangle, c: &BarChart) {
                 Point::new(gx + si as i32 * bar_w, top),
                 Size::new((bar_w - 4).max(1) as u32, (bottom - top).max(0) as u32),
             );
-            let style = if *is_ref {
-                PrimitiveStyleBuilder::new()
-                    .stroke_color(colour)
-                    .stroke_width(2)
-                    .build()
-            } else {
-                PrimitiveStyle::with_fill(colour)
-            };
-            let _ = rect.into_styled(style).draw(canvas);
+            let _ = rect.into_styled(bar_style(colour, *is_ref)).draw(canvas);
             text(
                 canvas,
                 &short_number(v),

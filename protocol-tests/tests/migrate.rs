@@ -4,23 +4,32 @@ use protocol_tests::pg::TestDb;
 use protocol_tests::*;
 use serde_json::json;
 
+/// `walcast migrate` against `db`, which must succeed.
+async fn migrate(db: &TestDb) {
+    migrate_with(db, &[]).await;
+}
+
+/// `walcast migrate` against `db` with more settings, which must succeed.
+async fn migrate_with(db: &TestDb, env: &[(&str, &str)]) {
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("migrate")
+        .env("DATABASE_URL", db.url())
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn migrate_installs_what_a_plain_postgres_needs_and_is_idempotent() {
     let db = TestDb::create("migrate").await;
     for _ in 0..2 {
-        let out = tokio::process::Command::new(walcast_bin())
-            .arg("migrate")
-            .env("DATABASE_URL", db.url())
-            .env("PUBLICATION", "chat_pub")
-            .env("LOG_LEVEL", "error")
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        migrate_with(&db, &[("PUBLICATION", "chat_pub"), ("LOG_LEVEL", "error")]).await;
     }
     let sql = db.client().await;
     let roles: Vec<String> = sql
@@ -78,17 +87,7 @@ async fn existing_auth_functions_are_left_alone() {
     sql.batch_execute("CREATE SCHEMA auth; CREATE FUNCTION auth.uid() RETURNS uuid LANGUAGE sql AS $$ SELECT '22222222-2222-2222-2222-222222222222'::uuid $$;")
         .await
         .unwrap();
-    let out = tokio::process::Command::new(walcast_bin())
-        .arg("migrate")
-        .env("DATABASE_URL", db.url())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate(&db).await;
     let uid: String = sql
         .query_one("SELECT auth.uid()::text", &[])
         .await
@@ -121,13 +120,7 @@ async fn dev_without_postgres_binaries_names_the_package() {
 #[tokio::test]
 async fn wait_visible_waits_for_commits_to_become_visible() {
     let db = TestDb::create("visible").await;
-    let out = tokio::process::Command::new(walcast_bin())
-        .arg("migrate")
-        .env("DATABASE_URL", db.url())
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    migrate(&db).await;
     let writer = db.client().await;
     let checker = db.client().await;
     writer
@@ -166,13 +159,7 @@ async fn wait_visible_waits_for_commits_to_become_visible() {
 #[tokio::test]
 async fn check_cohorts_runs_each_lookup_under_its_own_claims() {
     let db = TestDb::create("cohorts").await;
-    let out = tokio::process::Command::new(walcast_bin())
-        .arg("migrate")
-        .env("DATABASE_URL", db.url())
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success());
+    migrate(&db).await;
     let sql = db.client().await;
     sql.batch_execute(
         "PREPARE whoami AS SELECT ARRAY[current_user::text, auth.uid()::text, current_setting('request.jwt.claims')];",
@@ -212,4 +199,47 @@ async fn check_cohorts_runs_each_lookup_under_its_own_claims() {
             .get(0);
         assert!(!callable, "{role} may call check_cohorts");
     }
+}
+
+/// With MIGRATE_ON_START=false, a database behind this binary's migrations is refused at start
+/// with what to do, instead of running with functions missing; once migrated, it starts.
+#[tokio::test]
+async fn a_database_behind_the_migrations_is_refused_when_not_migrating() {
+    let db = TestDb::create("behind").await;
+    let serve = || {
+        tokio::process::Command::new(walcast_bin())
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(db.env())
+            .env("MIGRATE_ON_START", "false")
+            .env("PORT", "0")
+            .env("WALCAST_BIND", "127.0.0.1")
+            .env("API_JWT_SECRET", SECRET)
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        serve().wait_with_output(),
+    )
+    .await
+    .expect("walcast should refuse to start, not run")
+    .unwrap();
+    assert!(!out.status.success());
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(log.contains("walcast migrate"), "{log}");
+    assert!(log.contains("check_cohorts"), "{log}");
+
+    migrate(&db).await;
+    // Migrated: the same setting starts (start_with_db waits until it listens).
+    let server = Server::start_with_db(&db, &[("MIGRATE_ON_START", "false")]).await;
+    drop(server);
 }

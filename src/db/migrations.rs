@@ -74,6 +74,34 @@ pub async fn run(pool: &Arc<Pool>) -> Result<Vec<i64>, DbError> {
     Ok(applied)
 }
 
+/// The migrations this binary has that the database has not applied (all of them when walcast
+/// never migrated it), in order.
+pub async fn pending(pool: &Arc<Pool>) -> Result<Vec<(i64, &'static str)>, DbError> {
+    let client = pool.get().await?;
+    let recorded = client
+        .query_one(
+            "SELECT to_regclass('walcast.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0);
+    let applied: Vec<i64> = if recorded {
+        client
+            .query("SELECT version FROM walcast.schema_migrations", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(MIGRATIONS
+        .iter()
+        .filter(|(v, _, _)| !applied.contains(v))
+        .map(|(v, name, _)| (*v, *name))
+        .collect())
+}
+
 /// Creates the publication when it does not exist (empty: tables are added by the user with
 /// `ALTER PUBLICATION ... ADD TABLE`).
 pub async fn ensure_publication(pool: &Arc<Pool>, publication: &str) -> Result<bool, DbError> {
