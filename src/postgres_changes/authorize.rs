@@ -150,13 +150,13 @@ impl Authorizer {
         let started = std::time::Instant::now();
         metrics::histogram!(crate::telemetry::AUTHZ_COHORTS).record(requests.len() as f64);
         let _timer = TimerGuard(started);
-        match self.visible_pipelined(requests, xids).await {
+        match self.visible_batch(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::debug!(error = %e, "pipelined RLS check failed; checking cohorts one by one");
+                tracing::debug!(error = %e, "batched RLS check failed; checking cohorts one by one");
                 let mut out = Vec::with_capacity(requests.len());
                 for r in requests {
-                    match self.visible_pipelined(std::slice::from_ref(r), xids).await {
+                    match self.visible_batch(std::slice::from_ref(r), xids).await {
                         Ok(mut v) => out.push(v.pop().unwrap_or_default()),
                         Err(e) => {
                             tracing::warn!(
@@ -174,7 +174,7 @@ impl Authorizer {
         }
     }
 
-    async fn visible_pipelined(
+    async fn visible_batch(
         &self,
         requests: &[RlsRequest],
         xids: &[u32],
