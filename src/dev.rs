@@ -196,9 +196,12 @@ impl DevCluster {
             );
         }
         cluster.port = free_port()?;
+        // Logical decoding on, and the slot's retained WAL bounded: a development database
+        // should not grow without limit (nor warn about it on every start).
         let opts = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
-             -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20",
+             -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 \
+             -c max_slot_wal_keep_size=1GB",
             cluster.port,
             root.display()
         );
