@@ -102,3 +102,51 @@ pub async fn connect(port: u16, dbname: &str) -> Client {
     });
     client
 }
+
+/// The `ticks` table the change-stream tests write to: readable by anon, in the publication.
+/// Call it after walcast's migrations have made the roles.
+pub async fn create_ticks(sql: &Client) {
+    sql.batch_execute(
+        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
+         GRANT SELECT ON ticks TO anon;
+         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
+    )
+    .await
+    .expect("create ticks");
+}
+
+/// Commits a row to `ticks`; returns the WAL position after its commit record (the statement
+/// returns before the commit record is written, so the position is read afterwards): a slot
+/// confirmed past it has confirmed the transaction.
+pub async fn insert_tick(sql: &Client, k: i32) -> String {
+    sql.execute("INSERT INTO ticks (k) VALUES ($1)", &[&k])
+        .await
+        .expect("insert a tick");
+    sql.query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("current WAL position")
+        .get(0)
+}
+
+/// Whether `slot` has confirmed everything up to `lsn`.
+pub async fn slot_confirmed(sql: &Client, slot: &str, lsn: &str) -> bool {
+    sql.query_one(
+        "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot, &lsn],
+    )
+    .await
+    .expect("read the slot")
+    .get(0)
+}
+
+/// Waits (at most `crate::WAIT`) until `slot` has confirmed everything up to `lsn`.
+pub async fn wait_slot_confirmed(sql: &Client, slot: &str, lsn: &str) {
+    let deadline = std::time::Instant::now() + crate::WAIT;
+    while !slot_confirmed(sql, slot, lsn).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{slot} never confirmed {lsn}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use protocol_tests::pg::{create_ticks, insert_tick};
 use protocol_tests::*;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -42,16 +43,6 @@ fn binding() -> Value {
     json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]})
 }
 
-async fn create_table(sql: &Client) {
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
-}
-
 /// Joins and returns the client once "Subscribed to PostgreSQL" has arrived.
 async fn subscribed(server: &Server) -> (protocol_tests::Client, String) {
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
@@ -59,17 +50,6 @@ async fn subscribed(server: &Server) -> (protocol_tests::Client, String) {
     let f = c.recv_until("subscribed", |f| f.event() == "system").await;
     assert_eq!(f.payload()["message"], "Subscribed to PostgreSQL");
     (c, join_ref)
-}
-
-/// Commits a row; returns the WAL position after its commit record.
-async fn insert(sql: &Client, k: i32) -> String {
-    sql.execute("INSERT INTO ticks (k) VALUES ($1)", &[&k])
-        .await
-        .unwrap();
-    sql.query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0)
 }
 
 /// walcast's slot's `wal_status` (None while it does not exist).
@@ -106,13 +86,13 @@ async fn expect_change(c: &mut protocol_tests::Client, k: i64) {
 async fn a_channel_rejoining_after_the_backlog_went_out_is_told_of_the_gap() {
     let s = setup("restart").await;
     let mut server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
-    create_table(&s.sql).await; // after the migrations made the roles
+    create_ticks(&s.sql).await; // after the migrations made the roles
     let (mut c, _) = subscribed(&server).await;
-    insert(&s.sql, 1).await;
+    insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
 
     server.kill().await; // kill -9
-    let lsn = insert(&s.sql, 2).await;
+    let lsn = insert_tick(&s.sql, 2).await;
     // No grace period: the backlog streams at once, before this client is back.
     let server = Server::start_with(&[("DATABASE_URL", &s.url), ("STARTUP_GRACE_MS", "0")]).await;
     wait_for(
@@ -134,7 +114,7 @@ async fn a_channel_rejoining_after_the_backlog_went_out_is_told_of_the_gap() {
         "{gap:?}"
     );
     // Told once; live changes flow as usual.
-    insert(&s.sql, 3).await;
+    insert_tick(&s.sql, 3).await;
     expect_change(&mut c, 3).await;
     c.assert_quiet().await;
 
@@ -160,9 +140,9 @@ async fn a_channel_rejoining_after_the_backlog_went_out_is_told_of_the_gap() {
 async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
     let s = setup("lost").await;
     let mut server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
-    create_table(&s.sql).await; // after the migrations made the roles
+    create_ticks(&s.sql).await; // after the migrations made the roles
     let (mut c, _) = subscribed(&server).await;
-    insert(&s.sql, 1).await;
+    insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
     server.kill().await;
 
@@ -204,7 +184,7 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
         "{gap:?}"
     );
     // The new slot streams.
-    insert(&s.sql, 7).await;
+    insert_tick(&s.sql, 7).await;
     expect_change(&mut c, 7).await;
     let status = slot_status(&s.sql).await;
     assert!(
@@ -217,9 +197,9 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
 async fn a_slot_dropped_under_a_running_server_is_recreated_and_subscribed_channels_are_told() {
     let s = setup("dropped").await;
     let server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
-    create_table(&s.sql).await;
+    create_ticks(&s.sql).await;
     let (mut c, _) = subscribed(&server).await;
-    insert(&s.sql, 1).await;
+    insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
 
     // Take the slot away: end walcast's walsender, then drop the slot before it reconnects.
@@ -260,6 +240,6 @@ async fn a_slot_dropped_under_a_running_server_is_recreated_and_subscribed_chann
         "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = 'walcast_changes' AND active",
     )
     .await;
-    insert(&s.sql, 2).await;
+    insert_tick(&s.sql, 2).await;
     expect_change(&mut c, 2).await;
 }

@@ -14,13 +14,7 @@ async fn a_database_restart_loses_nothing_and_duplicates_nothing() {
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
     let server = Server::start_with(&[("DATABASE_URL", &url)]).await;
     let sql = protocol_tests::pg::connect(cluster.port, "postgres").await;
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
+    protocol_tests::pg::create_ticks(&sql).await;
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     c.join_ok(
         "realtime:t",

@@ -1,7 +1,7 @@
 //! Row level security for postgres_changes: each subscriber sees exactly the rows its JWT and
 //! the table's policies allow, even when many users' checks share one batch.
 
-use protocol_tests::pg::TestDb;
+use protocol_tests::pg::{create_ticks, insert_tick, slot_confirmed, wait_slot_confirmed, TestDb};
 use protocol_tests::*;
 use serde_json::{json, Value};
 
@@ -225,13 +225,7 @@ async fn a_write_right_after_subscribed_is_never_missed() {
     let db = TestDb::create("race").await;
     let server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
+    create_ticks(&sql).await;
     for i in 0..25 {
         let vsn = if i % 2 == 0 { Vsn::V2 } else { Vsn::V1 };
         let mut c = server.connect(vsn, &token("anon")).await;
@@ -255,13 +249,7 @@ async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
     let db = TestDb::create("durable").await;
     let mut server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
+    create_ticks(&sql).await;
     let slot = format!("s_{}", db.name);
     let row = sql
         .query_one(
@@ -280,38 +268,11 @@ async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
     )
     .await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
-    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
-        .await
-        .unwrap();
-    // The position after the commit record (RETURNING runs before the commit is written): a
-    // slot confirmed past it has confirmed the transaction.
-    let lsn: String = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = insert_tick(&sql, 1).await;
     c.recv_until("the write", |f| f.event() == "postgres_changes")
         .await;
     // After delivery the confirmed position moves past the write (within a few status updates).
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let advanced: bool = sql
-            .query_one(
-                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot, &lsn],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if advanced {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "confirmed_flush_lsn never advanced"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_slot_confirmed(&sql, &slot, &lsn).await;
     server.terminate();
     server.wait_exit(std::time::Duration::from_secs(15)).await;
     let exists = sql
@@ -329,13 +290,7 @@ async fn sigterm_confirms_what_was_delivered_before_exiting() {
     let db = TestDb::create("sigterm").await;
     let mut server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
+    create_ticks(&sql).await;
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     c.join_ok(
         "realtime:t",
@@ -343,16 +298,7 @@ async fn sigterm_confirms_what_was_delivered_before_exiting() {
     )
     .await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
-    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
-        .await
-        .unwrap();
-    // The position after the commit record (RETURNING runs before the commit is written): a
-    // slot confirmed past it has confirmed the transaction.
-    let lsn: String = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = insert_tick(&sql, 1).await;
     c.recv_until("the write", |f| f.event() == "postgres_changes")
         .await;
     // Straight away: no waiting for a periodic status update.
@@ -362,16 +308,8 @@ async fn sigterm_confirms_what_was_delivered_before_exiting() {
         .await
         .success());
     let slot = format!("s_{}", db.name);
-    let confirmed: bool = sql
-        .query_one(
-            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot, &lsn],
-        )
-        .await
-        .unwrap()
-        .get(0);
     assert!(
-        confirmed,
+        slot_confirmed(&sql, &slot, &lsn).await,
         "the delivered change is confirmed at shutdown, so a restart will not send it again"
     );
 }
@@ -381,48 +319,22 @@ async fn after_a_crash_reconnecting_clients_get_what_was_committed_while_down() 
     let db = TestDb::create("crash").await;
     let mut server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
-    sql.batch_execute(
-        "CREATE TABLE ticks (id serial PRIMARY KEY, k int);
-         GRANT SELECT ON ticks TO anon;
-         ALTER PUBLICATION supabase_realtime ADD TABLE ticks;",
-    )
-    .await
-    .unwrap();
+    create_ticks(&sql).await;
     let binding =
         json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]});
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     c.join_ok("realtime:t", binding.clone()).await;
     c.recv_until("subscribed", |f| f.event() == "system").await;
-    sql.execute("INSERT INTO ticks (k) VALUES (1)", &[])
-        .await
-        .unwrap();
-    // The position after the commit record (RETURNING runs before the commit is written): a
-    // slot confirmed past it has confirmed the transaction.
-    let lsn: String = sql
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn = insert_tick(&sql, 1).await;
     c.recv_until("first", |f| f.event() == "postgres_changes")
         .await;
     // Wait for the confirmation of the delivered change (what RELIABILITY.md promises).
     let slot = format!("s_{}", db.name);
-    let deadline = std::time::Instant::now() + WAIT;
-    while !sql
-        .query_one("SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1", &[&slot, &lsn])
-        .await
-        .unwrap()
-        .get::<_, bool>(0)
-    {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_slot_confirmed(&sql, &slot, &lsn).await;
 
     server.kill().await; // kill -9
     for k in 2..=6 {
-        sql.execute("INSERT INTO ticks (k) VALUES ($1)", &[&k])
-            .await
-            .unwrap();
+        insert_tick(&sql, k).await;
     }
     // The restart holds the backlog for the grace period; the client rejoins within it.
     let server = Server::start_with_db(&db, &[("STARTUP_GRACE_MS", "3000")]).await;
