@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{anon_token, cpu_seconds, now_us, results_path, start_walcast_alone};
+use crate::{anon_token, cpu_seconds, now_us, start_walcast_alone};
 
 pub struct FanoutArgs {
     pub subscribers: usize,
@@ -479,12 +479,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     }
     let out = json!({"scenario": "fanout", "subscribers": a.subscribers, "seconds": a.seconds,
         "p99_bound_ms": a.p99_bound_ms, "note": "loader, walcast and nats-server share the machine", "shapes": report});
-    let path = results_path("fanout.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    println!("written: {}", path.display());
-    let png = results_path("fanout.png");
-    crate::chart::write_png(&png, &panels)?;
-    println!("written: {}", png.display());
+    crate::save_results("fanout", &out, &panels)?;
     Ok(())
 }
 

@@ -181,7 +181,48 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Where a scenario's JSON goes: `bench/results/`, or `WALCAST_BENCH_RESULTS` (the smoke test
+/// A PostgreSQL of the scenario's own (walcast's dev-cluster code) in a temporary directory;
+/// stopped and removed when dropped, however the scenario ends.
+struct BenchDb {
+    cluster: walcast::dev::DevCluster,
+    dir: PathBuf,
+}
+
+impl BenchDb {
+    fn start(scenario: &str) -> anyhow::Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("walcast-bench-{scenario}-{}", std::process::id()));
+        let cluster = walcast::dev::DevCluster::start(&dir)?;
+        Ok(Self { cluster, dir })
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.cluster.port
+        )
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes a scenario's results: `<name>.json` and the chart `<name>.png`.
+fn save_results(name: &str, results: &Value, panels: &[chart::Panel]) -> anyhow::Result<()> {
+    let path = results_path(&format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
+    println!("written: {}", path.display());
+    let png = results_path(&format!("{name}.png"));
+    chart::write_png(&png, panels)?;
+    println!("written: {}", png.display());
+    Ok(())
+}
+
+/// Where a scenario's JSON and chart go: `bench/results/`, or `WALCAST_BENCH_RESULTS` (the smoke test
 /// writes elsewhere so it never replaces published figures).
 fn results_path(name: &str) -> PathBuf {
     let dir = std::env::var_os("WALCAST_BENCH_RESULTS")
@@ -358,10 +399,9 @@ async fn run_joins(
 }
 
 async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("walcast-bench-{}", std::process::id()));
-    let cluster = walcast::dev::DevCluster::start(&dir)?;
-    let result = async {
-        let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let db = BenchDb::start("joins")?;
+    async {
+        let db_url = db.url();
         let mut walcast = start_walcast(&db_url, 8).await?;
         let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -416,12 +456,8 @@ async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Res
             "private": {"joins_per_sec": rate(&private), "p50_ms": private.p50_ms, "p99_ms": private.p99_ms},
             "ratio": rate(&private) / rate(&public),
         });
-        let path = results_path("joins.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-        println!("written: {}", path.display());
         let cases = vec!["public (reference, no policy)".to_string(), "private (membership policy)".to_string()];
-        let png = results_path("joins.png");
-        chart::write_png(&png, &[
+        save_results("joins", &out, &[
             chart::Panel::Bars(chart::BarChart {
                 title: format!("joins per second, {sockets} sockets x {per_socket} channels"),
                 y_label: "joins/s".into(),
@@ -438,13 +474,9 @@ async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Res
                 ],
             }),
         ])?;
-        println!("written: {}", png.display());
         Ok::<_, anyhow::Error>(())
     }
-    .await;
-    let _ = cluster.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    .await
 }
 
 fn pg_bin() -> anyhow::Result<PathBuf> {
@@ -452,10 +484,9 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
 }
 
 async fn drain(n: usize) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("walcast-bench-drain-{}", std::process::id()));
-    let cluster = walcast::dev::DevCluster::start(&dir)?;
-    let result = async {
-        let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let db = BenchDb::start("drain")?;
+    async {
+        let db_url = db.url();
         // First start: migrations and walcast's slot; then the reference slot, at the same point.
         let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "0")]).await?;
         let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
@@ -532,7 +563,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         };
         let ref_started = Instant::now();
         let status = cmd
-            .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string(), "-U", "postgres", "-d", "postgres",
+            .args(["-h", "127.0.0.1", "-p", &db.cluster.port.to_string(), "-U", "postgres", "-d", "postgres",
                    "-S", "bench_reference", "--start", "-E", &end_lsn, "-f", "/dev/null",
                    "-o", "proto_version=1", "-o", "publication_names=supabase_realtime"])
             .status()
@@ -564,11 +595,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
             "ratio": walcast_rate / reference_rate,
             "walcast_rss_start": rss_start, "walcast_rss_peak": rss_peak,
         });
-        let path = results_path("drain.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-        println!("written: {}", path.display());
-        let png = results_path("drain.png");
-        chart::write_png(&png, &[chart::Panel::Bars(chart::BarChart {
+        save_results("drain", &out, &[chart::Panel::Bars(chart::BarChart {
             title: format!("change-stream drain, {n} single-row transactions"),
             y_label: "changes/s".into(),
             categories: vec![format!("{n} transactions")],
@@ -577,13 +604,9 @@ async fn drain(n: usize) -> anyhow::Result<()> {
                 ("pg_recvlogical (decode only)".into(), vec![reference_rate], true),
             ],
         })])?;
-        println!("written: {}", png.display());
         Ok::<_, anyhow::Error>(())
     }
-    .await;
-    let _ = cluster.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    .await
 }
 
 fn unsafe_is_root() -> bool {
@@ -668,13 +691,10 @@ async fn idle(n: usize) -> anyhow::Result<()> {
         per
     );
     let out = json!({"scenario": "idle", "sockets": n, "rss_before": before, "rss_after": after, "bytes_per_socket": per});
-    let path = results_path("idle.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    println!("written: {}", path.display());
     growth.push((n as f64, per));
-    let png = results_path("idle.png");
-    chart::write_png(
-        &png,
+    save_results(
+        "idle",
+        &out,
         &[chart::Panel::Line(chart::LineChart {
             title: "memory per joined idle socket (server RSS growth / sockets)".into(),
             x_label: "joined idle sockets".into(),
@@ -689,7 +709,6 @@ async fn idle(n: usize) -> anyhow::Result<()> {
             bound: Some((8192.0, "target 8 KiB".into())),
         })],
     )?;
-    println!("written: {}", png.display());
     drop(sockets);
     let _ = child.kill().await;
     Ok(())
@@ -872,12 +891,7 @@ async fn chat(
         ),
     };
     let name = if rls { "chat_rls" } else { "chat" };
-    let path = results_path(&format!("{name}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    println!("written: {}", path.display());
-    let png = results_path(&format!("{name}.png"));
-    chart::write_png(&png, &[panel])?;
-    println!("written: {}", png.display());
+    save_results(name, &out, &[panel])?;
     Ok(())
 }
 
@@ -892,10 +906,9 @@ async fn chat_runs(
 ) -> anyhow::Result<Vec<ChatRun>> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
-    let dir = std::env::temp_dir().join(format!("walcast-bench-chat-{}", std::process::id()));
-    let cluster = walcast::dev::DevCluster::start(&dir)?;
-    let result = async {
-        let db_url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    let db = BenchDb::start("chat")?;
+    async {
+        let db_url = db.url();
         let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "0"), ("RLIMIT_NOFILE", "20000")]).await?;
         let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
@@ -1055,8 +1068,5 @@ async fn chat_runs(
         let _ = w.child.kill().await;
         Ok::<_, anyhow::Error>(runs)
     }
-    .await;
-    let _ = cluster.stop();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    .await
 }

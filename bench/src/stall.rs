@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{anon_token, now_us, results_path, rss_bytes, start_walcast_alone, Walcast};
+use crate::{anon_token, now_us, rss_bytes, start_walcast_alone, Walcast};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -236,9 +236,6 @@ pub async fn stall(a: StallArgs) -> anyhow::Result<()> {
     let out = json!({"scenario": "stall", "healthy": a.healthy, "rate": a.rate, "seconds": a.seconds,
         "payload": a.payload, "queue_bytes": a.queue_bytes,
         "alone": json_run(&alone), "reference": json_run(&reference), "run": json_run(&run)});
-    let path = results_path("stall.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
-    println!("written: {}", path.display());
     let cases = vec![
         "healthy alone".to_string(),
         format!("+{} reading", a.stalled),
@@ -279,15 +276,14 @@ pub async fn stall(a: StallArgs) -> anyhow::Result<()> {
             ),
         ],
     };
-    let png = results_path("stall.png");
-    crate::chart::write_png(
-        &png,
+    crate::save_results(
+        "stall",
+        &out,
         &[
             crate::chart::Panel::Bars(latency),
             crate::chart::Panel::Bars(memory),
         ],
     )?;
-    println!("written: {}", png.display());
     if run.received < run.sent {
         bail!(
             "healthy readers lost broadcasts: {} of {}",
