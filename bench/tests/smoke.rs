@@ -52,43 +52,30 @@ fn drain() {
     run("drain", &["--transactions", "200"], "drain.json");
 }
 
+/// The smallest chat load: 20 subscribers over 4 conversations, 50 commits/s for 1 s.
+const SMALL_CHAT: [&str; 10] = [
+    "--subscribers",
+    "20",
+    "--conversations",
+    "4",
+    "--rates",
+    "50",
+    "--seconds",
+    "1",
+    "--writers",
+    "2",
+];
+
 #[test]
 fn chat() {
-    run(
-        "chat",
-        &[
-            "--subscribers",
-            "20",
-            "--conversations",
-            "4",
-            "--rates",
-            "50",
-            "--seconds",
-            "1",
-            "--writers",
-            "2",
-        ],
-        "chat.json",
-    );
+    run("chat", &SMALL_CHAT, "chat.json");
 }
 
 #[test]
 fn chat_rls() {
     run(
         "chat",
-        &[
-            "--subscribers",
-            "20",
-            "--conversations",
-            "4",
-            "--rates",
-            "50",
-            "--seconds",
-            "1",
-            "--writers",
-            "2",
-            "--rls",
-        ],
+        &[&SMALL_CHAT[..], &["--rls"]].concat(),
         "chat_rls.json",
     );
 }
