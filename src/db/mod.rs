@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls};
 
-/// Prepared statements kept per connection; past this many the connection's cache starts over.
+/// Prepared statements kept per connection; past this many they are deallocated and it starts
+/// over.
 const STATEMENTS_PER_CONNECTION: usize = 256;
 
 /// Session settings for every walcast connection, replication included: they fix the text form
@@ -142,12 +142,11 @@ pub struct Pool {
     permits: Arc<Semaphore>,
 }
 
-/// A pooled connection and the statements prepared on it (named server-side statements: parsed
-/// and planned once, then only bound and executed).
+/// A pooled connection and the statements prepared on it (parsed and planned once, then only
+/// executed).
 struct Conn {
     client: Client,
-    statements: HashMap<String, Statement>,
-    /// SQL-level prepared statements (`PREPARE`), for running from inside a function:
+    /// SQL-level prepared statements (`PREPARE`), for `EXECUTE` from inside a function:
     /// (parameter types, SQL) → name.
     named: HashMap<(String, String), String>,
     next_name: u64,
@@ -183,24 +182,9 @@ impl std::ops::DerefMut for PooledClient {
 }
 
 impl PooledClient {
-    /// `sql` prepared on this connection with these parameter types, from its cache when it
-    /// was prepared before. PostgreSQL re-plans a cached statement itself when a table it
-    /// reads changes.
-    pub async fn prepared(&mut self, sql: &str, types: &[Type]) -> Result<Statement, DbError> {
-        let conn = self.conn.as_mut().expect("client present until drop");
-        if let Some(s) = conn.statements.get(sql) {
-            return Ok(s.clone());
-        }
-        let statement = conn.client.prepare_typed(sql, types).await?;
-        if conn.statements.len() >= STATEMENTS_PER_CONNECTION {
-            conn.statements.clear();
-        }
-        conn.statements.insert(sql.to_owned(), statement.clone());
-        Ok(statement)
-    }
-
     /// The name of a statement prepared with SQL `PREPARE` on this connection (for `EXECUTE`
-    /// from SQL), preparing it the first time. `types` is the parameter type list.
+    /// from SQL), preparing it the first time. `types` is the parameter type list. PostgreSQL
+    /// re-plans a prepared statement itself when a table it reads changes.
     pub async fn named_statement(&mut self, sql: &str, types: &str) -> Result<String, DbError> {
         let conn = self.conn.as_mut().expect("client present until drop");
         let key = (types.to_owned(), sql.to_owned());
@@ -297,7 +281,6 @@ impl Pool {
                 }
                 Conn {
                     client,
-                    statements: HashMap::new(),
                     named: HashMap::new(),
                     next_name: 0,
                     discard: false,

@@ -196,11 +196,6 @@ impl Authorizer {
         requests: &[RlsRequest],
         xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, String> {
-        const CHECK: &str = "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)";
-        let check = client
-            .prepared(CHECK, &[Type::TEXT_ARRAY; 4])
-            .await
-            .map_err(|e| e.to_string())?;
         let mut statements = Vec::with_capacity(requests.len());
         for r in requests {
             let width = r.table.pk.len();
@@ -242,8 +237,18 @@ impl Authorizer {
                 );
             }
         }
+        // One unnamed statement per batch (parsed, bound and run in one round trip): the
+        // lookups inside it are the prepared ones.
         let rows = tx
-            .query(&check, &[&roles, &claims, &subs, &statements])
+            .query_typed(
+                "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+                &[
+                    (&roles, Type::TEXT_ARRAY),
+                    (&claims, Type::TEXT_ARRAY),
+                    (&subs, Type::TEXT_ARRAY),
+                    (&statements, Type::TEXT_ARRAY),
+                ],
+            )
             .await
             .map_err(|e| match e.as_db_error() {
                 Some(db) => format!("{}: {}", db.code().code(), db.message()),
@@ -255,23 +260,19 @@ impl Authorizer {
         for row in rows {
             let cohort: i32 = row.try_get(0).map_err(|e| e.to_string())?;
             let visible: Option<Vec<String>> = row.try_get(1).map_err(|e| e.to_string())?;
-            let Some(slot) = usize::try_from(cohort - 1)
+            let i = usize::try_from(cohort - 1)
                 .ok()
-                .and_then(|i| out.get_mut(i).map(|s| (i, s)))
-            else {
-                return Err(format!(
-                    "check_cohorts answered for unknown cohort {cohort}"
-                ));
-            };
-            let (i, set) = slot;
+                .filter(|i| *i < out.len())
+                .ok_or_else(|| format!("check_cohorts answered for unknown cohort {cohort}"))?;
+            let composite = requests[i].table.pk.len() > 1;
             for key in visible.unwrap_or_default() {
-                if requests[i].table.pk.len() == 1 {
-                    set.insert(vec![key]);
+                // A composite key comes as a JSON array of its columns' texts.
+                let key = if composite {
+                    serde_json::from_str(&key).map_err(|e| e.to_string())?
                 } else {
-                    let tuple: Vec<String> =
-                        serde_json::from_str(&key).map_err(|e| e.to_string())?;
-                    set.insert(tuple);
-                }
+                    vec![key]
+                };
+                out[i].insert(key);
             }
         }
         Ok(out)
