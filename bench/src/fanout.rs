@@ -82,11 +82,7 @@ trait Target {
 struct Walcast {
     port: u16,
     token: String,
-    publisher: Option<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-    >,
+    publisher: Option<crate::Ws>,
 }
 
 impl Target for Walcast {
@@ -96,11 +92,7 @@ impl Target for Walcast {
         lat: Latencies,
         done: Arc<AtomicBool>,
     ) -> anyhow::Result<()> {
-        let url = format!(
-            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-            self.port, self.token
-        );
-        let (mut ws, _) = crate::ws_connect(url).await?;
+        let mut ws = crate::ws_connect(self.port, &self.token).await?;
         let join = json!(["1", "1", format!("realtime:{topic}"), "phx_join",
             {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -129,11 +121,7 @@ impl Target for Walcast {
     }
 
     async fn prepare(&mut self, topics: &[String]) -> anyhow::Result<()> {
-        let url = format!(
-            "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-            self.port, self.token
-        );
-        let (mut ws, _) = crate::ws_connect(url).await?;
+        let mut ws = crate::ws_connect(self.port, &self.token).await?;
         // A client may only broadcast on channels it joined.
         for (i, topic) in topics.iter().enumerate() {
             let r = (i + 1).to_string();
@@ -157,15 +145,7 @@ impl Target for Walcast {
     }
 
     async fn publish(&mut self, topic: &str, body: &str) -> anyhow::Result<()> {
-        if self.publisher.is_none() {
-            let url = format!(
-                "ws://127.0.0.1:{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-                self.port, self.token
-            );
-            let (ws, _) = crate::ws_connect(url).await?;
-            self.publisher = Some(ws);
-        }
-        let ws = self.publisher.as_mut().context("publisher")?;
+        let ws = self.publisher.as_mut().context("publish before prepare")?;
         let frame = json!([null, null, format!("realtime:{topic}"), "broadcast",
             {"type": "broadcast", "event": "m", "payload": {"b": body}}]);
         ws.send(Message::Text(frame.to_string().into())).await?;
@@ -259,10 +239,7 @@ impl Target for Nats {
     }
 
     async fn publish(&mut self, topic: &str, body: &str) -> anyhow::Result<()> {
-        if self.publisher.is_none() {
-            self.publisher = Some(nats_connect(self.port).await?.into_inner());
-        }
-        let p = self.publisher.as_mut().context("publisher")?;
+        let p = self.publisher.as_mut().context("publish before prepare")?;
         // The same JSON body walcast's subscribers receive inside their frame.
         let payload = format!("{{\"b\":\"{body}\"}}");
         p.write_all(format!("PUB {topic} {}\r\n{payload}\r\n", payload.len()).as_bytes())

@@ -235,15 +235,17 @@ fn results_path(name: &str) -> PathBuf {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A WebSocket client with Nagle off, like a browser's and like the NATS clients: the loader
-/// must not add its own delay to the latencies it measures.
-async fn ws_connect(
-    url: String,
-) -> anyhow::Result<(
-    Ws,
-    tokio_tungstenite::tungstenite::handshake::client::Response,
-)> {
-    Ok(tokio_tungstenite::connect_async_with_config(url, None, true).await?)
+/// The socket URL of a walcast on `port` for a client with `token`, speaking vsn 2.0.0.
+fn socket_url(port: u16, token: &str) -> String {
+    format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0")
+}
+
+/// A vsn 2.0.0 client of the walcast on `port`, with Nagle off like a browser's and like the NATS
+/// clients: the loader must not add its own delay to the latencies it measures.
+async fn ws_connect(port: u16, token: &str) -> anyhow::Result<Ws> {
+    let (ws, _) =
+        tokio_tungstenite::connect_async_with_config(socket_url(port, token), None, true).await?;
+    Ok(ws)
 }
 
 fn token(sub: &str) -> String {
@@ -331,8 +333,7 @@ async fn join_many(
     topics: Vec<String>,
     private: bool,
 ) -> anyhow::Result<Vec<Duration>> {
-    let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0");
-    let (mut ws, _) = crate::ws_connect(url).await?;
+    let mut ws = crate::ws_connect(port, &tok).await?;
     let mut latencies = Vec::with_capacity(topics.len());
     for (i, topic) in topics.iter().enumerate() {
         let r = (i + 1).to_string();
@@ -526,8 +527,7 @@ async fn drain(n: usize) -> anyhow::Result<()> {
         let spawned = Instant::now();
         let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "1500")]).await?;
         let tok = anon_token();
-        let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
-        let (mut ws, _) = crate::ws_connect(url).await?;
+        let mut ws = crate::ws_connect(w.port, &tok).await?;
         let join = json!(["1", "1", "realtime:drain", "phx_join",
             {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "drain"}]}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -652,8 +652,7 @@ async fn idle(n: usize) -> anyhow::Result<()> {
     let open = |i: usize| {
         let tok = tok.clone();
         async move {
-            let url = format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0");
-            let (mut ws, _) = crate::ws_connect(url).await?;
+            let mut ws = crate::ws_connect(port, &tok).await?;
             let join = json!(["1", "1", format!("realtime:room-{}", i % 100), "phx_join",
                 {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"key": "", "enabled": false}, "postgres_changes": [], "private": false}}]);
             ws.send(Message::Text(join.to_string().into())).await?;
@@ -956,8 +955,7 @@ async fn chat_runs(
         for s in 0..subscribers {
             let conv = s % conversations;
             let tok = token_for(s)?;
-            let url = format!("ws://127.0.0.1:{}/realtime/v1/websocket?apikey={tok}&vsn=2.0.0", w.port);
-            let (mut ws, _) = crate::ws_connect(url).await?;
+            let mut ws = crate::ws_connect(w.port, &tok).await?;
             let join = json!(["1", "1", format!("realtime:conversation:{conv}"), "phx_join",
                 {"config": {"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "chat", "filter": format!("conversation_id=eq.{conv}")}]}}]);
             ws.send(Message::Text(join.to_string().into())).await?;
