@@ -47,8 +47,7 @@ async fn connect(port: u16, tok: &str, recv_buffer: Option<u32>) -> anyhow::Resu
         .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await?;
     stream.set_nodelay(true)?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async(crate::socket_url(port, tok), stream).await?;
+    let (mut ws, _) = tokio_tungstenite::client_async(crate::socket_url(port, tok), stream).await?;
     let join = json!(["1", "1", "realtime:busy", "phx_join",
         {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"enabled": false}, "private": false}}]);
     ws.send(Message::Text(join.to_string().into())).await?;

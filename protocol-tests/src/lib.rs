@@ -454,6 +454,16 @@ impl Client {
     }
 
     /// Asserts that nothing is waiting on the socket.
+    /// Asserts that no `event` frame arrived before a round trip (other frames may have);
+    /// `who` names the client in the failure.
+    pub async fn assert_no_more(&mut self, event: &str, who: &str) {
+        let before = self.barrier().await;
+        assert!(
+            before.iter().all(|f| f.event() != event),
+            "{who} got more {event}: {before:?}"
+        );
+    }
+
     pub async fn assert_quiet(&mut self) {
         let before = self.barrier().await;
         assert!(before.is_empty(), "expected no frames, got {before:?}");

@@ -96,11 +96,11 @@ async fn many_customers_each_see_only_their_own_conversation() {
                 "customer {n}"
             );
         }
-        let extra = c.barrier().await;
-        assert!(
-            extra.iter().all(|f| f.event() != "postgres_changes"),
-            "customer {n} saw others: {extra:?}"
-        );
+        c.assert_no_more(
+            "postgres_changes",
+            &format!("customer {n} (another's message)"),
+        )
+        .await;
     }
     let mut agent_count = 0;
     while agent_count < CUSTOMERS * ROUNDS {
@@ -212,11 +212,8 @@ async fn a_refreshed_token_resubscribes_under_the_new_claims() {
             .recv_until("change", |f| f.event() == "postgres_changes")
             .await;
         assert_eq!(ev.payload()["data"]["record"]["body"], "two again");
-        let rest = c.barrier().await;
-        assert!(
-            rest.iter().all(|f| f.event() != "postgres_changes"),
-            "{rest:?}"
-        );
+        c.assert_no_more("postgres_changes", "the client under its new token")
+            .await;
     }
 }
 
@@ -443,11 +440,8 @@ async fn awkward_and_composite_keys_are_checked_exactly() {
             AWKWARD.iter().map(|k| k.to_string()).collect();
         assert_eq!(tags, want_tags, "user {n}");
         assert_eq!(docs, want_docs, "user {n}");
-        let extra = c.barrier().await;
-        assert!(
-            extra.iter().all(|f| f.event() != "postgres_changes"),
-            "user {n} saw more: {extra:?}"
-        );
+        c.assert_no_more("postgres_changes", &format!("user {n}"))
+            .await;
     }
 }
 
@@ -505,9 +499,7 @@ async fn a_policy_error_withholds_only_the_cohort_it_hits() {
         assert_eq!(bodies, ["a0", "a1", "a2", "b0", "b1", "b2"]);
     }
     // The failing user gets nothing, and its socket still answers.
-    let rest = fails.barrier().await;
-    assert!(
-        rest.iter().all(|f| f.event() != "postgres_changes"),
-        "{rest:?}"
-    );
+    fails
+        .assert_no_more("postgres_changes", "the user whose policy fails")
+        .await;
 }
