@@ -213,7 +213,8 @@ pub fn short_number(v: f64) -> String {
     }
 }
 
-fn frame_and_title(canvas: &mut Canvas, area: Rectangle, title: &str) -> Rectangle {
+/// A panel's title, its plot frame and its y-axis label; returns the plot area.
+fn frame_and_title(canvas: &mut Canvas, area: Rectangle, title: &str, y_label: &str) -> Rectangle {
     text(
         canvas,
         title,
@@ -239,6 +240,13 @@ fn frame_and_title(canvas: &mut Canvas, area: Rectangle, title: &str) -> Rectang
                 .build(),
         )
         .draw(canvas);
+    text(
+        canvas,
+        y_label,
+        Point::new(plot.top_left.x - LEFT + 6, plot.top_left.y - 12),
+        &FONT_6X10,
+        Alignment::Left,
+    );
     plot
 }
 
@@ -310,7 +318,7 @@ fn y_tick(canvas: &mut Canvas, plot: Rectangle, value: f64, py: i32) {
 }
 
 fn draw_line_chart(canvas: &mut Canvas, area: Rectangle, c: &LineChart) {
-    let plot = frame_and_title(canvas, area, &c.title);
+    let plot = frame_and_title(canvas, area, &c.title, &c.y_label);
     let pts = || c.series.iter().flat_map(|s| s.points.iter().copied());
     let usable = |y: f64| y.is_finite() && (!c.log_y || y > 0.0);
     let xs: Vec<f64> = pts().map(|p| p.0).filter(|x| x.is_finite()).collect();
@@ -390,13 +398,6 @@ fn draw_line_chart(canvas: &mut Canvas, area: Rectangle, c: &LineChart) {
         &FONT_6X10,
         Alignment::Center,
     );
-    text(
-        canvas,
-        &c.y_label,
-        Point::new(plot.top_left.x - LEFT + 6, plot.top_left.y - 12),
-        &FONT_6X10,
-        Alignment::Left,
-    );
 
     let mut row = 0;
     if let Some((b, label)) = &c.bound {
@@ -442,7 +443,7 @@ fn draw_line_chart(canvas: &mut Canvas, area: Rectangle, c: &LineChart) {
 }
 
 fn draw_bar_chart(canvas: &mut Canvas, area: Rectangle, c: &BarChart) {
-    let plot = frame_and_title(canvas, area, &c.title);
+    let plot = frame_and_title(canvas, area, &c.title, &c.y_label);
     let hi = c
         .series
         .iter()
@@ -455,13 +456,6 @@ fn draw_bar_chart(canvas: &mut Canvas, area: Rectangle, c: &BarChart) {
     for y in linear_ticks(0.0, hi) {
         y_tick(canvas, plot, y, to_y(y));
     }
-    text(
-        canvas,
-        &c.y_label,
-        Point::new(plot.top_left.x - LEFT + 6, plot.top_left.y - 12),
-        &FONT_6X10,
-        Alignment::Left,
-    );
     let groups = c.categories.len().max(1) as i32;
     let group_w = plot.size.width as i32 / groups;
     let n = c.series.len().max(1) as i32;
