@@ -293,13 +293,7 @@ async fn measure<T: Target>(
     let loader_cpu_s = cpu_seconds(std::process::id())? - loader_cpu;
     let mut l = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     l.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        if l.is_empty() {
-            0.0
-        } else {
-            l[((l.len() as f64 * p) as usize).min(l.len() - 1)]
-        }
-    };
+    let pct = |p: f64| crate::percentile(&l, p).unwrap_or(0.0);
     Ok(Point {
         rate,
         delivered_per_sec: l.len() as f64 / elapsed,

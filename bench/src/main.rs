@@ -181,6 +181,12 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The nearest-rank percentile `p` (0..1) of sorted values; None when there are none.
+fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((sorted.len() as f64 * p) as usize).min(last)])
+}
+
 /// A PostgreSQL of the scenario's own (walcast's dev-cluster code) in a temporary directory;
 /// stopped and removed when dropped, however the scenario ends.
 struct BenchDb {
@@ -389,8 +395,7 @@ async fn run_joins(
     }
     let seconds = start.elapsed().as_secs_f64();
     all.sort();
-    let pct =
-        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1000.0;
+    let pct = |p: f64| percentile(&all, p).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
     Ok(JoinRun {
         joins: all.len(),
         seconds,
@@ -1049,7 +1054,7 @@ async fn chat_runs(
             }
             let mut l = latencies.lock().unwrap().clone();
             l.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-            let pct = |p: f64| if l.is_empty() { f64::NAN } else { l[((l.len() as f64 * p) as usize).min(l.len() - 1)] };
+            let pct = |p: f64| percentile(&l, p).unwrap_or(f64::NAN);
             runs.push(ChatRun {
                 rate,
                 commits: inserted.lock().unwrap().len(),

@@ -174,13 +174,7 @@ async fn one_run(a: &StallArgs, stalled: usize, reading: bool) -> anyhow::Result
     }
 
     lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| {
-        if lat.is_empty() {
-            0.0
-        } else {
-            lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)]
-        }
-    };
+    let pct = |p: f64| crate::percentile(&lat, p).unwrap_or(0.0);
     Ok(Run {
         stalled,
         rss_start,
