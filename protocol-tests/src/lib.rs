@@ -205,6 +205,11 @@ impl Server {
         self.child.kill().await.expect("kill walcast");
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("walcast pid")
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().expect("walcast pid");
