@@ -53,6 +53,9 @@ pub const AUTHZ_QUERY_SECONDS: &str = "walcast_authorization_query_seconds";
 pub const AUTHZ_COHORTS: &str = "walcast_authorization_cohorts";
 /// From commit to the change being queued for its subscribers (histogram, seconds).
 pub const DELIVERY_LATENCY_SECONDS: &str = "walcast_delivery_latency_seconds";
+/// Changes withheld from subscribers because they could not be authorized, by `reason` =
+/// no_key | policy_error (counter; one per change and reason, not per subscriber).
+pub const CHANGES_WITHHELD: &str = "walcast_changes_withheld_total";
 
 /// Every metric name, for the docs test.
 pub const ALL: &[&str] = &[
@@ -75,6 +78,7 @@ pub const ALL: &[&str] = &[
     AUTHZ_QUERY_SECONDS,
     AUTHZ_COHORTS,
     DELIVERY_LATENCY_SECONDS,
+    CHANGES_WITHHELD,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

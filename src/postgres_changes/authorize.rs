@@ -153,25 +153,42 @@ impl Authorizer {
         match self.visible_batch(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
+                // One failing lookup fails the whole call: narrow down, so that a row whose
+                // policy errors (or a cohort whose claims do) withholds only itself, never the
+                // other rows or cohorts that happened to share the batch.
                 tracing::debug!(error = %e, "batched RLS check failed; checking cohorts one by one");
                 let mut out = Vec::with_capacity(requests.len());
                 for r in requests {
-                    match self.visible_batch(std::slice::from_ref(r), xids).await {
-                        Ok(mut v) => out.push(v.pop().unwrap_or_default()),
-                        Err(e) => {
-                            tracing::warn!(
-                                table = %format!("{}.{}", r.table.schema, r.table.name),
-                                role = %r.cohort.role,
-                                error = %e,
-                                "RlsPolicyError: row check failed, change withheld"
-                            );
-                            out.push(HashSet::new());
-                        }
-                    }
+                    out.push(self.visible_one_cohort(r, xids).await);
                 }
                 out
             }
         }
+    }
+
+    /// One cohort's request on its own; if that fails too, key by key.
+    async fn visible_one_cohort(&self, r: &RlsRequest, xids: &[u32]) -> HashSet<Vec<String>> {
+        match self.visible_batch(std::slice::from_ref(r), xids).await {
+            Ok(mut v) => return v.pop().unwrap_or_default(),
+            Err(e) if r.pks.len() <= 1 => {
+                withheld(r, &e);
+                return HashSet::new();
+            }
+            Err(_) => {}
+        }
+        let mut seen = HashSet::new();
+        for pk in &r.pks {
+            let one = RlsRequest {
+                table: r.table.clone(),
+                cohort: r.cohort.clone(),
+                pks: vec![pk.clone()],
+            };
+            match self.visible_batch(std::slice::from_ref(&one), xids).await {
+                Ok(mut v) => seen.extend(v.pop().unwrap_or_default()),
+                Err(e) => withheld(&one, &e),
+            }
+        }
+        seen
     }
 
     async fn visible_batch(
@@ -277,6 +294,18 @@ impl Authorizer {
         }
         Ok(out)
     }
+}
+
+/// Says, in a metric and a log line, that a row check failed and its rows are not sent.
+fn withheld(r: &RlsRequest, error: &str) {
+    metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "policy_error").increment(1);
+    tracing::warn!(
+        table = %format!("{}.{}", r.table.schema, r.table.name),
+        role = %r.cohort.role,
+        rows = r.pks.len(),
+        error = %error,
+        "RlsPolicyError: row check failed, change withheld"
+    );
 }
 
 /// Records the batch's duration when the check ends, however it ends.

@@ -314,12 +314,31 @@ impl PgChanges {
         // commit's end was delivered whole; one cut off mid-way is streamed again from its
         // start, and its changes up to the last one handled are skipped.
         let mut txn = TxnState::default();
+        // Whether the batch being collected ends inside a transaction.
+        let mut in_txn = false;
         while let Some(first) = rx.recv().await {
             batch.push(first);
-            // Take what is already waiting: batches form by themselves under load.
-            while batch.len() < MAX_BATCH_EVENTS {
+            // Take what is already waiting (batches form by themselves under load), and the
+            // rest of a transaction begun in the batch: PostgreSQL sends a transaction whole at
+            // its commit, so its remaining events are moments away, and its rows are then
+            // checked together whatever the stream's timing.
+            loop {
+                if let Some(ev) = batch.last() {
+                    match ev {
+                        Event::Begin { .. } => in_txn = true,
+                        Event::Commit { .. } => in_txn = false,
+                        _ => {}
+                    }
+                }
+                if batch.len() >= MAX_BATCH_EVENTS {
+                    break;
+                }
                 match rx.try_recv() {
                     Ok(ev) => batch.push(ev),
+                    Err(mpsc::error::TryRecvError::Empty) if in_txn => match rx.recv().await {
+                        Some(ev) => batch.push(ev),
+                        None => break,
+                    },
                     Err(_) => break,
                 }
             }
@@ -335,14 +354,19 @@ impl PgChanges {
                 }
                 match ev {
                     Event::Relation(rel) => {
+                        let mut backoff = Duration::from_millis(100);
                         let info = loop {
                             match self.catalog.table_from_relation(&rel).await {
                                 Ok(t) => break t,
+                                // Shutting down: the stream is gone, nothing more is delivered,
+                                // and the slot has not been confirmed past this point.
+                                Err(_) if rx.is_closed() => return,
                                 Err(e) => {
                                     // Without the table's key and RLS flag nothing can be sent
                                     // safely: wait (the stream waits too) and try again.
-                                    tracing::warn!(error = %e, table = %rel.name, "cannot describe table; retrying");
-                                    tokio::time::sleep(Duration::from_millis(500)).await;
+                                    tracing::warn!(error = %e, table = %rel.name, retry_ms = backoff.as_millis() as u64, "cannot describe table; retrying");
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(Duration::from_secs(5));
                                 }
                             }
                         };
@@ -465,10 +489,12 @@ impl PgChanges {
             commit_ts,
             xid,
         };
-        let Some(row) = change.filter_row() else {
+        if change.filter_row().is_none() {
             return;
-        };
-        let lookup = |col: &str| match table.column_index(col).and_then(|i| row.get(i)) {
+        }
+        // An unchanged TOAST value is the old image's value when the old image carries it.
+        let lookup = |col: &str| match table.column_index(col).and_then(|i| change.current_cell(i))
+        {
             None | Some(RowCell::Missing) => Cell::Missing,
             Some(RowCell::Null) => Cell::Null,
             Some(cell @ RowCell::Text(_)) => match cell.text() {
@@ -482,65 +508,41 @@ impl PgChanges {
         }
     }
 
-    /// Authorizes a batch of matched changes and delivers them in order.
+    /// Authorizes a batch of matched changes and delivers them in order. Whether a subscriber
+    /// gets a change depends on that change and that subscriber only, never on what else is in
+    /// the batch: the batch only shares the database round trip.
     async fn deliver(&self, pending: Vec<(Change, Vec<Arc<Sub>>)>) {
-        // 1. Which (table, cohort) pairs need a row check, and for which keys.
-        let mut need: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
-        let mut requests: Vec<RlsRequest> = Vec::new();
+        // 1. Each (change, subscriber)'s gate, and the (table, cohort) checks they need.
         let mut bypass: HashMap<String, bool> = HashMap::new();
         for (change, subs) in &pending {
-            let t = &change.table;
-            if !t.rls || change.action == Action::Delete || !t.has_pk {
-                continue;
-            }
-            let Some(pk) = change.pk_values() else {
-                continue;
-            };
-            for s in subs {
-                let role = &s.cohort.role;
-                if !bypass.contains_key(role) {
-                    let b = self.authorizer.bypasses_rls(role).await;
-                    bypass.insert(role.clone(), b);
-                }
-                if bypass[role] {
-                    continue;
-                }
-                let idx = *need.entry((t.oid, s.cohort.clone())).or_insert_with(|| {
-                    requests.push(RlsRequest {
-                        table: t.clone(),
-                        cohort: s.cohort.clone(),
-                        pks: Vec::new(),
-                    });
-                    requests.len() - 1
-                });
-                if !requests[idx].pks.contains(&pk) {
-                    requests[idx].pks.push(pk.clone());
+            if change.table.rls && change.action != Action::Delete {
+                for s in subs {
+                    let role = &s.cohort.role;
+                    if !bypass.contains_key(role) {
+                        let b = self.authorizer.bypasses_rls(role).await;
+                        bypass.insert(role.clone(), b);
+                    }
                 }
             }
         }
-        let mut xids: Vec<u32> = pending
-            .iter()
-            .filter(|(c, _)| need.keys().any(|(t, _)| *t == c.table.oid))
-            .map(|(c, _)| c.xid)
-            .collect();
-        xids.sort_unstable();
-        xids.dedup();
-        let visible = self.authorizer.visible(&requests, &xids).await;
+        let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
+        let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
 
         // 2. Deliver, change by change, one message per channel.
-        for (change, subs) in &pending {
+        for ((change, subs), gates) in pending.iter().zip(&plan.gates) {
             let t = &change.table;
-            let pk = change.pk_values();
             let mut per_channel: HashMap<
                 crate::channels::ChannelId,
                 (Arc<Target>, Vec<&Arc<Sub>>),
             > = HashMap::new();
-            for s in subs {
-                if let Some(&idx) = need.get(&(t.oid, s.cohort.clone())) {
-                    let ok = pk.as_ref().is_some_and(|pk| visible[idx].contains(pk));
-                    if !ok {
-                        continue;
-                    }
+            for (s, gate) in subs.iter().zip(gates) {
+                let open = match gate {
+                    Gate::Open => true,
+                    Gate::Withheld => false,
+                    Gate::Check(idx, pk) => visible.get(*idx).is_some_and(|v| v.contains(pk)),
+                };
+                if !open {
+                    continue;
                 }
                 per_channel
                     .entry(s.target.channel)
@@ -600,6 +602,85 @@ impl PgChanges {
                 / 1e6;
             metrics::histogram!(crate::telemetry::DELIVERY_LATENCY_SECONDS).record(latency);
         }
+    }
+}
+
+/// What one subscriber's delivery of one change waits on.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// No row check: no RLS on the table, a DELETE (sent as its key only), or a role that
+    /// bypasses RLS.
+    Open,
+    /// Visible if request `.0` of the batch answers key `.1`.
+    Check(usize, Vec<String>),
+    /// Under RLS but the row's key is not in the change: it cannot be checked, so it is not sent.
+    Withheld,
+}
+
+/// The row checks a batch needs: one request per (table, cohort) with every key asked about,
+/// the transactions to wait for, and a gate per (change, subscriber) that names its own key.
+struct CheckPlan {
+    requests: Vec<RlsRequest>,
+    xids: Vec<u32>,
+    gates: Vec<Vec<Gate>>,
+}
+
+fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> bool) -> CheckPlan {
+    let mut need: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
+    let mut requests: Vec<RlsRequest> = Vec::new();
+    let mut xids: Vec<u32> = Vec::new();
+    let mut gates = Vec::with_capacity(pending.len());
+    for (change, subs) in pending {
+        let t = &change.table;
+        // Tables without a primary key get the original's "no primary key" error payload,
+        // which carries no row: nothing to check.
+        let checked = t.rls && t.has_pk && change.action != Action::Delete;
+        let pk = if checked { change.pk_values() } else { None };
+        let mut withheld = false;
+        let change_gates: Vec<Gate> = subs
+            .iter()
+            .map(|s| {
+                if !checked || bypasses(&s.cohort.role) {
+                    return Gate::Open;
+                }
+                let Some(pk) = &pk else {
+                    withheld = true;
+                    return Gate::Withheld;
+                };
+                let idx = *need.entry((t.oid, s.cohort.clone())).or_insert_with(|| {
+                    requests.push(RlsRequest {
+                        table: t.clone(),
+                        cohort: s.cohort.clone(),
+                        pks: Vec::new(),
+                    });
+                    requests.len() - 1
+                });
+                if !requests[idx].pks.contains(pk) {
+                    requests[idx].pks.push(pk.clone());
+                }
+                if !xids.contains(&change.xid) {
+                    xids.push(change.xid);
+                }
+                Gate::Check(idx, pk.clone())
+            })
+            .collect();
+        if withheld {
+            metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "no_key")
+                .increment(1);
+            tracing::warn!(
+                table = %format!("{}.{}", t.schema, t.name),
+                action = change.action.as_str(),
+                "change withheld from row-level-security subscribers: its primary key is not in \
+                 the change (unchanged out-of-line value and no old key), so it cannot be checked"
+            );
+        }
+        gates.push(change_gates);
+    }
+    xids.sort_unstable();
+    CheckPlan {
+        requests,
+        xids,
+        gates,
     }
 }
 
@@ -829,7 +910,205 @@ pub fn cohort_key(c: &Cohort) -> (String, String) {
 
 #[cfg(test)]
 mod tests {
-    use super::TxnState;
+    use super::*;
+    use crate::channels::ChannelId;
+    use crate::protocol::Vsn;
+    use crate::replication::values::Conv;
+    use crate::session::outbound::Outbound;
+    use bytes::Bytes;
+
+    fn table(oid: u32, rls: bool) -> Arc<TableInfo> {
+        let col = |name: &str, pk: bool| catalog::ColumnInfo {
+            name: name.into(),
+            type_oid: 25,
+            typname: "text".into(),
+            conv: Conv::Text,
+            key: pk,
+            pk,
+        };
+        Arc::new(TableInfo {
+            oid,
+            schema: "public".into(),
+            name: format!("t{oid}"),
+            replica_identity: b'd',
+            columns: vec![col("id", true), col("body", false)],
+            rls,
+            has_pk: true,
+            pk: vec![("id".into(), "text".into())],
+        })
+    }
+
+    fn cohort(role: &str, sub: &str) -> Arc<Cohort> {
+        Arc::new(Cohort {
+            role: role.into(),
+            claims: format!("{{\"sub\":\"{sub}\"}}"),
+            sub: sub.into(),
+        })
+    }
+
+    fn sub(action: Action, cohort: &Arc<Cohort>) -> Arc<Sub> {
+        Arc::new(Sub {
+            target: Arc::new(Target {
+                channel: ChannelId::next(),
+                vsn: Vsn::V2,
+                topic: Arc::from("realtime:t"),
+                outbound: Arc::new(Outbound::new(1 << 20)),
+            }),
+            binding_id: 1,
+            action,
+            filters: Vec::new(),
+            select: None,
+            cohort: cohort.clone(),
+        })
+    }
+
+    fn text(v: &str) -> RowCell {
+        RowCell::Text(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn change(t: &Arc<TableInfo>, action: Action, new: Option<Row>, old: Option<Row>) -> Change {
+        Change {
+            table: t.clone(),
+            action,
+            new,
+            old,
+            commit_ts: 0,
+            xid: 7,
+        }
+    }
+
+    /// Every gate of one change, computed alone and inside a batch with `neighbours`.
+    fn alone_and_in_batch(
+        target: (Change, Vec<Arc<Sub>>),
+        neighbours: Vec<(Change, Vec<Arc<Sub>>)>,
+    ) -> (Vec<Gate>, Vec<Gate>) {
+        let alone = plan_checks(std::slice::from_ref(&target), |_| false);
+        let mut batch = neighbours;
+        batch.push(target);
+        let mut together = plan_checks(&batch, |_| false);
+        let last = together.gates.pop().unwrap_or_default();
+        let mut first = alone.gates.into_iter().next().unwrap_or_default();
+        // Request indexes differ between the two plans; compare keys and verdict kinds.
+        let strip = |g: Gate| match g {
+            Gate::Check(_, pk) => Gate::Check(0, pk),
+            g => g,
+        };
+        first = first.into_iter().map(strip).collect();
+        (first, last.into_iter().map(strip).collect())
+    }
+
+    #[test]
+    fn a_delete_is_not_gated_by_the_checks_its_batch_neighbours_need() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let channel_subs = [sub(Action::Insert, &alice), sub(Action::Delete, &alice)];
+        let insert = change(&t, Action::Insert, Some(vec![text("1"), text("x")]), None);
+        let update = change(&t, Action::Update, Some(vec![text("3"), text("y")]), None);
+        let delete = change(
+            &t,
+            Action::Delete,
+            None,
+            Some(vec![text("2"), RowCell::Missing]),
+        );
+        let (alone, together) = alone_and_in_batch(
+            (delete, vec![channel_subs[1].clone()]),
+            vec![
+                (insert, vec![channel_subs[0].clone()]),
+                (update, vec![channel_subs[0].clone()]),
+            ],
+        );
+        assert_eq!(alone, vec![Gate::Open]);
+        assert_eq!(together, alone, "a DELETE's fate depends on its neighbours");
+    }
+
+    #[test]
+    fn each_change_is_checked_by_its_own_key_whatever_shares_the_batch() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Insert, &alice);
+        let mine = change(&t, Action::Insert, Some(vec![text("k1"), text("x")]), None);
+        let other = change(&t, Action::Insert, Some(vec![text("k2"), text("y")]), None);
+        let (alone, together) =
+            alone_and_in_batch((mine, vec![s.clone()]), vec![(other, vec![s.clone()])]);
+        assert_eq!(alone, vec![Gate::Check(0, vec!["k1".into()])]);
+        assert_eq!(together, alone);
+        // The shared request asks about both keys once each.
+        let batch = vec![
+            (
+                change(&t, Action::Insert, Some(vec![text("k1"), text("x")]), None),
+                vec![s.clone()],
+            ),
+            (
+                change(&t, Action::Update, Some(vec![text("k2"), text("y")]), None),
+                vec![s.clone()],
+            ),
+            (
+                change(&t, Action::Update, Some(vec![text("k1"), text("z")]), None),
+                vec![s],
+            ),
+        ];
+        let plan = plan_checks(&batch, |_| false);
+        assert_eq!(plan.requests.len(), 1);
+        assert_eq!(
+            plan.requests[0].pks,
+            vec![vec!["k1".to_owned()], vec!["k2".to_owned()]]
+        );
+        assert_eq!(plan.xids, vec![7]);
+    }
+
+    #[test]
+    fn an_unchanged_out_of_line_key_is_taken_from_the_old_key_or_withheld() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Update, &alice);
+        // The key is unchanged TOAST in the new row; PostgreSQL logged the old key.
+        let with_old_key = change(
+            &t,
+            Action::Update,
+            Some(vec![RowCell::Missing, text("new body")]),
+            Some(vec![text("long-key"), RowCell::Missing]),
+        );
+        let plan = plan_checks(&[(with_old_key, vec![s.clone()])], |_| false);
+        assert_eq!(
+            plan.gates,
+            vec![vec![Gate::Check(0, vec!["long-key".into()])]]
+        );
+        // No key anywhere: never delivered unchecked, whatever the batch.
+        let no_key = || {
+            change(
+                &t,
+                Action::Update,
+                Some(vec![RowCell::Missing, text("b")]),
+                None,
+            )
+        };
+        let (alone, together) = alone_and_in_batch(
+            (no_key(), vec![s.clone()]),
+            vec![(
+                change(&t, Action::Insert, Some(vec![text("k"), text("b")]), None),
+                vec![s.clone()],
+            )],
+        );
+        assert_eq!(alone, vec![Gate::Withheld]);
+        assert_eq!(together, alone);
+        // Without RLS, or for a role that bypasses it, there is nothing to check.
+        let open = table(2, false);
+        let plan = plan_checks(
+            &[(
+                change(
+                    &open,
+                    Action::Update,
+                    Some(vec![RowCell::Missing, text("b")]),
+                    None,
+                ),
+                vec![s.clone()],
+            )],
+            |_| false,
+        );
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+        let plan = plan_checks(&[(no_key(), vec![s])], |role| role == "authenticated");
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+    }
 
     #[test]
     fn a_transaction_streamed_again_is_not_delivered_twice() {

@@ -62,17 +62,40 @@ impl Change {
         }
     }
 
-    /// Primary key values from the new row (INSERT/UPDATE), for the RLS lookup.
+    /// Primary key values of the row as it now is (INSERT/UPDATE), for the RLS lookup. A key
+    /// column the new row leaves out (an unchanged value stored out of line, "unchanged TOAST")
+    /// comes from the old row: PostgreSQL logs the old key when its value is stored out of line,
+    /// and in full under REPLICA IDENTITY FULL. `None` when some key column has no value in
+    /// either image: such a row cannot be checked.
     pub fn pk_values(&self) -> Option<Vec<String>> {
-        let row = self.new.as_ref()?;
+        let new = self.new.as_ref()?;
+        let old = self.old.as_ref();
         self.table
             .pk
             .iter()
             .map(|(name, _)| {
                 let i = self.table.column_index(name)?;
-                row.get(i)?.text().map(str::to_owned)
+                match new.get(i)? {
+                    RowCell::Missing => old?.get(i)?.text().map(str::to_owned),
+                    cell => cell.text().map(str::to_owned),
+                }
             })
             .collect()
+    }
+
+    /// The value of column `i` as the row now is: the new image's value, or for a value the new
+    /// image leaves out (unchanged TOAST), the old image's when it has one.
+    pub fn current_cell(&self, i: usize) -> Option<&RowCell> {
+        let row = self.filter_row()?;
+        match row.get(i) {
+            Some(RowCell::Missing) | None if self.action != Action::Delete => self
+                .old
+                .as_ref()
+                .and_then(|o| o.get(i))
+                .filter(|c| **c != RowCell::Missing)
+                .or(row.get(i)),
+            cell => cell,
+        }
     }
 
     fn size(&self) -> usize {
