@@ -289,3 +289,47 @@ async fn a_change_without_a_key_is_withheld_and_counted() {
         "{text}"
     );
 }
+
+/// A policy that raises an error for one row withholds that row only, not the other rows its
+/// transaction (and so its cohort's check) shared.
+#[tokio::test]
+async fn a_policy_error_on_one_row_withholds_that_row_only() {
+    let db = TestDb::create("batch_policy_error").await;
+    let server = Server::start_with_db(&db, &[]).await;
+    let mut sql = db.client().await;
+    sql.batch_execute(&format!(
+        "CREATE TABLE items (id int PRIMARY KEY, divisor int, owner uuid);
+         ALTER TABLE items ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON items FOR SELECT TO authenticated
+             USING (owner = auth.uid() AND 10 / divisor > 0);
+         GRANT SELECT ON items TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE items;
+         {MARKS}"
+    ))
+    .await
+    .unwrap();
+    let mut c = server.connect(Vsn::V2, &user_token(USER_A)).await;
+    subscribe(
+        &mut c,
+        "realtime:items",
+        json!([{"event": "INSERT", "schema": "public", "table": "items"}, marks_binding()]),
+    )
+    .await;
+    let tx = sql.transaction().await.unwrap();
+    for (id, divisor) in [(1, 1), (2, 0), (3, 2)] {
+        tx.execute(
+            "INSERT INTO items VALUES ($1, $2, $3::text::uuid)",
+            &[&id, &divisor, &USER_A],
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    mark(&sql, 1).await;
+    let got: Vec<Value> = until_mark(&mut c, 1)
+        .await
+        .into_iter()
+        .map(|(_, r)| r["id"].clone())
+        .collect();
+    assert_eq!(got, [json!(1), json!(3)], "row 2's policy divides by zero");
+}
