@@ -208,6 +208,8 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     loop {
         match pool.get().await {
             Ok(_) => break,
+            // A certificate or TLS setting to fix: waiting would not change it.
+            Err(e @ crate::db::DbError::Tls(_)) => return Err(AppError::Database(e)),
             Err(e) if started.elapsed() < DB_STARTUP_WAIT && e.db_error().is_none() => {
                 tracing::info!(error = %e, "waiting for the database");
                 tokio::time::sleep(Duration::from_millis(500)).await;

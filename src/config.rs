@@ -234,6 +234,17 @@ pub struct ServeArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// TLS to PostgreSQL, as the original: `true` requires TLS (the certificate verified, host
+    /// name included, when DB_SSL_CA_CERT is set; not verified otherwise), `false` turns it
+    /// off. Unset: `sslmode` from DATABASE_URL, else `prefer` (TLS when the server offers it).
+    #[arg(long, env = "DB_SSL")]
+    pub db_ssl: Option<bool>,
+
+    /// A PEM file of the root certificate(s) the database's certificate must chain to (with
+    /// DB_SSL=true: verify-full). Same as `sslrootcert` in DATABASE_URL.
+    #[arg(long, env = "DB_SSL_CA_CERT")]
+    pub db_ssl_ca_cert: Option<std::path::PathBuf>,
+
     /// SQL connections walcast keeps for authorization and subscription checks.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE)]
     pub db_pool_size: usize,
@@ -418,17 +429,43 @@ impl ServeArgs {
 
     /// The database, when one is configured.
     pub fn database(&self) -> Result<Option<DatabaseSettings>, ConfigError> {
-        let db = match (&self.database_url, &self.db_host) {
-            (Some(url), _) if !url.is_empty() => crate::db::DbConfig::from_url(url)?,
-            (_, Some(host)) if !host.is_empty() => crate::db::DbConfig {
-                host: host.clone(),
-                port: self.db_port,
-                user: self.db_user.clone(),
-                password: self.db_password.clone().filter(|p| !p.is_empty()),
-                dbname: self.db_name.clone(),
-            },
+        let (mut db, url_sslmode) = match (&self.database_url, &self.db_host) {
+            (Some(url), _) if !url.is_empty() => (
+                crate::db::DbConfig::from_url(url)?,
+                url.contains("sslmode="),
+            ),
+            (_, Some(host)) if !host.is_empty() => (
+                crate::db::DbConfig {
+                    host: host.clone(),
+                    port: self.db_port,
+                    user: self.db_user.clone(),
+                    password: self.db_password.clone().filter(|p| !p.is_empty()),
+                    dbname: self.db_name.clone(),
+                    tls: Default::default(),
+                },
+                false,
+            ),
             _ => return Ok(None),
         };
+        // The URL's own sslmode wins; else the original's DB_SSL / DB_SSL_CA_CERT.
+        use crate::db::tls::SslMode;
+        let ca = self
+            .db_ssl_ca_cert
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty());
+        if !url_sslmode {
+            match self.db_ssl {
+                Some(true) if ca.is_some() => db.tls.mode = SslMode::VerifyFull,
+                Some(true) => db.tls.mode = SslMode::Require,
+                Some(false) => db.tls.mode = SslMode::Disable,
+                None => {}
+            }
+        }
+        if db.tls.root_cert.is_none() {
+            db.tls.root_cert = ca;
+        }
+        // A root certificate that cannot be read is a setting to fix now, not at first use.
+        db.tls_config()?;
         let ident_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 63

@@ -225,6 +225,11 @@ impl DevCluster {
             user: "postgres".into(),
             password: None,
             dbname: "postgres".into(),
+            // A private cluster on loopback: plain.
+            tls: crate::db::tls::TlsSettings {
+                mode: crate::db::tls::SslMode::Disable,
+                root_cert: None,
+            },
         }
     }
 

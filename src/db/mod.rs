@@ -1,6 +1,7 @@
 //! Ordinary SQL: connection settings, a small pool, and the migrations runner.
 
 pub mod migrations;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,8 @@ pub struct DbConfig {
     pub user: String,
     pub password: Option<String>,
     pub dbname: String,
+    /// TLS (`sslmode`/`sslrootcert`, or `DB_SSL`/`DB_SSL_CA_CERT`); never used on a Unix socket.
+    pub tls: tls::TlsSettings,
 }
 
 impl std::fmt::Debug for DbConfig {
@@ -43,6 +46,8 @@ impl std::fmt::Debug for DbConfig {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<set>"))
             .field("dbname", &self.dbname)
+            .field("sslmode", &self.tls.mode.as_str())
+            .field("sslrootcert", &self.tls.root_cert)
             .finish()
     }
 }
@@ -55,6 +60,9 @@ pub enum DbError {
     BadUrl(String),
     #[error("timed out waiting for a database connection")]
     PoolTimeout,
+    /// TLS could not be set up or was refused: a setting to fix, not a state to wait out.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl DbError {
@@ -75,7 +83,21 @@ impl DbConfig {
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
             .ok_or_else(bad)?;
-        let rest = rest.split('?').next().unwrap_or(rest);
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut tls = tls::TlsSettings::default();
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "sslmode" => {
+                    tls.mode = tls::SslMode::parse(&v).ok_or_else(|| {
+                        DbError::BadUrl(format!(
+                            "sslmode={v} is not one of disable, prefer, require, verify-ca, verify-full"
+                        ))
+                    })?;
+                }
+                "sslrootcert" => tls.root_cert = Some(v.into_owned().into()),
+                _ => {}
+            }
+        }
         let (auth, hostpart) = rest.rsplit_once('@').unwrap_or(("", rest));
         let (user, password) = match auth.split_once(':') {
             Some((u, p)) => (u, Some(p)),
@@ -109,6 +131,7 @@ impl DbConfig {
             } else {
                 decode(dbname)
             },
+            tls,
         })
     }
 
@@ -128,7 +151,40 @@ impl DbConfig {
             .map(|(k, v)| format!("-c {k}={}", v.replace(' ', "\\ ")))
             .collect();
         c.options(options.join(" "));
+        c.ssl_mode(match self.tls.mode {
+            tls::SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            tls::SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
         c
+    }
+
+    /// Whether connections go over a Unix socket (where TLS does not apply).
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    /// The rustls configuration to connect with, `None` for plain connections.
+    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, DbError> {
+        if self.is_unix_socket() {
+            return Ok(None);
+        }
+        self.tls
+            .client_config()
+            .map_err(|e| DbError::Tls(format!("TLS to PostgreSQL: {e}")))
+    }
+
+    /// A connection error in words that name the cause, for TLS failures.
+    fn connect_error(&self, e: tokio_postgres::Error) -> DbError {
+        if let Some(msg) = tls::explain(&e, &self.host, &self.tls) {
+            return DbError::Tls(msg);
+        }
+        let refused = std::error::Error::source(&e)
+            .is_some_and(|s| s.to_string().contains("server does not support TLS"));
+        if refused {
+            return DbError::Tls(tls::server_refused_tls(&self.tls));
+        }
+        DbError::Postgres(e)
     }
 }
 
@@ -136,6 +192,9 @@ impl DbConfig {
 /// is dropped and replaced on the next checkout.
 pub struct Pool {
     config: tokio_postgres::Config,
+    db: DbConfig,
+    /// Built once: a root certificate that cannot be read fails every checkout with its cause.
+    tls: Result<Option<Arc<rustls::ClientConfig>>, String>,
     /// Run on every new connection (`DB_AFTER_CONNECT_QUERY`).
     after_connect: Option<String>,
     idle: Mutex<Vec<Conn>>,
@@ -242,6 +301,8 @@ impl Pool {
     ) -> Arc<Self> {
         Arc::new(Self {
             config: db.pg_config("walcast"),
+            db: db.clone(),
+            tls: db.tls_config().map_err(|e| e.to_string()),
             after_connect: after_connect.filter(|q| !q.trim().is_empty()),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size.max(1))),
@@ -270,12 +331,33 @@ impl Pool {
         let client = match reuse {
             Some(c) => c,
             None => {
-                let (client, connection) = self.config.connect(NoTls).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "database connection closed");
+                let client = match &self.tls {
+                    Err(e) => return Err(DbError::Tls(e.clone())),
+                    Ok(None) => {
+                        let (client, connection) = self.config.connect(NoTls).await?;
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %e, "database connection closed");
+                            }
+                        });
+                        client
                     }
-                });
+                    Ok(Some(tls)) => {
+                        let connector =
+                            tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                        let (client, connection) = self
+                            .config
+                            .connect(connector)
+                            .await
+                            .map_err(|e| self.db.connect_error(e))?;
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %e, "database connection closed");
+                            }
+                        });
+                        client
+                    }
+                };
                 if let Some(q) = &self.after_connect {
                     client.batch_execute(q).await?;
                 }

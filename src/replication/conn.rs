@@ -32,6 +32,8 @@ pub enum ConnError {
     Protocol(String),
     #[error("the replication connection was closed by PostgreSQL")]
     Closed,
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ConnError {
@@ -101,7 +103,7 @@ impl ReplicationConn {
                     source,
                 })?;
             s.set_nodelay(true)?;
-            Box::new(s)
+            Self::maybe_tls(s, db).await?
         };
         let mut conn = Self {
             stream,
@@ -119,6 +121,45 @@ impl ReplicationConn {
         conn.flush().await?;
         conn.authenticate(db).await?;
         Ok(conn)
+    }
+
+    /// Asks for TLS as `db.tls` says (the SSLRequest message, then a rustls handshake), falling
+    /// back to the plain socket only where the mode allows it (`prefer`).
+    async fn maybe_tls(
+        mut tcp: tokio::net::TcpStream,
+        db: &DbConfig,
+    ) -> Result<Box<dyn Stream>, ConnError> {
+        let config = match db.tls_config() {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(Box::new(tcp)),
+            Err(e) => return Err(ConnError::Tls(e.to_string())),
+        };
+        let mut buf = BytesMut::new();
+        frontend::ssl_request(&mut buf);
+        tcp.write_all(&buf).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if db.tls.mode == crate::db::tls::SslMode::Prefer => return Ok(Box::new(tcp)),
+            b'N' => return Err(ConnError::Tls(crate::db::tls::server_refused_tls(&db.tls))),
+            other => {
+                return Err(ConnError::Protocol(format!(
+                    "unexpected answer {other:#04x} to the TLS request"
+                )))
+            }
+        }
+        let name = crate::db::tls::server_name(&db.host).map_err(ConnError::Tls)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                ConnError::Tls(
+                    crate::db::tls::explain(&e, &db.host, &db.tls)
+                        .unwrap_or_else(|| format!("TLS to PostgreSQL failed: {e}")),
+                )
+            })?;
+        Ok(Box::new(tls))
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
