@@ -305,7 +305,7 @@ pub async fn run(
         *status.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
         status.set_phase(Phase::HoldingBacklog);
         // The peek can take no longer than the hold it may cancel.
-        let relevant = match backlog_has_changes(&cfg, backlog_end, cfg.startup_grace).await {
+        let relevant = match backlog_has_changes(&cfg, backlog_end, until).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::info!(error = %e, "could not look into the slot's backlog: holding it");
@@ -368,9 +368,29 @@ fn publication_names(cfg: &Config) -> String {
 
 /// Whether the slot holds at least one change for walcast before `upto`: a peek (the slot does
 /// not move) that stops at the first one, so it is quick when there is a backlog and reads only
-/// other tables' WAL when there is none. Bounded by `within` (statement_timeout). PostgreSQL
-/// before 15 sends empty transactions too, so there any transaction counts as a backlog.
-async fn backlog_has_changes(cfg: &Config, upto: u64, within: Duration) -> Result<bool, DbError> {
+/// other tables' WAL when there is none. Bounded by `until` (statement_timeout); retried while
+/// the slot is still held by the walsender of a walcast that just died. PostgreSQL before 15
+/// sends empty transactions too, so there any transaction counts as a backlog.
+async fn backlog_has_changes(cfg: &Config, upto: u64, until: Instant) -> Result<bool, DbError> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match peek_backlog(cfg, upto, left).await {
+            Err(e)
+                if e.db_error().map(|d| d.code())
+                    == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && left > Duration::from_millis(50) =>
+            {
+                tracing::debug!(
+                    "the slot is still in use by a previous walsender; retrying the peek"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn peek_backlog(cfg: &Config, upto: u64, within: Duration) -> Result<bool, DbError> {
     let mut pg = cfg.db.pg_config("walcast_backlog_check");
     let options = format!(
         "{} -c statement_timeout={}",
