@@ -34,8 +34,9 @@ pub struct Database {
 
 /// The slot as start-up found it.
 struct SlotAtStart {
-    /// WAL position at start when the slot already existed: changes before it were committed
-    /// while walcast was down. 0 for a new slot (it holds nothing older than this process).
+    /// WAL position at start when the slot already existed and had not confirmed it: changes
+    /// before it were committed while walcast was down. 0 when the slot holds nothing older than
+    /// this process (a new slot, or one confirmed up to the WAL's end).
     backlog_end: u64,
     /// The slot had been invalidated and was recreated: the gap to tell.
     gap: Option<String>,
@@ -93,7 +94,10 @@ pub async fn run(
             start,
         }) => {
             let (tx, rx) = mpsc::channel(CHANGE_QUEUE);
-            let status = Arc::new(replication::Status::new(db.gap_notice));
+            let status = Arc::new(replication::Status::new(
+                db.gap_notice,
+                db.replication_ready_timeout,
+            ));
             status.set_backlog_end(start.backlog_end);
             if let Some(message) = start.gap {
                 status.record_gap(replication::GapReason::SlotLost, message);
@@ -111,6 +115,10 @@ pub async fn run(
                 tx,
                 status.clone(),
                 shutdown_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(replication::serve_readiness(
+                pg.pool.clone(),
+                status.clone(),
             )));
             tasks.push(tokio::spawn(pg.clone().dispatch(
                 rx,
@@ -248,10 +256,22 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     let backlog_end = if slot_state == replication::SlotState::Existing {
         let client = pool.get().await?;
         let row = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&db.slot],
+            )
             .await
             .map_err(crate::db::DbError::from)?;
-        replication::parse_confirmed(row.get::<_, &str>(0)).unwrap_or(0)
+        let end = replication::parse_confirmed(row.get::<_, &str>(0)).unwrap_or(0);
+        let confirmed = row
+            .get::<_, Option<&str>>(1)
+            .and_then(replication::parse_confirmed)
+            .unwrap_or(0);
+        if confirmed >= end {
+            0
+        } else {
+            end
+        }
     } else {
         0
     };

@@ -23,6 +23,8 @@ pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
+/// The original's `replication_ready_timeout` (one minute).
+pub const DEFAULT_REPLICATION_READY_TIMEOUT_MS: u64 = 60_000;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -272,6 +274,11 @@ pub struct ServeArgs {
     #[arg(long, env = "GAP_NOTICE_MS", default_value_t = 300_000)]
     pub gap_notice_ms: u64,
 
+    /// How long a join with `config.broadcast.replication_ready` waits for the change stream
+    /// to pass its join before the channel is shut down (milliseconds).
+    #[arg(long, env = "REPLICATION_READY_TIMEOUT_MS", default_value_t = DEFAULT_REPLICATION_READY_TIMEOUT_MS)]
+    pub replication_ready_timeout_ms: u64,
+
     /// Log a warning when the database keeps more WAL than this for walcast's slot (bytes).
     #[arg(long, env = "SLOT_WAL_WARN_BYTES", default_value_t = 1 << 30)]
     pub slot_wal_warn_bytes: u64,
@@ -346,6 +353,7 @@ pub struct DatabaseSettings {
     pub after_connect: Option<String>,
     pub startup_grace: std::time::Duration,
     pub gap_notice: std::time::Duration,
+    pub replication_ready_timeout: std::time::Duration,
     pub slot_wal_warn_bytes: u64,
 }
 
@@ -490,6 +498,9 @@ impl ServeArgs {
             after_connect: self.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(self.startup_grace_ms),
             gap_notice: std::time::Duration::from_millis(self.gap_notice_ms),
+            replication_ready_timeout: std::time::Duration::from_millis(
+                self.replication_ready_timeout_ms,
+            ),
             slot_wal_warn_bytes: self.slot_wal_warn_bytes,
             run_janitor: self.run_janitor,
             messages_retention: std::time::Duration::from_secs(

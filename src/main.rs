@@ -118,6 +118,9 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
             after_connect: args.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
             gap_notice: std::time::Duration::from_millis(args.gap_notice_ms),
+            replication_ready_timeout: std::time::Duration::from_millis(
+                args.replication_ready_timeout_ms,
+            ),
             slot_wal_warn_bytes: args.slot_wal_warn_bytes,
             run_janitor: args.run_janitor,
             messages_retention: std::time::Duration::from_secs(

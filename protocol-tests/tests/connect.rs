@@ -70,6 +70,27 @@ async fn absent_vsn_means_v1_and_unknown_vsn_is_403() {
     assert_eq!(err, (403, String::new()));
 }
 
+/// As CONFIG.md says (the original's `~> 1.0.0` / `~> 2.0.0`): patch releases speak their
+/// serializer, other minor or major versions are refused.
+#[tokio::test]
+async fn patch_versions_speak_their_serializer_and_other_versions_are_403() {
+    let server = Server::start().await;
+    let tok = token("anon");
+    for (param, vsn, first) in [("2.0.1", Vsn::V2, '['), ("1.0.2", Vsn::V1, '{')] {
+        let url = server.ws_url("/socket/websocket", &format!("apikey={tok}&vsn={param}"));
+        let mut c = server.connect_url(vsn, &url, &[]).await.expect("connect");
+        c.send(None, Some("1"), "phoenix", "heartbeat", json!({}))
+            .await;
+        assert_eq!(c.recv().await.payload()["status"], "ok", "{param}");
+        assert!(c.raw[0].starts_with(first), "{param}: {}", c.raw[0]);
+    }
+    for param in ["2.1.0", "1.1.0", "2.0"] {
+        let url = server.ws_url("/socket/websocket", &format!("apikey={tok}&vsn={param}"));
+        let err = server.connect_url(Vsn::V1, &url, &[]).await.err();
+        assert_eq!(err, Some((403, String::new())), "{param}");
+    }
+}
+
 #[tokio::test]
 async fn refusals_carry_the_original_status_and_error_strings() {
     let server = Server::start().await;

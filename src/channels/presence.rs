@@ -17,19 +17,23 @@ use super::{ChannelId, TopicKey};
 
 const SHARDS: usize = 64;
 
+/// One tracked presence, stored as Phoenix.Tracker stores it: the meta, its `phx_ref`, and
+/// after an update the `phx_ref_prev` of the entry it replaced. Every report of the entry
+/// (state, the leave half of a later update, the untrack) shows it as stored.
 #[derive(Clone, Debug)]
 struct Entry {
     channel: ChannelId,
     phx_ref: String,
+    phx_ref_prev: Option<String>,
     meta: Map<String, Value>,
 }
 
 impl Entry {
-    fn to_json(&self, prev_ref: Option<&str>) -> Value {
+    fn to_json(&self) -> Value {
         let mut m = self.meta.clone();
         m.insert("phx_ref".into(), Value::String(self.phx_ref.clone()));
-        if let Some(prev) = prev_ref {
-            m.insert("phx_ref_prev".into(), Value::String(prev.to_owned()));
+        if let Some(prev) = &self.phx_ref_prev {
+            m.insert("phx_ref_prev".into(), Value::String(prev.clone()));
         }
         Value::Object(m)
     }
@@ -85,19 +89,24 @@ impl Presence {
         let new = Entry {
             channel,
             phx_ref: new_ref(),
+            phx_ref_prev: None,
             meta,
         };
         match entries.iter_mut().find(|e| e.channel == channel) {
             Some(existing) if existing.meta == new.meta => Tracked::Unchanged,
             Some(existing) => {
-                let old = std::mem::replace(existing, new.clone());
+                let new = Entry {
+                    phx_ref_prev: Some(existing.phx_ref.clone()),
+                    ..new
+                };
+                let old = std::mem::replace(existing, new);
                 Tracked::Diff(json!({
-                    "joins": {presence_key: {"metas": [new.to_json(Some(&old.phx_ref))]}},
-                    "leaves": {presence_key: {"metas": [old.to_json(None)]}},
+                    "joins": {presence_key: {"metas": [existing.to_json()]}},
+                    "leaves": {presence_key: {"metas": [old.to_json()]}},
                 }))
             }
             None => {
-                let joined = new.to_json(None);
+                let joined = new.to_json();
                 entries.push(new);
                 Tracked::Diff(json!({
                     "joins": {presence_key: {"metas": [joined]}},
@@ -122,7 +131,7 @@ impl Presence {
         }
         Some(json!({
             "joins": {},
-            "leaves": {presence_key: {"metas": [gone.to_json(None)]}},
+            "leaves": {presence_key: {"metas": [gone.to_json()]}},
         }))
     }
 
@@ -132,7 +141,7 @@ impl Presence {
         let mut out = Map::new();
         if let Some(topic) = shard.get(key) {
             for (pkey, entries) in topic {
-                let metas: Vec<Value> = entries.iter().map(|e| e.to_json(None)).collect();
+                let metas: Vec<Value> = entries.iter().map(Entry::to_json).collect();
                 out.insert(pkey.clone(), json!({ "metas": metas }));
             }
         }
@@ -195,9 +204,24 @@ mod tests {
         let state = p.state(&key);
         assert_eq!(state["u1"]["metas"].as_array().unwrap().len(), 1);
         assert_eq!(state["u1"]["metas"][0]["a"], 2);
+        // Stored with the ref it replaced, as Phoenix.Tracker stores an update.
+        assert_eq!(state["u1"]["metas"][0], update["joins"]["u1"]["metas"][0]);
+
+        // A second update's leave is the first update as stored, phx_ref_prev included.
+        let Tracked::Diff(again) = p.track(&key, ch, "u1", meta(json!({"a":3}))) else {
+            panic!("expected a diff")
+        };
+        assert_eq!(
+            again["leaves"]["u1"]["metas"][0],
+            update["joins"]["u1"]["metas"][0]
+        );
 
         let leave = p.untrack(&key, ch, "u1").unwrap();
-        assert_eq!(leave["leaves"]["u1"]["metas"][0]["a"], 2);
+        assert_eq!(
+            leave["leaves"]["u1"]["metas"][0], again["joins"]["u1"]["metas"][0],
+            "the untrack reports the stored meta unchanged"
+        );
+        assert_eq!(leave["leaves"]["u1"]["metas"][0]["a"], 3);
         assert_eq!(p.state(&key), json!({}));
         assert!(p.untrack(&key, ch, "u1").is_none());
     }

@@ -87,4 +87,24 @@ mod tests {
             assert_eq!(Vsn::negotiate(Some(bad)), None, "{bad}");
         }
     }
+
+    /// CONFIG.md and ERROR_CODES.md say what `negotiate` does (patch releases are accepted),
+    /// with examples that hold.
+    #[test]
+    fn the_docs_describe_the_negotiation() {
+        for (name, doc) in [
+            ("CONFIG.md", include_str!("../../CONFIG.md")),
+            ("ERROR_CODES.md", include_str!("../../ERROR_CODES.md")),
+        ] {
+            assert!(doc.contains("`~> 2.0.0`"), "{name} names the rule");
+            for stale in ["neither `1.0.0` nor `2.0.0`", "or `2.0.0`; anything else"] {
+                assert!(!doc.contains(stale), "{name} still says {stale}");
+            }
+        }
+        assert_eq!(Vsn::negotiate(Some("2.0.1")), Some(Vsn::V2));
+        assert_eq!(Vsn::negotiate(Some("1.0.7")), Some(Vsn::V1));
+        for refused in ["2.1.0", "3.0.0", "2.0"] {
+            assert_eq!(Vsn::negotiate(Some(refused)), None, "{refused}");
+        }
+    }
 }

@@ -11,13 +11,13 @@ pub mod conn;
 pub mod pgoutput;
 pub mod values;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 
-use crate::db::{DbConfig, SESSION_GUCS};
+use crate::db::{DbConfig, DbError, Pool, SESSION_GUCS};
 use conn::{format_lsn, parse_lsn, ConnError, CopyFrame, ReplicationConn};
 use pgoutput::{Datum, Message, OldKind, OldTuple, Relation, Tuple};
 
@@ -66,8 +66,41 @@ pub struct Config {
     pub publication: String,
     /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
-    /// How long to wait after start before streaming (see `STARTUP_GRACE_MS`).
+    /// How long changes that waited in the slot are held after start (see `STARTUP_GRACE_MS`
+    /// and [`run`]).
     pub startup_grace: Duration,
+}
+
+/// What the change stream is doing, for the health endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting for the first time since start.
+    Starting = 0,
+    /// Holding the backlog a restart found in the slot (`STARTUP_GRACE_MS`).
+    HoldingBacklog = 1,
+    Streaming = 2,
+    /// The stream was up (or a connection attempt failed) and is being re-established.
+    Reconnecting = 3,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::HoldingBacklog => "holding_backlog",
+            Phase::Streaming => "streaming",
+            Phase::Reconnecting => "reconnecting",
+        }
+    }
+
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            1 => Phase::HoldingBacklog,
+            2 => Phase::Streaming,
+            3 => Phase::Reconnecting,
+            _ => Phase::Starting,
+        }
+    }
 }
 
 /// Why changes committed to the database may not have reached a channel.
@@ -116,10 +149,25 @@ pub struct Status {
     backlog_end: AtomicU64,
     /// How long after a gap joining channels are told about it.
     gap_notice: Duration,
+    /// [`Phase`], as a number.
+    phase: AtomicU8,
+    /// When the backlog hold ends, while it lasts.
+    hold_until: Mutex<Option<Instant>>,
+    /// Everything in the WAL before this position has been handed to the hubs (or had nothing
+    /// for walcast). Published by the stream while it runs.
+    position: watch::Sender<u64>,
+    /// `replication_ready` joins: tickets handed out, ...
+    ready_requested: AtomicU64,
+    /// ... the wake-up of the task that serves them ([`serve_readiness`]), ...
+    ready_wake: Notify,
+    /// ... and the highest ticket whose join point the stream has passed.
+    ready_served: watch::Sender<u64>,
+    /// How long a `replication_ready` join waits before its channel is shut down.
+    pub ready_timeout: Duration,
 }
 
 impl Status {
-    pub fn new(gap_notice: Duration) -> Self {
+    pub fn new(gap_notice: Duration, ready_timeout: Duration) -> Self {
         Self {
             acked: AtomicU64::new(0),
             connected: AtomicBool::new(false),
@@ -127,7 +175,59 @@ impl Status {
             gap: watch::channel(None).0,
             backlog_end: AtomicU64::new(0),
             gap_notice,
+            phase: AtomicU8::new(Phase::Starting as u8),
+            hold_until: Mutex::new(None),
+            position: watch::channel(0).0,
+            ready_requested: AtomicU64::new(0),
+            ready_wake: Notify::new(),
+            ready_served: watch::channel(0).0,
+            ready_timeout,
         }
+    }
+
+    /// What the stream is doing, and how long the backlog hold still lasts.
+    pub fn phase(&self) -> (Phase, Duration) {
+        let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
+        let left = match phase {
+            Phase::HoldingBacklog => self
+                .hold_until
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .map_or(Duration::ZERO, |t| {
+                    t.saturating_duration_since(Instant::now())
+                }),
+            _ => Duration::ZERO,
+        };
+        (phase, left)
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    /// A `replication_ready` join asks to be told once the stream has passed the WAL position
+    /// of now; the ticket is served when [`Status::watch_ready`] reaches it.
+    pub fn request_ready(&self) -> u64 {
+        let ticket = self.ready_requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.ready_wake.notify_one();
+        ticket
+    }
+
+    /// Follows the highest served `replication_ready` ticket.
+    pub fn watch_ready(&self) -> watch::Receiver<u64> {
+        self.ready_served.subscribe()
+    }
+
+    /// Publishes the stream's position (it only moves forward).
+    fn publish_position(&self, lsn: u64) {
+        self.position.send_if_modified(|p| {
+            if lsn > *p {
+                *p = lsn;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// Records the WAL position at start (see `backlog_end`).
@@ -167,6 +267,13 @@ impl Status {
 
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
+        self.set_phase(if up {
+            Phase::Streaming
+        } else {
+            Phase::Reconnecting
+        });
+        // Readiness waits on the position and on the stream being up.
+        self.position.send_modify(|_| {});
         self.updates.send_replace(up);
         metrics::gauge!(crate::telemetry::REPLICATION_CONNECTED).set(if up { 1.0 } else { 0.0 });
     }
@@ -178,25 +285,50 @@ impl Status {
 }
 
 /// Streams until shutdown, reconnecting with back-off after failures.
+///
+/// The backlog hold (RELIABILITY.md, "Restarts"): changes committed while walcast was down wait
+/// in the slot, and clients reconnecting after a restart (supabase-js retries after 1, 2, 5 s)
+/// should be subscribed again before they go out. So when, at start, the slot holds changes for
+/// walcast from before the start (`backlog_end`, checked with a peek into the slot), streaming
+/// starts `startup_grace` after the start. WAL is streamed in commit order, so changes committed
+/// after the start wait behind that backlog, and only as long as it is held. Without such a
+/// backlog (a new slot, a clean stop, only other tables' WAL meanwhile) nothing is held.
 pub async fn run(
     cfg: Config,
     tx: mpsc::Sender<Event>,
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Changes committed while walcast was down wait in the slot. Streaming starts only after the
-    // grace period, so that clients reconnecting after a restart (supabase-js retries after 1,
-    // 2, 5 s) are subscribed again before the backlog is delivered; the WAL stays in the slot
-    // meanwhile, nothing is buffered here.
-    if !cfg.startup_grace.is_zero() {
-        tracing::info!(
-            grace_ms = cfg.startup_grace.as_millis() as u64,
-            "waiting for reconnecting clients before streaming"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(cfg.startup_grace) => {}
-            _ = shutdown.changed() => return,
+    let backlog_end = status.backlog_end.load(Ordering::Relaxed);
+    if backlog_end != 0 && !cfg.startup_grace.is_zero() {
+        let until = Instant::now() + cfg.startup_grace;
+        *status.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        status.set_phase(Phase::HoldingBacklog);
+        // The peek can take no longer than the hold it may cancel.
+        let relevant = match backlog_has_changes(&cfg, backlog_end, until).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::info!(error = %e, "could not look into the slot's backlog: holding it");
+                true
+            }
+        };
+        if relevant {
+            tracing::info!(
+                grace_ms = cfg.startup_grace.as_millis() as u64,
+                backlog_end = %format_lsn(backlog_end),
+                "the slot holds changes committed while walcast was down: holding them for reconnecting clients"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.into()) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else {
+            tracing::info!(
+                "the slot holds no change for walcast from before the start: streaming at once"
+            );
         }
+        *status.hold_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        status.set_phase(Phase::Starting);
     }
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -222,6 +354,104 @@ pub async fn run(
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The `publication_names` option: the configured publication and the one of
+/// `realtime.messages`.
+fn publication_names(cfg: &Config) -> String {
+    format!(
+        "{},{}",
+        crate::db::quote_ident(&cfg.publication),
+        crate::db::quote_ident(crate::db::migrations::MESSAGES_PUBLICATION)
+    )
+}
+
+/// Whether the slot holds at least one change for walcast before `upto`: a peek (the slot does
+/// not move) that stops at the first one, so it is quick when there is a backlog and reads only
+/// other tables' WAL when there is none. Bounded by `until` (statement_timeout); retried while
+/// the slot is still held by the walsender of a walcast that just died. PostgreSQL before 15
+/// sends empty transactions too, so there any transaction counts as a backlog.
+async fn backlog_has_changes(cfg: &Config, upto: u64, until: Instant) -> Result<bool, DbError> {
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match peek_backlog(cfg, upto, left).await {
+            Err(e)
+                if e.db_error().map(|d| d.code())
+                    == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && left > Duration::from_millis(50) =>
+            {
+                tracing::debug!(
+                    "the slot is still in use by a previous walsender; retrying the peek"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn peek_backlog(cfg: &Config, upto: u64, within: Duration) -> Result<bool, DbError> {
+    let mut pg = cfg.db.pg_config("walcast_backlog_check");
+    let options = format!(
+        "{} -c statement_timeout={}",
+        pg.get_options().unwrap_or_default(),
+        within.as_millis().max(1)
+    );
+    pg.options(options.trim());
+    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, 1, 'proto_version', '1', 'publication_names', $3)",
+            &[&cfg.slot, &format_lsn(upto), &publication_names(cfg)],
+        )
+        .await;
+    drop(client);
+    connection.abort();
+    Ok(row?.get::<_, i64>(0) > 0)
+}
+
+/// The WAL position flushed now: once the stream has passed it, everything committed before
+/// this call has been handed on.
+async fn wal_flushed(pool: &Arc<Pool>) -> Result<u64, DbError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?;
+    Ok(parse_lsn(row.get::<_, &str>(0)).unwrap_or(0))
+}
+
+/// Serves `replication_ready` joins (see [`Status::request_ready`]) until aborted. One round
+/// serves every ticket taken before it started: it reads the WAL position once, waits until the
+/// stream runs and has passed it, and serves them all, so a storm of joins costs one query per
+/// round, not one each.
+pub async fn serve_readiness(pool: Arc<Pool>, status: Arc<Status>) {
+    let mut position = status.position.subscribe();
+    loop {
+        status.ready_wake.notified().await;
+        let upto = status.ready_requested.load(Ordering::SeqCst);
+        if upto <= *status.ready_served.borrow() {
+            continue;
+        }
+        let mut backoff = Duration::from_millis(100);
+        let target = loop {
+            match wal_flushed(&pool).await {
+                Ok(lsn) => break lsn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the WAL position for replication_ready; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let passed = position
+            .wait_for(|p| *p >= target && status.connected.load(Ordering::Relaxed))
+            .await;
+        if passed.is_err() {
+            return;
+        }
+        status.ready_served.send_replace(upto);
+    }
 }
 
 /// What `ensure_slot` found.
@@ -308,11 +538,7 @@ async fn stream(
         .borrow()
         .as_ref()
         .is_some_and(|g| g.reason == GapReason::Restart);
-    let publications = format!(
-        "{},{}",
-        crate::db::quote_ident(&cfg.publication),
-        crate::db::quote_ident(crate::db::migrations::MESSAGES_PUBLICATION)
-    );
+    let publications = publication_names(cfg);
     let command = format!(
         "START_REPLICATION SLOT {} LOGICAL 0/0 (proto_version '1', publication_names {}, messages 'true')",
         crate::db::quote_ident(&cfg.slot),
@@ -383,6 +609,7 @@ async fn stream(
                     }
                     CopyFrame::Keepalive { wal_end, reply } => {
                         received = received.max(wal_end);
+                        status.publish_position(confirmable(status, last_commit_sent, in_txn, received));
                         if reply {
                             let flush = confirmable(status, last_commit_sent, in_txn, received);
                             conn.send_status(received, flush, false).await?;
@@ -401,6 +628,7 @@ async fn stream(
             }
             _ = ticker.tick() => {
                 let flush = confirmable(status, last_commit_sent, in_txn, received);
+                status.publish_position(flush);
                 metrics::gauge!(crate::telemetry::REPLICATION_LAG_BYTES).set(received.saturating_sub(flush) as f64);
                 if flush > reported || last_status.elapsed() >= cfg.status_interval {
                     conn.send_status(received.max(flush), flush, false).await?;

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
+use crate::replication::Phase;
 use crate::session::Context;
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -43,8 +44,19 @@ pub async fn tenant_health(State(ctx): State<Arc<Context>>, headers: HeaderMap) 
             (db, repl)
         }
     };
+    // What the change stream is doing. Starting up and holding a restart's backlog for
+    // reconnecting clients are not outages: walcast serves meanwhile.
+    let (phase, hold_left) = ctx
+        .replication
+        .as_ref()
+        .map_or((None, Duration::ZERO), |s| {
+            let (p, left) = s.phase();
+            (Some(p), left)
+        });
+    let stream_ok =
+        replication_connected || matches!(phase, Some(Phase::Starting | Phase::HoldingBacklog));
     // Without a database walcast still serves broadcast and presence: that is healthy.
-    let healthy = ctx.pg.is_none() || (db_connected && replication_connected);
+    let healthy = ctx.pg.is_none() || (db_connected && stream_ok);
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -56,6 +68,8 @@ pub async fn tenant_health(State(ctx): State<Arc<Context>>, headers: HeaderMap) 
             "healthy": healthy,
             "db_connected": db_connected,
             "replication_connected": replication_connected,
+            "replication": phase.map(Phase::as_str),
+            "backlog_hold_remaining_ms": hold_left.as_millis() as u64,
             "connected_cluster": 1,
             "region": null,
             "node": "walcast",

@@ -19,6 +19,9 @@ pub struct JoinConfig {
     /// `broadcast.replay`: `Some(Ok((since_ms, limit)))`, or `Some(Err(()))` when it is there
     /// but not valid (`since` must be an integer; `limit`, when given, too).
     pub replay: Option<Result<(i64, i64), ()>>,
+    /// `broadcast.replication_ready`: tell the channel once the change stream (which carries
+    /// broadcasts from the database) has passed its join.
+    pub replication_ready: bool,
     /// Problems found while parsing; the join goes on with defaults for those fields.
     pub problems: Vec<String>,
 }
@@ -57,6 +60,7 @@ pub fn parse(payload: &str) -> JoinConfig {
     if let Some(b) = section(config, "broadcast", &mut cfg.problems) {
         cfg.broadcast_self = flag(b, "self", &mut cfg.problems);
         cfg.broadcast_ack = flag(b, "ack", &mut cfg.problems);
+        cfg.replication_ready = flag(b, "replication_ready", &mut cfg.problems);
         cfg.replay = match b.get("replay") {
             None | Some(Value::Null) => None,
             Some(Value::Object(r)) => {
@@ -155,7 +159,11 @@ mod tests {
             r#"{"config":{"broadcast":{"self":"TRUE","ack":"false"},"private":"True"},"user_token":"t"}"#,
         );
         assert!(c.broadcast_self && !c.broadcast_ack && c.private);
+        assert!(!c.replication_ready);
         assert_eq!(c.access_token.as_deref(), Some("t"));
+        assert!(
+            parse(r#"{"config":{"broadcast":{"replication_ready":"true"}}}"#).replication_ready
+        );
     }
 
     #[test]

@@ -114,6 +114,8 @@ struct Channel {
     awaiting_write: VecDeque<Inbound>,
     /// Ids of the messages replayed at join.
     replayed: Option<Arc<HashSet<String>>>,
+    /// `replication_ready` asked for and not yet told: the readiness ticket and the deadline.
+    ready_wait: Option<(u64, Instant)>,
 }
 
 /// A join, kept while a private channel's read policy is checked.
@@ -239,6 +241,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut stream_was_up = stream_state.as_ref().is_some_and(|w| *w.borrow());
     let mut stream_down_told = false;
     let mut gaps = session.ctx.replication.as_ref().map(|s| s.watch_gaps());
+    let mut ready = session.ctx.replication.as_ref().map(|s| s.watch_ready());
     let mut closing_since: Option<Instant> = None;
 
     if *shutdown.borrow() {
@@ -257,6 +260,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         let idle_at = last_inbound + idle_timeout;
         let expiry = session.next_token_expiry();
         let delayed_at = session.delayed.front().map(|(at, _)| *at);
+        let ready_at = session.next_ready_deadline();
         let give_up_at = closing_since.map(|at| at + CLOSE_GRACE);
         tokio::select! {
             biased;
@@ -333,6 +337,25 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                         }
                     }
                 }
+            }
+            // 5d. The change stream passed the joins of channels waiting for replication_ready.
+            changed = async {
+                match ready.as_mut() {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if open && ready_at.is_some() => {
+                match changed {
+                    Err(_) => ready = None,
+                    Ok(()) => {
+                        let served = ready.as_ref().map_or(0, |w| *w.borrow());
+                        session.tell_ready(served);
+                    }
+                }
+            }
+            // 5e. A replication_ready wait timed out.
+            _ = sleep_until(ready_at.unwrap_or(idle_at)), if ready_at.is_some() && open => {
+                session.expire_ready_waits(Instant::now());
             }
             // 6. Join errors whose back-off delay is over.
             _ = sleep_until(delayed_at.unwrap_or(idle_at)), if delayed_at.is_some() && open => {
@@ -741,6 +764,7 @@ impl Session {
             write_check_in_flight: false,
             awaiting_write: VecDeque::new(),
             replayed,
+            ready_wait: None,
         };
 
         let bindings: Vec<Value> = cfg
@@ -776,10 +800,67 @@ impl Session {
             let state = self.ctx.channels.presence.state(&channel.key);
             self.push(&channel, "presence_state", &state);
         }
+        // Asked for after the hub subscription: once the stream has passed this point, every
+        // broadcast from the database committed from now on reaches the channel.
+        let no_stream = cfg.replication_ready && self.ctx.replication.is_none();
+        if cfg.replication_ready {
+            if let Some(status) = &self.ctx.replication {
+                channel.ready_wait = Some((
+                    status.request_ready(),
+                    Instant::now() + status.ready_timeout,
+                ));
+            }
+        }
         tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
         metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(&channel)).increment(1.0);
-        self.channels.insert(topic, Box::new(channel));
+        self.channels.insert(topic.clone(), Box::new(channel));
+        if no_stream {
+            self.shutdown_channel(
+                &topic,
+                "walcast has no database configured (set DB_HOST or DATABASE_URL): there is no replication connection".into(),
+            );
+        }
+    }
+
+    /// When the earliest `replication_ready` wait times out.
+    fn next_ready_deadline(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .filter_map(|c| c.ready_wait.map(|(_, at)| at))
+            .min()
+    }
+
+    /// The stream has passed the join of every ticket up to `served`: tell those channels.
+    fn tell_ready(&mut self, served: u64) {
+        let mut ready = Vec::new();
+        for ch in self.channels.values_mut() {
+            if ch.ready_wait.is_some_and(|(ticket, _)| ticket <= served) {
+                ch.ready_wait = None;
+                ready.push(ch.key.topic.to_string());
+            }
+        }
+        for topic in ready {
+            if let Some(ch) = self.channels.get(&topic) {
+                self.push_system(ch, "system", "ok", "Replication connection established");
+            }
+        }
+    }
+
+    /// `replication_ready` waits past their deadline end their channels, as the original.
+    fn expire_ready_waits(&mut self, now: Instant) {
+        let late: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.ready_wait.is_some_and(|(_, at)| at <= now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in late {
+            self.shutdown_channel(
+                &topic,
+                "Replication connection was not established in time".into(),
+            );
+        }
     }
 
     /// How the hub sees a channel: what it may receive.
