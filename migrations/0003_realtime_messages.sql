@@ -1,7 +1,9 @@
 -- The `realtime` schema objects user SQL depends on: realtime.messages (broadcast from the
 -- database, private channel policies, replay), realtime.topic(), realtime.send(),
 -- realtime.send_binary() and realtime.broadcast_changes(), compatible in names, signatures and
--- behaviour with supabase/realtime's. Existing objects (a real Supabase database) are kept.
+-- behaviour with supabase/realtime's. Existing objects (a real Supabase database) are kept: a
+-- function that exists is neither replaced nor re-granted (on hosted Supabase they belong to
+-- supabase_realtime_admin, which the connecting user may not be).
 
 CREATE SCHEMA IF NOT EXISTS realtime;
 GRANT USAGE ON SCHEMA realtime TO anon, authenticated, service_role;
@@ -34,11 +36,24 @@ END
 $$;
 
 -- The topic being authorized (set by walcast while it evaluates policies) or sent to.
-CREATE OR REPLACE FUNCTION realtime.topic() RETURNS text LANGUAGE sql STABLE AS $fn$
+DO $do$
+BEGIN
+  IF to_regprocedure('realtime.topic()') IS NULL THEN
+    EXECUTE $def$
+CREATE FUNCTION realtime.topic() RETURNS text LANGUAGE sql STABLE AS $fn$
   SELECT nullif(current_setting('realtime.topic', true), '')::text
-$fn$;
+$fn$
+    $def$;
+    GRANT EXECUTE ON FUNCTION realtime.topic() TO anon, authenticated, service_role;
+  END IF;
+END
+$do$;
 
-CREATE OR REPLACE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
+DO $do$
+BEGIN
+  IF to_regprocedure('realtime.send(jsonb, text, text, boolean)') IS NULL THEN
+    EXECUTE $def$
+CREATE FUNCTION realtime.send(payload jsonb, event text, topic text, private boolean DEFAULT true)
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
   generated_id uuid;
@@ -60,9 +75,18 @@ BEGIN
       RAISE WARNING 'WarnSendingBroadcastMessage: %', SQLERRM;
   END;
 END
-$fn$;
+$fn$
+    $def$;
+    GRANT EXECUTE ON FUNCTION realtime.send(jsonb, text, text, boolean) TO anon, authenticated, service_role;
+  END IF;
+END
+$do$;
 
-CREATE OR REPLACE FUNCTION realtime.send_binary(payload bytea, event text, topic text, private boolean DEFAULT true)
+DO $do$
+BEGIN
+  IF to_regprocedure('realtime.send_binary(bytea, text, text, boolean)') IS NULL THEN
+    EXECUTE $def$
+CREATE FUNCTION realtime.send_binary(payload bytea, event text, topic text, private boolean DEFAULT true)
 RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
   generated_id uuid;
@@ -77,9 +101,18 @@ BEGIN
       RAISE WARNING 'WarnSendingBroadcastMessage: %', SQLERRM;
   END;
 END
-$fn$;
+$fn$
+    $def$;
+    GRANT EXECUTE ON FUNCTION realtime.send_binary(bytea, text, text, boolean) TO anon, authenticated, service_role;
+  END IF;
+END
+$do$;
 
-CREATE OR REPLACE FUNCTION realtime.broadcast_changes(
+DO $do$
+BEGIN
+  IF to_regprocedure('realtime.broadcast_changes(text, text, text, text, text, record, record, text)') IS NULL THEN
+    EXECUTE $def$
+CREATE FUNCTION realtime.broadcast_changes(
   topic_name text, event_name text, operation text, table_name text, table_schema text,
   new record, old record, level text DEFAULT 'ROW'::text
 ) RETURNS void LANGUAGE plpgsql AS $fn$
@@ -100,12 +133,13 @@ EXCEPTION
   WHEN OTHERS THEN
     RAISE EXCEPTION 'Failed to process the row: %', SQLERRM;
 END
-$fn$;
+$fn$
+    $def$;
+    GRANT EXECUTE ON FUNCTION realtime.broadcast_changes(text, text, text, text, text, record, record, text) TO anon, authenticated, service_role;
+  END IF;
+END
+$do$;
 
-GRANT EXECUTE ON FUNCTION realtime.topic(), realtime.send(jsonb, text, text, boolean),
-  realtime.send_binary(bytea, text, text, boolean),
-  realtime.broadcast_changes(text, text, text, text, text, record, record, text)
-  TO anon, authenticated, service_role;
 
 -- The change stream carries realtime.messages through its own publication, so that user tables
 -- and broadcast messages travel in one slot.

@@ -131,12 +131,11 @@ pub async fn run(
                 db.slot.clone(),
                 db.slot_wal_warn_bytes,
             )));
-            if db.run_janitor {
-                tasks.push(tokio::spawn(janitor(
-                    pg.pool.clone(),
-                    db.messages_retention,
-                )));
-            }
+            tasks.push(tokio::spawn(crate::db::janitor::run(
+                pg.pool.clone(),
+                db.messages_retention,
+                db.run_janitor,
+            )));
             Some(pg)
         }
     };
@@ -238,6 +237,12 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
             let names: Vec<String> = pending.iter().map(|(v, n)| format!("{v} ({n})")).collect();
             return Err(AppError::MigrationsPending(names.join(", ")));
         }
+    }
+    // A partitioned realtime.messages (set up by the original) needs today's partition before
+    // the first private join probes it or the first realtime.send writes into it.
+    let created = crate::db::janitor::ensure_partitions(&pool).await?;
+    if !created.is_empty() {
+        tracing::info!(?created, "created realtime.messages partitions ahead");
     }
     if migrations::ensure_publication(&pool, &db.publication).await? {
         tracing::info!(publication = %db.publication, "created the (empty) publication; add tables with ALTER PUBLICATION ... ADD TABLE");
@@ -353,30 +358,6 @@ async fn watch_slot(pool: Arc<Pool>, slot: String, warn_bytes: u64) {
 
 /// Removes stored broadcast messages older than the retention period, at start and every ten
 /// minutes, so `realtime.messages` does not grow without bound.
-async fn janitor(pool: Arc<Pool>, retention: Duration) {
-    let mut tick = tokio::time::interval(Duration::from_secs(600));
-    loop {
-        tick.tick().await;
-        let hours = retention.as_secs_f64() / 3600.0;
-        let result = async {
-            let client = pool.get().await?;
-            let n = client
-                .execute(
-                    "DELETE FROM realtime.messages WHERE inserted_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1::float8 * 3600)",
-                    &[&hours],
-                )
-                .await?;
-            Ok::<_, DbError>(n)
-        }
-        .await;
-        match result {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "janitor removed old realtime.messages rows"),
-            Err(e) => tracing::warn!(error = %e, "janitor could not clean realtime.messages"),
-        }
-    }
-}
-
 /// `walcast migrate`: applies migrations and creates the publication.
 pub async fn migrate(db: &DatabaseSettings) -> Result<Vec<i64>, DbError> {
     let pool = Pool::new(&db.db, 1);

@@ -40,6 +40,9 @@ pub struct TableInfo {
     pub has_pk: bool,
     /// Primary key columns with their SQL type (as `format_type` prints it), in key order.
     pub pk: Vec<(String, String)>,
+    /// `realtime.messages` or one of its partitions: its inserts are broadcasts from the
+    /// database.
+    pub stored_broadcasts: bool,
 }
 
 impl TableInfo {
@@ -218,14 +221,24 @@ impl Catalog {
         let pk_typed: Vec<(String, String)> =
             pk_rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         let pk: Vec<String> = pk_typed.iter().map(|(n, _)| n.clone()).collect();
-        let rls = client
+        let class = client
             .query_opt(
-                "SELECT relrowsecurity FROM pg_class WHERE oid = $1",
+                "SELECT c.relrowsecurity,
+                        coalesce((SELECT n.nspname = 'realtime' AND r.relname = 'messages'
+                                    FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
+                                   WHERE r.oid = pg_partition_root(c.oid)), false)
+                   FROM pg_class c WHERE c.oid = $1",
                 &[&rel.oid],
             )
-            .await?
-            .map(|r| r.get::<_, bool>(0))
-            .unwrap_or(true);
+            .await?;
+        let rls = class.as_ref().is_none_or(|r| r.get::<_, bool>(0));
+        // A relation gone since (a dropped partition) is known by its name.
+        let stored_broadcasts = rel.namespace == "realtime"
+            && (rel.name == "messages"
+                || class.as_ref().map_or_else(
+                    || is_daily_partition_name(&rel.name),
+                    |r| r.get::<_, bool>(1),
+                ));
         let columns: Vec<ColumnInfo> = rel
             .columns
             .iter()
@@ -247,6 +260,36 @@ impl Catalog {
             columns,
             rls,
             pk: pk_typed,
+            stored_broadcasts,
         })
+    }
+}
+
+/// `messages_YYYY_MM_DD`: the original's name for a daily partition of `realtime.messages`.
+fn is_daily_partition_name(name: &str) -> bool {
+    let Some(date) = name.strip_prefix("messages_") else {
+        return false;
+    };
+    let b = date.as_bytes();
+    b.len() == 10
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'_',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn daily_partition_names() {
+        assert!(super::is_daily_partition_name("messages_2026_11_29"));
+        for n in [
+            "messages",
+            "messages_2026_11_2",
+            "messages_2026-11-29",
+            "other_2026_11_29",
+        ] {
+            assert!(!super::is_daily_partition_name(n), "{n}");
+        }
     }
 }

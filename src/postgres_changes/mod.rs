@@ -304,7 +304,8 @@ impl PgChanges {
         max_payload_bytes: usize,
     ) {
         let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
-        let mut messages_oid: Option<u32> = None;
+        // realtime.messages, or its daily partitions (pgoutput names the partition a row went to).
+        let mut messages_oids: std::collections::HashSet<u32> = std::collections::HashSet::new();
         let mut commit_ts: i64 = 0;
         let mut xid: u32 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
@@ -370,8 +371,10 @@ impl PgChanges {
                                 }
                             }
                         };
-                        if info.schema == "realtime" && info.name == "messages" {
-                            messages_oid = Some(rel.oid);
+                        if info.stored_broadcasts {
+                            messages_oids.insert(rel.oid);
+                        } else {
+                            messages_oids.remove(&rel.oid);
                         }
                         self.authorizer.forget_table(rel.oid);
                         tables.insert(rel.oid, Arc::new(info));
@@ -397,7 +400,7 @@ impl PgChanges {
                     }
                     Event::Message { .. } => {}
                     Event::Insert { relation, new, lsn }
-                        if Some(relation) == messages_oid && txn.take(lsn) =>
+                        if messages_oids.contains(&relation) && txn.take(lsn) =>
                     {
                         // Keep commit order: what was matched before this goes out first.
                         if !pending.is_empty() {
@@ -935,6 +938,7 @@ mod tests {
             rls,
             has_pk: true,
             pk: vec![("id".into(), "text".into())],
+            stored_broadcasts: false,
         })
     }
 
