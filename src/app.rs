@@ -261,8 +261,17 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         },
     };
     warn_unbounded_wal(&pool).await;
+    // Delivery has connections of its own: a storm of joins or token pushes queues on `pool`,
+    // never in front of a change's row checks.
+    let delivery = Pool::named(
+        &db.db,
+        "walcast_delivery",
+        db.delivery_pool_size,
+        db.after_connect.clone(),
+    );
     let pg = Arc::new(PgChanges::new(
         pool,
+        delivery,
         db.publication.clone(),
         db.max_record_bytes,
     ));

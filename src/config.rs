@@ -22,6 +22,7 @@ pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
 pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
+pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
 
 #[derive(Parser, Debug)]
@@ -234,9 +235,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
-    /// SQL connections walcast keeps for authorization and subscription checks.
+    /// SQL connections for work clients start: subscription checks (at join and after a new
+    /// token), private channel policies, replay.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE)]
     pub db_pool_size: usize,
+
+    /// SQL connections for delivering changes only (row level security and privilege checks,
+    /// table descriptions), apart from DB_POOL_SIZE so that clients cannot make delivery wait.
+    #[arg(long, env = "DB_DELIVERY_POOL_SIZE", default_value_t = DEFAULT_DB_DELIVERY_POOL_SIZE)]
+    pub db_delivery_pool_size: usize,
 
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
@@ -326,6 +333,7 @@ pub enum ConfigError {
 pub struct DatabaseSettings {
     pub db: crate::db::DbConfig,
     pub pool_size: usize,
+    pub delivery_pool_size: usize,
     pub publication: String,
     pub slot: String,
     pub max_record_bytes: usize,
@@ -443,9 +451,13 @@ impl ServeArgs {
         if self.db_pool_size == 0 {
             return Err(ConfigError::Zero("DB_POOL_SIZE"));
         }
+        if self.db_delivery_pool_size == 0 {
+            return Err(ConfigError::Zero("DB_DELIVERY_POOL_SIZE"));
+        }
         Ok(Some(DatabaseSettings {
             db,
             pool_size: self.db_pool_size,
+            delivery_pool_size: self.db_delivery_pool_size,
             publication: self.publication.clone(),
             slot: self.slot_name.clone(),
             max_record_bytes: self.max_record_bytes,
