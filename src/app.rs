@@ -138,7 +138,11 @@ pub async fn run(
 
     let limits = crate::limits::Limits::new(settings.limits);
     let ticker = limits.spawn_ticker();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(
+        settings.connect_error_backoff_max_waiting,
+    ));
     let ctx = Arc::new(Context {
+        refusals,
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         channels,

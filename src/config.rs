@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_PORT: u16 = 4000;
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MS: u64 = 2_000;
+pub const DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING: usize = 1_000;
 pub const DEFAULT_CHANNEL_ERROR_BACKOFF_MS: u64 = 5_000;
 pub const DEFAULT_MAX_CHANNELS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
@@ -149,6 +150,11 @@ pub struct ServeArgs {
     /// Delay before a refused WebSocket upgrade is answered (slows down retry storms).
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MS)]
     pub connect_error_backoff_ms: u64,
+
+    /// Refused upgrades that may wait out CONNECT_ERROR_BACKOFF_MS at once, server-wide (each
+    /// holds its connection meanwhile); refusals past this many are answered at once.
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MAX_WAITING", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING)]
+    pub connect_error_backoff_max_waiting: usize,
 
     /// Delay before a refused channel join is answered.
     #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CHANNEL_ERROR_BACKOFF_MS)]
@@ -352,6 +358,8 @@ pub struct Settings {
     /// Allowed `Origin`s (empty: all).
     pub allowed_origins: Vec<String>,
     pub connect_error_backoff: Duration,
+    /// Refused upgrades that may wait out the back-off at once.
+    pub connect_error_backoff_max_waiting: usize,
     pub channel_error_backoff: Duration,
     pub max_channels_per_client: usize,
     pub max_payload_bytes: usize,
@@ -405,6 +413,7 @@ impl ServeArgs {
                 .filter(|o| !o.is_empty())
                 .collect(),
             connect_error_backoff: Duration::from_millis(self.connect_error_backoff_ms),
+            connect_error_backoff_max_waiting: self.connect_error_backoff_max_waiting,
             channel_error_backoff: Duration::from_millis(self.channel_error_backoff_ms),
             max_channels_per_client: self.max_channels_per_client,
             max_payload_bytes,

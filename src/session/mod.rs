@@ -73,6 +73,8 @@ pub struct Context {
     pub alive: mpsc::Sender<()>,
     /// Server-wide limits: users, joins/s, events/s, presence/s.
     pub limits: Arc<crate::limits::Limits>,
+    /// Permits for refused upgrades to wait out their back-off (`CONNECT_ERROR_BACKOFF_MAX_WAITING`).
+    pub refusals: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the upgrade handler established before handing the socket over.
@@ -189,7 +191,7 @@ fn channel_kind(ch: &Channel) -> &'static str {
 }
 
 /// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
+pub(crate) fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {
