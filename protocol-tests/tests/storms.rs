@@ -84,12 +84,12 @@ async fn push_token(c: &mut Client, jr: &str, token: &str) {
     .await;
 }
 
-/// The pool has one connection and serves checks in order, so once a later join is subscribed,
-/// every check queued before it has run: the counts below are exact, not racing.
+/// The pool has two connections and hands them out in order, so once a later join is
+/// subscribed, every check queued before it has started: the counts below do not race.
 #[tokio::test]
 async fn token_pushes_run_one_check_per_channel_the_latest_wins_and_none_outlives_the_socket() {
     let db = TestDb::create("token_storm").await;
-    let server = Server::start_with_db(&db, &[("DB_POOL_SIZE", "1")]).await;
+    let server = Server::start_with_db(&db, &[("DB_POOL_SIZE", "2")]).await;
     let sql = db.client().await;
     sql.batch_execute(COUNTED).await.unwrap();
 
