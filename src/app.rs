@@ -75,6 +75,7 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let shutdown_timeout = settings.shutdown_timeout;
+    let first_response_deadline = settings.first_response_deadline;
 
     let mut tasks = Vec::new();
     let channels = Channels::local();
@@ -173,6 +174,8 @@ pub async fn run(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
+    // A connection that sends no complete request in time is closed (HTTP_REQUEST_TIMEOUT_MS).
+    let listener = server::listener::Answered::new(listener, first_response_deadline);
     axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .await?;

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 pub const DEFAULT_PORT: u16 = 4000;
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MS: u64 = 2_000;
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING: usize = 1_000;
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_CHANNEL_ERROR_BACKOFF_MS: u64 = 5_000;
 pub const DEFAULT_MAX_CHANNELS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
@@ -155,6 +156,12 @@ pub struct ServeArgs {
     /// holds its connection meanwhile); refusals past this many are answered at once.
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MAX_WAITING", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING)]
     pub connect_error_backoff_max_waiting: usize,
+
+    /// A connection must send a complete request within this long after it is accepted (plus
+    /// CONNECT_ERROR_BACKOFF_MS, which a refused upgrade waits before its reply), or it is
+    /// closed; 0 turns this off. Once answered (a WebSocket upgraded) there is no deadline.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_HTTP_REQUEST_TIMEOUT_MS)]
+    pub http_request_timeout_ms: u64,
 
     /// Delay before a refused channel join is answered.
     #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CHANNEL_ERROR_BACKOFF_MS)]
@@ -360,6 +367,8 @@ pub struct Settings {
     pub connect_error_backoff: Duration,
     /// Refused upgrades that may wait out the back-off at once.
     pub connect_error_backoff_max_waiting: usize,
+    /// How long an accepted connection may go unanswered (`None`: no limit).
+    pub first_response_deadline: Option<Duration>,
     pub channel_error_backoff: Duration,
     pub max_channels_per_client: usize,
     pub max_payload_bytes: usize,
@@ -414,6 +423,12 @@ impl ServeArgs {
                 .collect(),
             connect_error_backoff: Duration::from_millis(self.connect_error_backoff_ms),
             connect_error_backoff_max_waiting: self.connect_error_backoff_max_waiting,
+            first_response_deadline: (self.http_request_timeout_ms > 0).then(|| {
+                Duration::from_millis(
+                    self.http_request_timeout_ms
+                        .saturating_add(self.connect_error_backoff_ms),
+                )
+            }),
             channel_error_backoff: Duration::from_millis(self.channel_error_backoff_ms),
             max_channels_per_client: self.max_channels_per_client,
             max_payload_bytes,
