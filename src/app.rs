@@ -276,6 +276,8 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         db.delivery_pool_size,
         db.after_connect.clone(),
     );
+    // One connection open before the first change, so that it is not delivered later for it.
+    drop(delivery.get().await?);
     let pg = Arc::new(PgChanges::new(
         pool,
         delivery,
