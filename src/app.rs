@@ -76,6 +76,7 @@ pub async fn run(
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let shutdown_timeout = settings.shutdown_timeout;
+    let first_response_deadline = settings.first_response_deadline;
 
     let mut tasks = Vec::new();
     let channels = Channels::local();
@@ -145,7 +146,11 @@ pub async fn run(
 
     let limits = crate::limits::Limits::new(settings.limits);
     let ticker = limits.spawn_ticker();
+    let refusals = Arc::new(tokio::sync::Semaphore::new(
+        settings.connect_error_backoff_max_waiting,
+    ));
     let ctx = Arc::new(Context {
+        refusals,
         settings: Arc::new(settings),
         verifier: Arc::new(verifier),
         channels,
@@ -176,6 +181,8 @@ pub async fn run(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
+    // A connection that sends no complete request in time is closed (HTTP_REQUEST_TIMEOUT_MS).
+    let listener = server::listener::Answered::new(listener, first_response_deadline);
     axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .await?;
@@ -288,8 +295,19 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         },
     };
     warn_unbounded_wal(&pool).await;
+    // Delivery has connections of its own: a storm of joins or token pushes queues on `pool`,
+    // never in front of a change's row checks.
+    let delivery = Pool::named(
+        &db.db,
+        "walcast_delivery",
+        db.delivery_pool_size,
+        db.after_connect.clone(),
+    );
+    // One connection open before the first change, so that it is not delivered later for it.
+    drop(delivery.get().await?);
     let pg = Arc::new(PgChanges::new(
         pool,
+        delivery,
         db.publication.clone(),
         db.max_record_bytes,
     ));

@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub const DEFAULT_PORT: u16 = 4000;
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MS: u64 = 2_000;
+pub const DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING: usize = 1_000;
+pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_CHANNEL_ERROR_BACKOFF_MS: u64 = 5_000;
 pub const DEFAULT_MAX_CHANNELS_PER_CLIENT: usize = 100;
 pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
@@ -22,6 +24,7 @@ pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
 pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
+pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
 /// The original's `replication_ready_timeout` (one minute).
 pub const DEFAULT_REPLICATION_READY_TIMEOUT_MS: u64 = 60_000;
@@ -151,6 +154,17 @@ pub struct ServeArgs {
     #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MS)]
     pub connect_error_backoff_ms: u64,
 
+    /// Refused upgrades that may wait out CONNECT_ERROR_BACKOFF_MS at once, server-wide (each
+    /// holds its connection meanwhile); refusals past this many are answered at once.
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MAX_WAITING", default_value_t = DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING)]
+    pub connect_error_backoff_max_waiting: usize,
+
+    /// A connection must send a complete request within this long after it is accepted (plus
+    /// CONNECT_ERROR_BACKOFF_MS, which a refused upgrade waits before its reply), or it is
+    /// closed; 0 turns this off. Once answered (a WebSocket upgraded) there is no deadline.
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT_MS", default_value_t = DEFAULT_HTTP_REQUEST_TIMEOUT_MS)]
+    pub http_request_timeout_ms: u64,
+
     /// Delay before a refused channel join is answered.
     #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = DEFAULT_CHANNEL_ERROR_BACKOFF_MS)]
     pub channel_error_backoff_ms: u64,
@@ -247,9 +261,15 @@ pub struct ServeArgs {
     #[arg(long, env = "DB_SSL_CA_CERT")]
     pub db_ssl_ca_cert: Option<std::path::PathBuf>,
 
-    /// SQL connections walcast keeps for authorization and subscription checks.
+    /// SQL connections for work clients start: subscription checks (at join and after a new
+    /// token), private channel policies, replay.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = DEFAULT_DB_POOL_SIZE)]
     pub db_pool_size: usize,
+
+    /// SQL connections for delivering changes only (row level security and privilege checks,
+    /// table descriptions), apart from DB_POOL_SIZE so that clients cannot make delivery wait.
+    #[arg(long, env = "DB_DELIVERY_POOL_SIZE", default_value_t = DEFAULT_DB_DELIVERY_POOL_SIZE)]
+    pub db_delivery_pool_size: usize,
 
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
@@ -344,6 +364,7 @@ pub enum ConfigError {
 pub struct DatabaseSettings {
     pub db: crate::db::DbConfig,
     pub pool_size: usize,
+    pub delivery_pool_size: usize,
     pub publication: String,
     pub slot: String,
     pub max_record_bytes: usize,
@@ -363,6 +384,10 @@ pub struct Settings {
     /// Allowed `Origin`s (empty: all).
     pub allowed_origins: Vec<String>,
     pub connect_error_backoff: Duration,
+    /// Refused upgrades that may wait out the back-off at once.
+    pub connect_error_backoff_max_waiting: usize,
+    /// How long an accepted connection may go unanswered (`None`: no limit).
+    pub first_response_deadline: Option<Duration>,
     pub channel_error_backoff: Duration,
     pub max_channels_per_client: usize,
     pub max_payload_bytes: usize,
@@ -416,6 +441,13 @@ impl ServeArgs {
                 .filter(|o| !o.is_empty())
                 .collect(),
             connect_error_backoff: Duration::from_millis(self.connect_error_backoff_ms),
+            connect_error_backoff_max_waiting: self.connect_error_backoff_max_waiting,
+            first_response_deadline: (self.http_request_timeout_ms > 0).then(|| {
+                Duration::from_millis(
+                    self.http_request_timeout_ms
+                        .saturating_add(self.connect_error_backoff_ms),
+                )
+            }),
             channel_error_backoff: Duration::from_millis(self.channel_error_backoff_ms),
             max_channels_per_client: self.max_channels_per_client,
             max_payload_bytes,
@@ -488,9 +520,13 @@ impl ServeArgs {
         if self.db_pool_size == 0 {
             return Err(ConfigError::Zero("DB_POOL_SIZE"));
         }
+        if self.db_delivery_pool_size == 0 {
+            return Err(ConfigError::Zero("DB_DELIVERY_POOL_SIZE"));
+        }
         Ok(Some(DatabaseSettings {
             db,
             pool_size: self.db_pool_size,
+            delivery_pool_size: self.db_delivery_pool_size,
             publication: self.publication.clone(),
             slot: self.slot_name.clone(),
             max_record_bytes: self.max_record_bytes,

@@ -111,6 +111,7 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
         let mut db = walcast::config::DatabaseSettings {
             db: cluster.db_config(),
             pool_size: args.db_pool_size,
+            delivery_pool_size: args.db_delivery_pool_size.max(1),
             publication: args.publication.clone(),
             slot: args.slot_name.clone(),
             max_record_bytes: args.max_record_bytes,

@@ -34,6 +34,8 @@ pub fn frames_and_bytes_out() -> &'static (metrics::Counter, metrics::Counter) {
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "walcast_slow_consumer_disconnects_total";
 /// Requests refused by a rate or size limit, by `limit` (counter).
 pub const RATE_LIMITED: &str = "walcast_rate_limited_total";
+/// Refused WebSocket upgrades waiting out `CONNECT_ERROR_BACKOFF_MS` before their reply (gauge).
+pub const REFUSED_UPGRADES_WAITING: &str = "walcast_refused_upgrades_waiting";
 /// WAL received from PostgreSQL but not yet delivered, in bytes (gauge).
 pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 /// Age of the last delivered commit when it was delivered, in seconds (gauge).
@@ -69,6 +71,7 @@ pub const ALL: &[&str] = &[
     BYTES_OUT,
     SLOW_CONSUMER_DISCONNECTS,
     RATE_LIMITED,
+    REFUSED_UPGRADES_WAITING,
     REPLICATION_LAG_BYTES,
     REPLICATION_LAG_SECONDS,
     REPLICATION_CONNECTED,
@@ -134,6 +137,10 @@ fn describe() {
         "Sockets closed for falling behind"
     );
     describe_counter!(RATE_LIMITED, "Requests refused by a limit");
+    describe_gauge!(
+        REFUSED_UPGRADES_WAITING,
+        "Refused upgrades waiting out the back-off"
+    );
     describe_gauge!(
         REPLICATION_LAG_BYTES,
         Unit::Bytes,

@@ -392,3 +392,47 @@ async fn allowed_origins_refuse_other_browser_pages_but_not_clients_without_orig
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     c.join_ok("realtime:o", json!({})).await;
 }
+
+/// A connection that never completes a request is closed after HTTP_REQUEST_TIMEOUT_MS (plus the
+/// connect back-off); one that was answered in time (an upgraded socket, a refusal waiting out
+/// its back-off) is not.
+#[tokio::test]
+async fn connections_that_send_no_complete_request_are_closed_in_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = Server::start_with(&[
+        ("HTTP_REQUEST_TIMEOUT_MS", "300"),
+        ("CONNECT_ERROR_BACKOFF_MS", "600"),
+    ])
+    .await;
+    let mut socket = server.connect(Vsn::V2, &token("anon")).await;
+    let bad = server.ws_url("/socket/websocket", "apikey=garbage&vsn=2.0.0");
+    let refused = tokio::spawn(async move { tokio_tungstenite::connect_async(bad).await });
+    let started = std::time::Instant::now();
+    let addr = format!("127.0.0.1:{}", server.port);
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut dribbling = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    dribbling
+        .write_all(b"GET /socket/websocket HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    for (name, conn) in [("silent", &mut silent), ("dribbling", &mut dribbling)] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(WAIT, conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the {name} connection was still open after {WAIT:?}"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the {name} connection got {read:?}"
+        );
+        eprintln!("{name} closed after {:?}", started.elapsed());
+    }
+    // The refusal waited 600 ms, past the 300 ms, and still got its reply.
+    match refused.await.unwrap() {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401)
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    // The upgraded socket, older than both, lives on.
+    socket.assert_quiet().await;
+}

@@ -220,3 +220,62 @@ async fn too_many_presence_events_per_second_ends_the_channel() {
     c.recv_until("phx_close", |f| f.event() == "phx_close")
         .await;
 }
+
+/// A refused upgrade waits out CONNECT_ERROR_BACKOFF_MS holding its connection; only
+/// CONNECT_ERROR_BACKOFF_MAX_WAITING do at once, and the next refusal is answered at once with
+/// the same reply.
+#[tokio::test]
+async fn refused_upgrades_waiting_out_the_back_off_are_capped() {
+    let server = Server::start_with(&[
+        ("CONNECT_ERROR_BACKOFF_MS", "60000"),
+        ("CONNECT_ERROR_BACKOFF_MAX_WAITING", "2"),
+        ("METRICS_JWT_SECRET", SECRET),
+    ])
+    .await;
+    let bad = server.ws_url("/socket/websocket", "apikey=garbage&vsn=2.0.0");
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let url = bad.clone();
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.is_ok() })
+        })
+        .collect();
+    // Both are waiting (the gauge says so) before the next one is sent.
+    let metrics_token = sign(json!({"exp": now() + 60}));
+    let mut check = until("two refusals waiting");
+    loop {
+        let (status, _, body) = http(
+            "GET",
+            &server.http("/metrics"),
+            &[("authorization", &format!("Bearer {metrics_token}"))],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200);
+        let text = String::from_utf8(body).unwrap();
+        if text
+            .lines()
+            .any(|l| l == "walcast_refused_upgrades_waiting 2")
+        {
+            break;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let refused = server.connect_url(Vsn::V2, &bad, &[]).await;
+    assert_eq!(
+        refused.err(),
+        Some((
+            401,
+            json!({"error": "The token provided is not a valid JWT"}).to_string()
+        ))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the third refusal waited {:?}",
+        started.elapsed()
+    );
+    for w in waiting {
+        w.abort();
+    }
+}

@@ -157,6 +157,7 @@ async fn many_customers_each_see_only_their_own_conversation() {
 #[tokio::test]
 async fn a_refreshed_token_resubscribes_under_the_new_claims() {
     let db = TestDb::create("refresh").await;
+    let slot = format!("s_{}", db.name);
     let server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
     sql.batch_execute(SCHEMA).await.unwrap();
@@ -188,10 +189,19 @@ async fn a_refreshed_token_resubscribes_under_the_new_claims() {
         };
         insert(1, "for one").await;
         insert(2, "for two").await;
+        let lsn: String = sql
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         let ev = c
             .recv_until("change", |f| f.event() == "postgres_changes")
             .await;
         assert_eq!(ev.payload()["data"]["record"]["body"], "for one");
+        // "for two" has been judged (under user 1's claims: withheld) before the token changes;
+        // a change still being dispatched when the subscription is replaced is judged under the
+        // new claims, as in the original.
+        wait_slot_confirmed(&sql, &slot, &lsn).await;
 
         // Same role, another user: after "Subscribed to PostgreSQL" again, the view is user 2's.
         c.send(

@@ -300,8 +300,18 @@ impl Pool {
         size: usize,
         after_connect: Option<String>,
     ) -> Arc<Self> {
+        Self::named(db, "walcast", size, after_connect)
+    }
+
+    /// A pool whose connections show `application_name` in `pg_stat_activity`.
+    pub fn named(
+        db: &DbConfig,
+        application_name: &str,
+        size: usize,
+        after_connect: Option<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            config: db.pg_config("walcast"),
+            config: db.pg_config(application_name),
             db: db.clone(),
             tls: db.tls_config().map_err(|e| e.to_string()),
             after_connect: after_connect.filter(|q| !q.trim().is_empty()),

@@ -158,8 +158,9 @@ impl Catalog {
         Conv::Text
     }
 
-    /// How values of this type compare in filters.
-    pub async fn kind(&self, oid: u32) -> Result<Kind, DbError> {
+    /// How values of this type compare in filters. `client` looks up enum labels: it is the
+    /// connection of the subscription check asking, so that checks never use delivery's pool.
+    pub async fn kind(&self, client: &tokio_postgres::Client, oid: u32) -> Result<Kind, DbError> {
         let mut oid = oid;
         for _ in 0..8 {
             let kind = match oid {
@@ -181,7 +182,6 @@ impl Catalog {
                         continue;
                     }
                     if t.typtype == b'e' {
-                        let client = self.pool.get().await?;
                         let rows = client
                             .query(
                                 "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder",

@@ -43,7 +43,11 @@ const MAX_BATCH_EVENTS: usize = 1024;
 const MAX_IN_VALUES: usize = 100;
 
 pub struct PgChanges {
+    /// For work clients start (subscription checks at join and after a new token).
     pub pool: Arc<Pool>,
+    /// For delivery only (the dispatcher's table descriptions, privilege and row checks): no
+    /// storm of joins or token pushes can make a change wait for a connection.
+    pub delivery: Arc<Pool>,
     pub catalog: Catalog,
     pub registry: Registry,
     pub authorizer: Authorizer,
@@ -52,12 +56,18 @@ pub struct PgChanges {
 }
 
 impl PgChanges {
-    pub fn new(pool: Arc<Pool>, publication: String, max_record_bytes: usize) -> Self {
+    pub fn new(
+        pool: Arc<Pool>,
+        delivery: Arc<Pool>,
+        publication: String,
+        max_record_bytes: usize,
+    ) -> Self {
         Self {
-            catalog: Catalog::new(pool.clone()),
-            authorizer: Authorizer::new(pool.clone()),
+            catalog: Catalog::new(delivery.clone()),
+            authorizer: Authorizer::new(delivery.clone()),
             registry: Registry::new(),
             pool,
+            delivery,
             publication,
             max_record_bytes,
         }
@@ -192,7 +202,7 @@ impl PgChanges {
             .map_err(PrepareError::db)?;
         let kind = self
             .catalog
-            .kind(type_oid)
+            .kind(client, type_oid)
             .await
             .map_err(PrepareError::db)?;
         let operand = match f.op {

@@ -2,6 +2,7 @@
 //! API and health checks. Every path is served both as the original serves it (`/socket/...`,
 //! `/api/...`) and as supabase-js builds it without a gateway (`/realtime/v1/...`).
 
+pub mod listener;
 mod operator;
 mod rest;
 mod socket;

@@ -124,10 +124,25 @@ async fn connect_error(ctx: &Context, e: AuthError) -> Response {
 }
 
 /// `{"error": message}` with `status`, after `CONNECT_ERROR_BACKOFF_MS` (slows retry storms).
+/// A refusal waits holding its connection, so only `CONNECT_ERROR_BACKOFF_MAX_WAITING` of them
+/// wait at once; past that a refusal is answered at once: a storm of bad upgrades then costs
+/// its own round trips, not the server's sockets and memory.
 async fn refuse(ctx: &Context, status: StatusCode, message: &str) -> Response {
     let delay = ctx.settings.connect_error_backoff;
     if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+        match ctx.refusals.clone().try_acquire_owned() {
+            Ok(_permit) => {
+                let waiting = metrics::gauge!(crate::telemetry::REFUSED_UPGRADES_WAITING);
+                waiting.increment(1.0);
+                let _counted = session::scopeguard(move || waiting.decrement(1.0));
+                tokio::time::sleep(delay).await;
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "refusal answered without back-off: CONNECT_ERROR_BACKOFF_MAX_WAITING reached"
+                );
+            }
+        }
     }
     (status, Json(json!({ "error": message }))).into_response()
 }

@@ -22,6 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
 
 use crate::auth::{Claims, JwtVerifier};
@@ -72,6 +73,8 @@ pub struct Context {
     pub alive: mpsc::Sender<()>,
     /// Server-wide limits: users, joins/s, events/s, presence/s.
     pub limits: Arc<crate::limits::Limits>,
+    /// Permits for refused upgrades to wait out their back-off (`CONNECT_ERROR_BACKOFF_MAX_WAITING`).
+    pub refusals: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the upgrade handler established before handing the socket over.
@@ -95,21 +98,29 @@ struct Channel {
     broadcast_ack: bool,
     presence_key: String,
     presence_enabled: bool,
+    /// The channel's token, cleaned as the verifier cleans it (URI-decoded, no whitespace): a
+    /// pushed token equal to it after cleaning is the same token and changes nothing.
     token: String,
     claims: Claims,
     /// Start of the current presence rate window and the calls made in it.
     presence_window: Option<(Instant, u32)>,
-    /// The channel's postgres_changes bindings, parsed.
-    pg_bindings: Vec<BindingSpec>,
+    /// The channel's postgres_changes bindings, parsed. Shared with the check that runs them:
+    /// they may be megabytes, and a token push must not copy them.
+    pg_bindings: Arc<[BindingSpec]>,
     /// Bumped at every (re)subscription, so that a late result of an older one is ignored.
     pg_generation: u64,
+    /// The postgres_changes check (at join, then after each new token).
+    pg_job: Job,
+    /// A private channel's read policy check after a new token.
+    read_job: Job,
     /// The last change-stream gap this channel was told about (0: none).
     gap_told: u64,
     /// Private channels: what the read policies allow (`None` on public channels).
     read: Option<policies::Read>,
     /// Private channels: the write policies, checked on the first send or track.
     write: Option<policies::Write>,
-    write_check_in_flight: bool,
+    /// The write policy check (on the first send or track after a join or a new token).
+    write_job: Job,
     /// Sends and tracks waiting for the write check, in order.
     awaiting_write: VecDeque<Inbound>,
     /// Ids of the messages replayed at join.
@@ -132,6 +143,47 @@ struct JoinRequest {
 /// Pushes that may wait for one channel's write check; more are dropped (and logged).
 const MAX_AWAITING_WRITE: usize = 256;
 
+/// One kind of background check for a channel, run under its claims. At most one runs at a
+/// time: a new token while it runs only marks it stale, and when it ends it runs once more with
+/// the latest claims (its own result is dropped). So a client pushing tokens as fast as it can
+/// costs each of its channels at most one running check of each kind, plus a flag.
+#[derive(Default)]
+struct Job {
+    /// The running task (tracked in the session's task set, aborted when the channel goes).
+    running: Option<AbortHandle>,
+    /// The claims changed while it ran: its result is for older claims.
+    stale: bool,
+}
+
+impl Job {
+    /// Marks the job to run again if it is running; true when the caller should start it now.
+    fn request(&mut self) -> bool {
+        if self.running.is_some() {
+            self.stale = true;
+            false
+        } else {
+            true
+        }
+    }
+
+    fn started(&mut self, handle: AbortHandle) {
+        self.stale = false;
+        self.running = Some(handle);
+    }
+
+    /// The task ended; true when its result is current (not stale).
+    fn finished(&mut self) -> bool {
+        self.running = None;
+        !self.stale
+    }
+
+    fn abort(&self) {
+        if let Some(h) = &self.running {
+            h.abort();
+        }
+    }
+}
+
 fn channel_kind(ch: &Channel) -> &'static str {
     if ch.read.is_some() {
         "private"
@@ -141,7 +193,7 @@ fn channel_kind(ch: &Channel) -> &'static str {
 }
 
 /// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
+pub(crate) fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {
@@ -202,8 +254,13 @@ struct Session {
     channels: HashMap<String, Box<Channel>>,
     delayed: VecDeque<(Instant, Frame)>,
     events: mpsc::Sender<Box<SessionEvent>>,
-    /// Private joins waiting for their policy check: topic → generation.
-    pending_joins: HashMap<String, u64>,
+    /// Private joins waiting for their policy check: topic → (generation, its task).
+    pending_joins: HashMap<String, (u64, AbortHandle)>,
+    /// Every background task of this socket (policy checks, postgres_changes checks). Bounded:
+    /// at most one per pending join and one of each [`Job`] kind per channel. Finished ones are
+    /// reaped each turn of the loop; the rest are aborted when the socket ends (close, error,
+    /// server shutdown), so none outlives it.
+    tasks: JoinSet<()>,
     next_generation: u64,
     headers: Map<String, Value>,
     /// Counted in the concurrent users (it has had a channel since it last had none).
@@ -230,6 +287,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         channels: HashMap::new(),
         delayed: VecDeque::new(),
         pending_joins: HashMap::new(),
+        tasks: JoinSet::new(),
         next_generation: 0,
         headers: connect.headers,
         user_counted: false,
@@ -252,6 +310,8 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     }
 
     loop {
+        // Reap finished background tasks (each one's result arrived as an event).
+        while session.tasks.try_join_next().is_some() {}
         session.sync_user_count();
         if closing_since.is_none() && outbound.is_closing() {
             closing_since = Some(Instant::now());
@@ -375,6 +435,8 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
 
     session.leave_all();
     session.sync_user_count();
+    // Checks still running for this socket's channels are of no use to anyone now.
+    session.tasks.abort_all();
     outbound.close(CloseReason::new(1000, "bye"));
     if !writer.is_finished() {
         // Give the writer a moment to send the close frame, then stop it.
@@ -556,8 +618,10 @@ impl Session {
             self.send(encode::close(self.vsn, &old.join_ref, &m.topic));
             self.teardown(&old);
         }
-        // A join still waiting for its policy check is superseded.
-        self.pending_joins.remove(&m.topic);
+        // A join still waiting for its policy check is superseded (and its check stopped).
+        if let Some((_, task)) = self.pending_joins.remove(&m.topic) {
+            task.abort();
+        }
         if sub_topic.is_empty() {
             self.join_error(
                 &m,
@@ -611,16 +675,17 @@ impl Session {
         }
         // `sb_...` keys are opaque API keys, not JWTs: the socket's token is used instead.
         let token = match &cfg.access_token {
-            Some(t) if !t.starts_with("sb_") => t.clone(),
-            _ => self.socket_token.clone(),
+            Some(t) if !t.starts_with("sb_") => t.as_str(),
+            _ => self.socket_token.as_str(),
         };
-        let claims = match self.ctx.verifier.verify(&token) {
+        let claims = match self.ctx.verifier.verify(token) {
             Ok(c) => c,
             Err(e) => {
                 self.join_error(&m, e.join_reason());
                 return;
             }
         };
+        let token = crate::auth::clean_token(token);
         let request = JoinRequest {
             join_ref: m.join_ref.clone(),
             msg_ref: m.msg_ref.clone(),
@@ -657,10 +722,10 @@ impl Session {
         // The read policy is checked off the socket's task: joins do not wait on each other.
         self.next_generation += 1;
         let generation = self.next_generation;
-        self.pending_joins.insert(m.topic.clone(), generation);
         let ctx = policies::Context::new(&request.sub_topic, &request.claims, &self.headers);
         let events = self.events.clone();
-        tokio::spawn(async move {
+        let topic = m.topic.clone();
+        let task = self.tasks.spawn(async move {
             let result = async {
                 let read = checker.read(&ctx).await?;
                 let replay = match request.cfg.replay {
@@ -680,6 +745,7 @@ impl Session {
                 }))
                 .await;
         });
+        self.pending_joins.insert(topic, (generation, task));
     }
 
     /// A private join's policy check finished.
@@ -689,7 +755,7 @@ impl Session {
         request: JoinRequest,
         result: Result<(policies::Read, Vec<policies::Stored>), policies::PolicyError>,
     ) {
-        if self.pending_joins.get(&request.topic) != Some(&generation) {
+        if self.pending_joins.get(&request.topic).map(|(g, _)| *g) != Some(generation) {
             return; // superseded by another join, or left
         }
         self.pending_joins.remove(&request.topic);
@@ -756,12 +822,14 @@ impl Session {
             token,
             claims,
             presence_window: None,
-            pg_bindings: Vec::new(),
+            pg_bindings: Arc::from(Vec::new()),
             pg_generation: 0,
+            pg_job: Job::default(),
+            read_job: Job::default(),
             gap_told: 0,
             read,
             write: None,
-            write_check_in_flight: false,
+            write_job: Job::default(),
             awaiting_write: VecDeque::new(),
             replayed,
             ready_wait: None,
@@ -1115,18 +1183,22 @@ impl Session {
             return;
         };
         // No reply is ever sent to `access_token`.
-        let token = match payload.get("access_token") {
-            Some(Value::String(t)) if t.starts_with("sb_") || *t == ch.token => return,
-            Some(Value::String(t)) => t.clone(),
-            _ => return,
+        let Some(Value::String(raw)) = payload.get("access_token") else {
+            return;
         };
-        match self.ctx.verifier.verify(&token) {
+        // The verifier cleans a token (URI-decoded, whitespace removed) before it reads it: one
+        // equal to the channel's after cleaning is the same token, and costs nothing more.
+        let token = crate::auth::clean_token(raw);
+        if raw.starts_with("sb_") || token.starts_with("sb_") || token == ch.token {
+            return;
+        }
+        match self.ctx.verifier.verify(raw) {
             Ok(claims) => {
                 if let Some(mut ch) = self.channels.remove(&m.topic) {
                     ch.token = token;
                     ch.claims = claims;
                     // postgres_changes run under the new claims: check again, then a new
-                    // "Subscribed to PostgreSQL".
+                    // "Subscribed to PostgreSQL". One check at a time; the latest token wins.
                     if !ch.pg_bindings.is_empty() {
                         self.prepare_postgres_changes(&mut ch);
                     }
@@ -1134,7 +1206,8 @@ impl Session {
                     // writes are checked again on the next send or track.
                     if ch.read.is_some() {
                         ch.write = None;
-                        self.refresh_read(&ch);
+                        ch.write_job.stale |= ch.write_job.running.is_some();
+                        self.refresh_read(&mut ch);
                     }
                     self.channels.insert(m.topic.clone(), ch);
                 }
@@ -1153,8 +1226,6 @@ impl Session {
 
     /// Queues a send or track until the channel's write policy is known, starting the check.
     fn await_write(&mut self, m: Inbound) {
-        let (checker, headers) = (self.ctx.policies.clone(), self.headers.clone());
-        let events = self.events.clone();
         let Some(ch) = self.channels.get_mut(&m.topic) else {
             return;
         };
@@ -1162,21 +1233,28 @@ impl Session {
             tracing::warn!(topic = %m.topic, "too many pushes waiting for the write policy: dropped");
             return;
         }
+        let topic = m.topic.clone();
         ch.awaiting_write.push_back(m);
-        if ch.write_check_in_flight {
-            return;
+        if ch.write_job.running.is_none() {
+            self.check_write(&topic);
         }
+    }
+
+    /// Starts a channel's write policy check (none may be running).
+    fn check_write(&mut self, topic: &str) {
+        let checker = self.ctx.policies.clone();
+        let Some(ch) = self.channels.get_mut(topic) else {
+            return;
+        };
         let Some(checker) = checker else {
             // No database, no policies: nothing may be written.
             ch.write = Some(policies::Write::default());
-            let topic = ch.key.topic.to_string();
-            self.drain_awaiting_write(&topic);
+            self.drain_awaiting_write(topic);
             return;
         };
-        ch.write_check_in_flight = true;
-        let ctx = policies::Context::new(&ch.sub_topic, &ch.claims, &headers);
-        let (topic, channel) = (ch.key.topic.to_string(), ch.id);
-        tokio::spawn(async move {
+        let ctx = policies::Context::new(&ch.sub_topic, &ch.claims, &self.headers);
+        let (topic, channel, events) = (ch.key.topic.to_string(), ch.id, self.events.clone());
+        let task = self.tasks.spawn(async move {
             let result = checker.write(&ctx).await;
             let _ = events
                 .send(Box::new(SessionEvent::WriteChecked {
@@ -1186,6 +1264,7 @@ impl Session {
                 }))
                 .await;
         });
+        ch.write_job.started(task);
     }
 
     /// Handles, in order, the pushes that waited for the write policy.
@@ -1202,14 +1281,18 @@ impl Session {
         }
     }
 
-    /// Evaluates a private channel's read policies again (after a token change).
-    fn refresh_read(&self, ch: &Channel) {
+    /// Evaluates a private channel's read policies again (after a token change): at once, or,
+    /// when a check is running, once it ends.
+    fn refresh_read(&mut self, ch: &mut Channel) {
         let Some(checker) = self.ctx.policies.clone() else {
             return;
         };
+        if !ch.read_job.request() {
+            return;
+        }
         let ctx = policies::Context::new(&ch.sub_topic, &ch.claims, &self.headers);
         let (topic, channel, events) = (ch.key.topic.to_string(), ch.id, self.events.clone());
-        tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let result = checker.read(&ctx).await;
             let _ = events
                 .send(Box::new(SessionEvent::ReadRefreshed {
@@ -1219,6 +1302,7 @@ impl Session {
                 }))
                 .await;
         });
+        ch.read_job.started(task);
     }
 
     /// Parses a channel's bindings and starts checking them against the database. Errors that
@@ -1243,14 +1327,19 @@ impl Session {
                 }
             }
         }
-        channel.pg_bindings = specs;
+        channel.pg_bindings = Arc::from(specs);
         self.prepare_postgres_changes(channel);
     }
 
-    fn prepare_postgres_changes(&self, channel: &mut Channel) {
+    /// Checks a channel's bindings under its claims: at once, or, when a check is running,
+    /// once it ends (with the claims current then).
+    fn prepare_postgres_changes(&mut self, channel: &mut Channel) {
         let Some(pg) = self.ctx.pg.clone() else {
             return;
         };
+        if !channel.pg_job.request() {
+            return;
+        }
         channel.pg_generation += 1;
         let target = Arc::new(Target {
             channel: channel.id,
@@ -1265,7 +1354,7 @@ impl Session {
             channel.pg_generation,
         );
         let events = self.events.clone();
-        tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let result = pg.prepare(target, &claims, &specs).await;
             tracing::debug!(%topic, ok = result.is_ok(), "postgres_changes prepared");
             let _ = events
@@ -1277,6 +1366,7 @@ impl Session {
                 }))
                 .await;
         });
+        channel.pg_job.started(task);
     }
 
     fn handle_event(&mut self, event: SessionEvent) {
@@ -1297,7 +1387,11 @@ impl Session {
                 if ch.id != channel {
                     return;
                 }
-                ch.write_check_in_flight = false;
+                if !ch.write_job.finished() {
+                    // Checked under a token since replaced: check again under the current one.
+                    self.check_write(&topic);
+                    return;
+                }
                 ch.write = Some(match result {
                     Ok(w) => w,
                     Err(e) => {
@@ -1312,10 +1406,18 @@ impl Session {
                 channel,
                 result,
             } => {
-                let Some(ch) = self.channels.get(&topic) else {
+                let Some(ch) = self.channels.get_mut(&topic) else {
                     return;
                 };
                 if ch.id != channel {
+                    return;
+                }
+                if !ch.read_job.finished() {
+                    // A newer token came while this ran: only its check counts.
+                    if let Some(mut ch) = self.channels.remove(&topic) {
+                        self.refresh_read(&mut ch);
+                        self.channels.insert(topic, ch);
+                    }
                     return;
                 }
                 let read = match result {
@@ -1353,12 +1455,22 @@ impl Session {
                 generation,
                 result,
             } => {
-                let Some(ch) = self.channels.get(&topic) else {
+                let Some(ch) = self.channels.get_mut(&topic) else {
                     return;
                 };
                 if ch.id != channel || ch.pg_generation != generation {
                     return; // the channel left, or a newer subscription superseded this one
                 }
+                if !ch.pg_job.finished() {
+                    // A newer token came while this ran: check again under it; this result,
+                    // for older claims, is dropped (the latest token wins).
+                    if let Some(mut ch) = self.channels.remove(&topic) {
+                        self.prepare_postgres_changes(&mut ch);
+                        self.channels.insert(topic, ch);
+                    }
+                    return;
+                }
+                let ch = &self.channels[&topic];
                 match result {
                     Ok(subs) => {
                         if let Some(pg) = &self.ctx.pg {
@@ -1480,6 +1592,10 @@ impl Session {
     /// Removes a channel from the hub and presence. Its presence leave goes to the others.
     fn teardown(&self, ch: &Channel) {
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(ch)).decrement(1.0);
+        // Its checks are of no use any more.
+        ch.pg_job.abort();
+        ch.read_job.abort();
+        ch.write_job.abort();
         self.ctx.channels.hub.unsubscribe(&ch.key, ch.id);
         if let Some(pg) = &self.ctx.pg {
             if !ch.pg_bindings.is_empty() {
