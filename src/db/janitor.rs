@@ -74,8 +74,10 @@ pub async fn pass(pool: &std::sync::Arc<Pool>, retention: Duration) -> Result<Pa
         ..Pass::default()
     };
     let hours = retention.as_secs_f64() / 3600.0;
+    // Asked before taking a connection: a pool of one must not wait for itself.
+    let partitioned = is_partitioned(pool).await?;
     let client = pool.get().await?;
-    if is_partitioned(pool).await? {
+    if partitioned {
         // A partition whose whole range is older than the retention holds nothing to keep.
         let old = client
             .query(

@@ -175,6 +175,40 @@ impl DbConfig {
             .map_err(|e| DbError::Tls(format!("TLS to PostgreSQL: {e}")))
     }
 
+    /// Opens one connection with `config` (made from [`DbConfig::pg_config`]) over TLS when
+    /// `tls` is given; its I/O runs on a task of its own until the client is dropped.
+    pub async fn connect_with(
+        &self,
+        config: &tokio_postgres::Config,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, DbError> {
+        let client = match tls {
+            None => {
+                let (client, connection) = config.connect(NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
+            }
+            Some(tls) => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, connection) = config
+                    .connect(connector)
+                    .await
+                    .map_err(|e| self.connect_error(e))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "database connection closed");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
+    }
+
     /// A connection error in words that name the cause, for TLS failures.
     fn connect_error(&self, e: tokio_postgres::Error) -> DbError {
         if let Some(msg) = tls::explain(&e, &self.host, &self.tls) {
@@ -342,33 +376,8 @@ impl Pool {
         let client = match reuse {
             Some(c) => c,
             None => {
-                let client = match &self.tls {
-                    Err(e) => return Err(DbError::Tls(e.clone())),
-                    Ok(None) => {
-                        let (client, connection) = self.config.connect(NoTls).await?;
-                        tokio::spawn(async move {
-                            if let Err(e) = connection.await {
-                                tracing::debug!(error = %e, "database connection closed");
-                            }
-                        });
-                        client
-                    }
-                    Ok(Some(tls)) => {
-                        let connector =
-                            tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                        let (client, connection) = self
-                            .config
-                            .connect(connector)
-                            .await
-                            .map_err(|e| self.db.connect_error(e))?;
-                        tokio::spawn(async move {
-                            if let Err(e) = connection.await {
-                                tracing::debug!(error = %e, "database connection closed");
-                            }
-                        });
-                        client
-                    }
-                };
+                let tls = self.tls.clone().map_err(DbError::Tls)?;
+                let client = self.db.connect_with(&self.config, tls).await?;
                 if let Some(q) = &self.after_connect {
                     client.batch_execute(q).await?;
                 }

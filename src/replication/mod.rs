@@ -398,8 +398,7 @@ async fn peek_backlog(cfg: &Config, upto: u64, within: Duration) -> Result<bool,
         within.as_millis().max(1)
     );
     pg.options(options.trim());
-    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
-    let connection = tokio::spawn(connection);
+    let client = cfg.db.connect_with(&pg, cfg.db.tls_config()?).await?;
     let row = client
         .query_one(
             "SELECT count(*) FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, 1, 'proto_version', '1', 'publication_names', $3)",
@@ -407,7 +406,6 @@ async fn peek_backlog(cfg: &Config, upto: u64, within: Duration) -> Result<bool,
         )
         .await;
     drop(client);
-    connection.abort();
     Ok(row?.get::<_, i64>(0) > 0)
 }
 
