@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::{DbError, Pool};
 
-/// Days of partitions kept ahead of today (today included), as the original's janitor does.
+/// Daily partitions kept from yesterday to this many days ahead of today, as the original does
+/// (yesterday's is for rows written just before midnight by a clock slightly behind).
 pub const PARTITION_DAYS_AHEAD: i32 = 3;
 
 /// What one pass did.
@@ -30,9 +31,10 @@ pub async fn is_partitioned(pool: &std::sync::Arc<Pool>) -> Result<bool, DbError
     Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
-/// Creates the missing daily partitions of a partitioned `realtime.messages`, from today (UTC,
-/// the time zone `inserted_at` is written in by `now()` on a UTC server) to
-/// `PARTITION_DAYS_AHEAD - 1` days ahead, named `messages_YYYY_MM_DD` as the original names them.
+/// Creates the missing daily partitions of a partitioned `realtime.messages`, from yesterday to
+/// `PARTITION_DAYS_AHEAD` days ahead (UTC days: `inserted_at` is written by `now()` on a UTC
+/// server, as Supabase's are), named `messages_YYYY_MM_DD` and owned by
+/// `supabase_realtime_admin` (when walcast may) as the original makes them.
 pub async fn ensure_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String>, DbError> {
     if !is_partitioned(pool).await? {
         return Ok(Vec::new());
@@ -41,7 +43,7 @@ pub async fn ensure_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String
     let rows = client
         .query(
             "SELECT to_char(d, 'YYYY_MM_DD'), d::text, (d + 1)::text
-               FROM generate_series(0, $1 - 1) AS g(i),
+               FROM generate_series(-1, $1) AS g(i),
                     LATERAL (SELECT ((now() AT TIME ZONE 'UTC')::date + i) AS d) AS day
               WHERE to_regclass('realtime.messages_' || to_char(d, 'YYYY_MM_DD')) IS NULL",
             &[&PARTITION_DAYS_AHEAD],
@@ -57,7 +59,21 @@ pub async fn ensure_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String
              FOR VALUES FROM ('{from}') TO ('{to}')"
         );
         match client.batch_execute(&sql).await {
-            Ok(()) => created.push(format!("realtime.{name}")),
+            Ok(()) => {
+                // The original's owner, so that the original's own janitor can drop it later
+                // (the way back); not possible, or not needed, where that role is not ours.
+                let _ = client
+                    .batch_execute(&format!(
+                        "DO $$ BEGIN
+                           IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'supabase_realtime_admin') THEN
+                             ALTER TABLE realtime.{name} OWNER TO supabase_realtime_admin;
+                           END IF;
+                         EXCEPTION WHEN insufficient_privilege THEN NULL;
+                         END $$"
+                    ))
+                    .await;
+                created.push(format!("realtime.{name}"));
+            }
             // Another process (the original, still running during a switch) made it first.
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_TABLE) => {}
             Err(e) => return Err(e.into()),
