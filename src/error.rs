@@ -16,4 +16,7 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("the database lacks walcast migrations {0} and MIGRATE_ON_START is off: run `walcast migrate` (or start once with MIGRATE_ON_START=true)")]
     MigrationsPending(String),
+    /// The database user lacks something walcast needs; the message names the grant.
+    #[error("{0}")]
+    Privilege(String),
 }

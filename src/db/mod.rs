@@ -55,7 +55,7 @@ impl std::fmt::Debug for DbConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database error: {0}")]
+    #[error("database error: {}", postgres_message(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("DATABASE_URL is not a valid postgres:// URL: {0}")]
     BadUrl(String),
@@ -64,6 +64,17 @@ pub enum DbError {
     /// TLS could not be set up or was refused: a setting to fix, not a state to wait out.
     #[error("{0}")]
     Tls(String),
+}
+
+/// PostgreSQL's own words for an error it raised (tokio-postgres prints only "db error").
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.hint() {
+            Some(hint) => format!("{} ({}; hint: {hint})", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
+    }
 }
 
 impl DbError {
