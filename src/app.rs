@@ -446,10 +446,27 @@ async fn check_privileges(pool: &Arc<Pool>) -> Result<(), AppError> {
     Ok(())
 }
 
-/// `walcast migrate`: applies migrations and creates the publication.
-pub async fn migrate(db: &DatabaseSettings) -> Result<Vec<i64>, DbError> {
+/// `walcast migrate`: says what it finds, then (unless `dry_run`) applies migrations, creates
+/// the publication and a partitioned `realtime.messages`'s partitions, and says what it did.
+pub async fn migrate(db: &DatabaseSettings, dry_run: bool) -> Result<Vec<String>, DbError> {
     let pool = Pool::new(&db.db, 1);
+    let mut report: Vec<String> = migrations::survey(&pool, &db.publication)
+        .await?
+        .into_iter()
+        .map(|l| format!("found: {l}"))
+        .collect();
+    if dry_run {
+        report.push("--dry-run: nothing was changed".into());
+        return Ok(report);
+    }
     let applied = migrations::run(&pool).await?;
-    migrations::ensure_publication(&pool, &db.publication).await?;
-    Ok(applied)
+    report.push(format!("did: applied walcast migrations {applied:?}"));
+    if migrations::ensure_publication(&pool, &db.publication).await? {
+        report.push(format!("did: created the publication {}", db.publication));
+    }
+    let created = crate::db::janitor::ensure_partitions(&pool).await?;
+    if !created.is_empty() {
+        report.push(format!("did: created partitions {}", created.join(", ")));
+    }
+    Ok(report)
 }

@@ -49,9 +49,18 @@ pub enum Command {
     /// ready-to-use anon and service_role keys.
     Dev(DevArgs),
     /// Apply walcast's migrations to the database and exit.
-    Migrate(ServeArgs),
+    Migrate(MigrateArgs),
     /// Print a JWT signed with API_JWT_SECRET, for trying walcast without another tool.
     Token(TokenArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Print what walcast finds in the database and what migrating would do; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Args, Debug, Clone)]

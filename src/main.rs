@@ -35,18 +35,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(args) => {
-            init_tracing(&args);
+            init_tracing(&args.serve);
             let db = args
+                .serve
                 .database()?
                 .context("walcast migrate needs a database: set DB_HOST or DATABASE_URL")?;
-            let applied = tokio::runtime::Builder::new_current_thread()
+            let report = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(walcast::app::migrate(&db))?;
-            println!(
-                "migrations applied: {applied:?} (publication {:?} ready)",
-                db.publication
-            );
+                .block_on(walcast::app::migrate(&db, args.dry_run))?;
+            for line in report {
+                println!("{line}");
+            }
             Ok(())
         }
     }

@@ -226,3 +226,63 @@ async fn walcast_runs_on_a_database_the_original_set_up() {
         .await;
     assert_eq!(f.payload()["data"]["record"]["body"], "for a", "{f:?}");
 }
+
+async fn run_migrate(db: &TestDb, extra: &[&str]) -> String {
+    let out = tokio::process::Command::new(walcast_bin())
+        .arg("migrate")
+        .args(extra)
+        .env("DATABASE_URL", db.url())
+        .env("LOG_LEVEL", "error")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `walcast migrate --dry-run` says what it finds and changes nothing; `walcast migrate` then
+/// says what it did, and keeps the original's objects.
+#[tokio::test]
+async fn migrate_says_what_it_finds_and_what_it_does() {
+    let db = TestDb::create("original_migrate").await;
+    let sql = db.client().await;
+    sql.batch_execute(&std::fs::read_to_string(fixture("original-realtime-schema.sql")).unwrap())
+        .await
+        .expect("the fixture loads");
+    let before = functions(&sql).await;
+
+    let plan = run_migrate(&db, &["--dry-run"]).await;
+    for expected in [
+        "found: role anon: present (kept)",
+        "found: function auth.uid(): present (kept)",
+        "found: table realtime.messages: partitioned by day, 5 partitions",
+        "found: function realtime.send(jsonb, text, text, boolean): present, owner supabase_realtime_admin (kept)",
+        "found: publication supabase_realtime (postgres_changes): present, 0 tables (kept)",
+        "found: walcast migrations: applied [], pending [1 supabase_compat, 2 wait_visible, 3 realtime_messages, 4 check_cohorts]",
+        "--dry-run: nothing was changed",
+    ] {
+        assert!(plan.contains(expected), "missing {expected:?} in:\n{plan}");
+    }
+    let untouched: bool = sql
+        .query_one("SELECT to_regnamespace('walcast') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(untouched, "--dry-run changed the database:\n{plan}");
+
+    let report = run_migrate(&db, &[]).await;
+    assert!(
+        report.contains("did: applied walcast migrations [1, 2, 3, 4]"),
+        "{report}"
+    );
+    assert_eq!(functions(&sql).await, before, "{report}");
+    let again = run_migrate(&db, &["--dry-run"]).await;
+    assert!(
+        again.contains("applied [1 supabase_compat, 2 wait_visible, 3 realtime_messages, 4 check_cohorts], pending []"),
+        "{again}"
+    );
+}
