@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Claims;
 use crate::db::{DbError, Pool};
+use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::protocol::encode;
 use crate::replication::pgoutput::{Datum, OldKind, OldTuple, Tuple};
 use crate::replication::{Event, Status};
@@ -280,7 +281,7 @@ impl PgChanges {
                         })?;
                     Operand::Regex(re)
                 } else {
-                    Operand::Pattern(f.value.clone())
+                    Operand::Pattern(filter::LikePattern::new(&f.value, f.op == Op::ILike))
                 }
             }
         };
@@ -787,15 +788,18 @@ impl PrepareError {
         }
     }
 
+    /// The original's message. The echoed parameters and the database's error text (which can
+    /// quote the value) are clipped to [`MAX_ECHO_BYTES`] each.
     fn message(&self, b: &BindingSpec) -> String {
+        let params = b.params_to_log();
+        let params = clip(&params, MAX_ECHO_BYTES);
         match self {
             PrepareError::NoTable => format!(
-                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{}]",
-                b.params_to_log()
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{params}]"
             ),
             PrepareError::Exception(e) => format!(
-                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{}]. Exception: {e}",
-                b.params_to_log()
+                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{params}]. Exception: {}",
+                clip(e, MAX_ECHO_BYTES)
             ),
         }
     }

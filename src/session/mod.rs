@@ -28,6 +28,7 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::channels::presence::Tracked;
 use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
+use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::postgres_changes::binding::{self, BindingSpec};
 use crate::postgres_changes::registry::{Sub, Target};
@@ -438,7 +439,7 @@ impl Session {
 
     /// A join error, answered after the back-off delay.
     fn join_error(&mut self, m: &Inbound, reason: String) {
-        tracing::info!(topic = %m.topic, %reason, "join refused");
+        tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), %reason, "join refused");
         let code = reason.split(':').next().unwrap_or("Unknown").to_owned();
         metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
         metrics::counter!(telemetry::JOIN_ERRORS, "code" => code).increment(1);
@@ -529,7 +530,7 @@ impl Session {
         };
         // A second join of a joined topic replaces the channel: close the old one first.
         if let Some(old) = self.channels.remove(&m.topic) {
-            tracing::debug!(topic = %m.topic, "duplicate join: closing the existing channel");
+            tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "duplicate join: closing the existing channel");
             self.send(encode::close(self.vsn, &old.join_ref, &m.topic));
             self.teardown(&old);
         }
@@ -547,7 +548,7 @@ impl Session {
             InboundPayload::UserBroadcast(_) => join::parse("{}"),
         };
         if !cfg.problems.is_empty() {
-            tracing::info!(topic = %m.topic, problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
         }
         // The server-wide limits, in the original's order: users, joins per second.
         let limits = self.ctx.limits.clone();
@@ -562,7 +563,7 @@ impl Session {
         limits.joins.add(1);
         if limits.joins.triggered() {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "joins_per_second").increment(1);
-            tracing::info!(topic = %m.topic, average = limits.joins.average(), "join refused: too many joins per second; closing the socket");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), average = limits.joins.average(), "join refused: too many joins per second; closing the socket");
             metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
             metrics::counter!(telemetry::JOIN_ERRORS, "code" => "ClientJoinRateLimitReached")
                 .increment(1);
@@ -690,7 +691,7 @@ impl Session {
                 self.finish_join(request, Some(read), replay);
             }
             Err(e) => {
-                tracing::warn!(topic = %request.topic, error = %e, "private channel policy check failed: denying");
+                tracing::warn!(topic = %clip(&request.topic, MAX_ECHO_BYTES), error = %e, "private channel policy check failed: denying");
                 let reason = unauthorized(&request.sub_topic);
                 self.join_error(&m, reason);
             }
@@ -776,7 +777,7 @@ impl Session {
             let state = self.ctx.channels.presence.state(&channel.key);
             self.push(&channel, "presence_state", &state);
         }
-        tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
+        tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), role = %channel.claims.role, private = cfg.private, "joined");
         metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(&channel)).increment(1.0);
         self.channels.insert(topic, Box::new(channel));
@@ -823,9 +824,9 @@ impl Session {
             "access_token" => self.access_token(m),
             other => {
                 if self.log_info {
-                    tracing::info!(topic = %m.topic, event = other, "Unexpected message from client");
+                    tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(other, MAX_ECHO_BYTES), "Unexpected message from client");
                 } else {
-                    tracing::debug!(topic = %m.topic, event = other, "Unexpected message from client");
+                    tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(other, MAX_ECHO_BYTES), "Unexpected message from client");
                 }
             }
         }
@@ -837,13 +838,13 @@ impl Session {
         };
         if ch.read.is_some() && !ch.write.is_some_and(|w| w.broadcast) {
             // As the original: a broadcast the write policy denies is dropped, with no ack.
-            tracing::debug!(topic = %m.topic, "broadcast dropped: write not allowed by policy");
+            tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "broadcast dropped: write not allowed by policy");
             return;
         }
         let size = match &m.payload {
             InboundPayload::Json(raw) => {
                 if !raw.get().trim_start().starts_with('{') {
-                    tracing::info!(topic = %m.topic, "broadcast payload is not an object: dropped");
+                    tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "broadcast payload is not an object: dropped");
                     return;
                 }
                 raw.get().len()
@@ -853,7 +854,7 @@ impl Session {
         let max = self.settings().max_payload_bytes;
         if size > max {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "payload_size").increment(1);
-            tracing::info!(topic = %m.topic, size, max, "broadcast over the payload limit: dropped");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), size, max, "broadcast over the payload limit: dropped");
             if ch.broadcast_ack {
                 self.reply(&m, &ch.join_ref, "error", &json!("payload_size_exceeded"));
             }
@@ -931,7 +932,7 @@ impl Session {
                     ch.read.is_some() && !ch.write.is_some_and(|w| w.presence)
                 }) =>
             {
-                tracing::debug!(topic = %m.topic, "track refused: write not allowed by policy");
+                tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "track refused: write not allowed by policy");
                 self.reply(&m, &join_ref, "error", &json!({}));
             }
             Some("track") => {
@@ -979,7 +980,7 @@ impl Session {
                 }
             }
             _ => {
-                tracing::info!(topic = %m.topic, event = ?payload.get("event"), "UnknownPresenceEvent");
+                tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(&payload.get("event").map(|e| e.to_string()).unwrap_or_default(), MAX_ECHO_BYTES), "UnknownPresenceEvent");
                 self.reply(&m, &join_ref, "error", &json!({}));
             }
         }
@@ -1078,7 +1079,7 @@ impl Session {
             return;
         };
         if ch.awaiting_write.len() >= MAX_AWAITING_WRITE {
-            tracing::warn!(topic = %m.topic, "too many pushes waiting for the write policy: dropped");
+            tracing::warn!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "too many pushes waiting for the write policy: dropped");
             return;
         }
         ch.awaiting_write.push_back(m);
@@ -1152,11 +1153,18 @@ impl Session {
             );
             return;
         }
+        if raw.len() > binding::MAX_BINDINGS_PER_CHANNEL {
+            let message = binding::too_many_bindings(raw.len());
+            tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
+            self.push_system(channel, "postgres_changes", "error", &message);
+            return;
+        }
         let mut specs = Vec::with_capacity(raw.len());
         for b in raw {
             match binding::parse(b, binding_id(b)) {
                 Ok(spec) => specs.push(spec),
                 Err(message) => {
+                    tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
                     self.push_system(channel, "postgres_changes", "error", &message);
                     return;
                 }
@@ -1186,7 +1194,7 @@ impl Session {
         let events = self.events.clone();
         tokio::spawn(async move {
             let result = pg.prepare(target, &claims, &specs).await;
-            tracing::debug!(%topic, ok = result.is_ok(), "postgres_changes prepared");
+            tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), ok = result.is_ok(), "postgres_changes prepared");
             let _ = events
                 .send(Box::new(SessionEvent::PgPrepared {
                     topic,
@@ -1220,7 +1228,7 @@ impl Session {
                 ch.write = Some(match result {
                     Ok(w) => w,
                     Err(e) => {
-                        tracing::warn!(%topic, error = %e, "write policy check failed: denying");
+                        tracing::warn!(topic = %clip(&topic, MAX_ECHO_BYTES), error = %e, "write policy check failed: denying");
                         policies::Write::default()
                     }
                 });
@@ -1240,7 +1248,7 @@ impl Session {
                 let read = match result {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(%topic, error = %e, "read policy check failed: treating as denied");
+                        tracing::warn!(topic = %clip(&topic, MAX_ECHO_BYTES), error = %e, "read policy check failed: treating as denied");
                         policies::Read::default()
                     }
                 };
@@ -1292,7 +1300,7 @@ impl Session {
                         }
                     }
                     Err(message) => {
-                        tracing::info!(%topic, %message, "postgres_changes subscription refused");
+                        tracing::info!(topic = %clip(&topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
                         if let Some(pg) = &self.ctx.pg {
                             pg.registry.remove(channel);
                         }
@@ -1381,7 +1389,7 @@ impl Session {
         let Some(ch) = self.channels.remove(topic) else {
             return;
         };
-        tracing::info!(%topic, %message, "channel shut down");
+        tracing::info!(topic = %clip(topic, MAX_ECHO_BYTES), %message, "channel shut down");
         self.push(
             &ch,
             "system",
