@@ -174,3 +174,78 @@ async fn a_refused_binding_is_not_echoed_or_logged_whole() {
     assert!(logged < 200_000, "{logged} bytes of log");
     let _ = std::fs::remove_file(&log);
 }
+
+/// A frame over `WEBSOCKET_MAX_FRAME_BYTES` (default 5,000,000) closes the socket with 1009, and
+/// the client gets to read it: the server reads the frame whole (up to twice the limit) instead
+/// of dropping the connection with the frame half sent, which clients report as 1006.
+#[tokio::test]
+async fn a_frame_over_the_limit_gets_a_clean_1009_close() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = Server::start().await;
+    for size in [5_000_001, 9_999_999] {
+        let mut c = server.connect(Vsn::V1, &token("anon")).await;
+        let sent = c.try_send_text("x".repeat(size)).await;
+        assert!(
+            sent.is_ok(),
+            "{size}: the server cut the client off: {sent:?}"
+        );
+        match tokio::time::timeout(WAIT, c.ws.next())
+            .await
+            .expect("close in time")
+        {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1009, "{size}");
+                assert_eq!(frame.reason.as_str(), "frame too large");
+            }
+            other => panic!("{size}: expected close 1009, got {other:?}"),
+        }
+        // The closing handshake completes: the stream ends, no reset.
+        let end = tokio::time::timeout(WAIT, c.ws.next())
+            .await
+            .expect("end in time");
+        assert!(end.is_none(), "{size}: {end:?}");
+    }
+    // 5,000,000 bytes exactly is accepted (and dropped as malformed JSON).
+    let mut c = server.connect(Vsn::V1, &token("anon")).await;
+    c.send_text("x".repeat(5_000_000)).await;
+    c.assert_quiet().await;
+}
+
+/// REST bodies: the documented payload limit (3,000 KB) applies, not a 2 MB transport limit; a
+/// body over the original's 8,000,000 bytes gets a JSON 413.
+#[tokio::test]
+async fn rest_bodies_follow_the_documented_payload_limit() {
+    let server = Server::start().await;
+    let tok = token("service_role");
+    let auth = [
+        ("apikey", tok.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let batch = |payload_bytes: usize| {
+        let s = "p".repeat(payload_bytes - 8); // {"x":"…"} is 8 bytes of JSON around it
+        json!({"messages": [{"topic": "big", "event": "e", "payload": {"x": s}}]}).to_string()
+    };
+    let url = server.http("/api/broadcast");
+    let (status, _, body) = http("POST", &url, &auth, batch(3_000_000).as_bytes()).await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = http("POST", &url, &auth, batch(3_000_001).as_bytes()).await;
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        json_body(&body)["errors"]["messages"][0]["payload"][0],
+        "Payload size exceeds tenant limit"
+    );
+    // The single-message endpoint: the body is the payload.
+    let single = server.http("/api/broadcast/big/events/e");
+    let payload = format!("{{\"x\":\"{}\"}}", "p".repeat(2_999_992));
+    assert_eq!(payload.len(), 3_000_000);
+    let (status, _, body) = http("POST", &single, &auth, payload.as_bytes()).await;
+    assert_eq!(status, 202, "{}", String::from_utf8_lossy(&body));
+    // Past the body limit: JSON, like every other REST error.
+    let (status, _, body) = http("POST", &url, &auth, batch(8_000_001).as_bytes()).await;
+    assert_eq!(status, 413);
+    assert_eq!(
+        json_body(&body),
+        json!({"message": "Request Entity Too Large"})
+    );
+}

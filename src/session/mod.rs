@@ -241,6 +241,9 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut stream_down_told = false;
     let mut gaps = session.ctx.replication.as_ref().map(|s| s.watch_gaps());
     let mut closing_since: Option<Instant> = None;
+    // A frame too large to read at all: after the close frame, keep the connection open a
+    // moment so that a client reading while it writes gets 1009 before the connection drops.
+    let mut linger = false;
 
     if *shutdown.borrow() {
         outbound.close(CloseReason::new(
@@ -278,7 +281,8 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                     let too_big = is_capacity_error(&e);
                     tracing::info!(error = %e, "websocket read failed");
                     if too_big {
-                        outbound.close(CloseReason::new(1009, "frame too large"));
+                        outbound.close(CloseReason::new(CLOSE_TOO_BIG, "frame too large"));
+                        linger = true;
                     } else {
                         break;
                     }
@@ -286,7 +290,12 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 Some(Ok(Message::Close(_))) => break,
                 Some(Ok(msg)) => {
                     last_inbound = Instant::now();
-                    if open {
+                    if frame_len(&msg) > session.settings().max_frame_bytes {
+                        // Read whole (the transport allows twice the setting), so the client
+                        // gets the close frame and a normal closing handshake.
+                        tracing::info!(bytes = frame_len(&msg), "frame over WEBSOCKET_MAX_FRAME_BYTES: closing");
+                        outbound.close(CloseReason::new(CLOSE_TOO_BIG, "frame too large"));
+                    } else if open {
                         session.handle_frame(msg);
                     }
                 }
@@ -363,7 +372,15 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
             writer.abort();
         }
     }
+    if linger && writer.is_finished() {
+        tokio::time::sleep(LINGER_AFTER_TOO_BIG).await;
+    }
 }
+
+/// Close code for a frame over `WEBSOCKET_MAX_FRAME_BYTES` (1009 "Message Too Big").
+const CLOSE_TOO_BIG: u16 = 1009;
+/// How long a connection stays open after a close 1009 for a frame that could not be read.
+const LINGER_AFTER_TOO_BIG: Duration = Duration::from_secs(1);
 
 fn is_capacity_error(e: &axum::Error) -> bool {
     let text = e.to_string();
