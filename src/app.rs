@@ -77,7 +77,7 @@ pub async fn run(
     let shutdown_timeout = settings.shutdown_timeout;
 
     let mut tasks = Vec::new();
-    let channels = Channels::local();
+    let channels = Channels::local(settings.presence_max_state_bytes);
     let mut replication_status = None;
     let max_payload_bytes = settings.max_payload_bytes;
     let pg = match database {

@@ -249,3 +249,67 @@ async fn rest_bodies_follow_the_documented_payload_limit() {
         json!({"message": "Request Entity Too Large"})
     );
 }
+
+/// A few large presence metas used to make a topic's state larger than a socket's outbound
+/// queue (16 MiB), so every new joiner was closed (1013) before its join reply. The state is
+/// now bounded (`PRESENCE_MAX_STATE_BYTES`, 10,000,000): tracks past it are refused, and a
+/// joiner receives the whole state.
+#[tokio::test]
+async fn presence_state_is_bounded_and_a_joiner_always_gets_it() {
+    const TOPIC: &str = "realtime:crowded";
+    let server = Server::start().await;
+    let meta = |i: usize| json!({"who": i, "blob": "m".repeat(2_500_000)});
+    let mut trackers: Vec<Client> = Vec::new();
+    let mut refused = 0;
+    for i in 0..7 {
+        let mut c = server.connect(Vsn::V2, &token("anon")).await;
+        let jr = c
+            .join_ok(
+                TOPIC,
+                json!({"presence": {"key": format!("u{i}"), "enabled": true}}),
+            )
+            .await;
+        let r = c.make_ref();
+        c.send(
+            Some(&jr),
+            Some(&r),
+            TOPIC,
+            "presence",
+            json!({"type": "presence", "event": "track", "payload": meta(i)}),
+        )
+        .await;
+        let reply = c.reply(&r).await;
+        if i < 3 {
+            assert_eq!(reply.payload()["status"], "ok", "track {i}");
+        } else {
+            refused += 1;
+            assert_eq!(reply.payload()["status"], "error", "track {i}");
+            assert_eq!(
+                reply.payload()["response"]["reason"],
+                "Presence state size exceeded: this topic's presence state is full (PRESENCE_MAX_STATE_BYTES)"
+            );
+        }
+        // Everyone keeps reading (no one is a slow consumer here).
+        for t in trackers.iter_mut() {
+            t.barrier().await;
+        }
+        trackers.push(c);
+    }
+    assert_eq!(refused, 4);
+
+    // A new joiner gets its reply and the whole state, and stays connected.
+    let mut joiner = server.connect(Vsn::V1, &token("anon")).await;
+    let (_, reply) = joiner
+        .join(
+            TOPIC,
+            json!({"config": {"presence": {"key": "late", "enabled": true}}}),
+        )
+        .await;
+    assert_eq!(reply.payload()["status"], "ok", "{reply:?}");
+    let state = joiner
+        .recv_until("presence_state", |f| f.event() == "presence_state")
+        .await;
+    let keys: Vec<&String> = state.payload().as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    joiner.assert_quiet().await;
+}

@@ -377,6 +377,11 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     }
 }
 
+/// The reply to a track that would take the topic's presence state past
+/// `PRESENCE_MAX_STATE_BYTES`.
+const PRESENCE_STATE_FULL: &str =
+    "Presence state size exceeded: this topic's presence state is full (PRESENCE_MAX_STATE_BYTES)";
+
 /// Close code for a frame over `WEBSOCKET_MAX_FRAME_BYTES` (1009 "Message Too Big").
 const CLOSE_TOO_BIG: u16 = 1009;
 /// How long a connection stays open after a close 1009 for a frame that could not be read.
@@ -791,8 +796,16 @@ impl Session {
             }
         }
         if channel.presence_enabled && channel.read.is_none_or(|r| r.presence) {
+            // The joiner did not choose the state's size (PRESENCE_MAX_STATE_BYTES bounds it):
+            // it is queued even past the queue's cap rather than close the joiner as slow.
             let state = self.ctx.channels.presence.state(&channel.key);
-            self.push(&channel, "presence_state", &state);
+            let _ = self.outbound.push_unchosen(encode::push(
+                self.vsn,
+                &channel.join_ref,
+                &channel.key.topic,
+                "presence_state",
+                &state,
+            ));
         }
         tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), role = %channel.claims.role, private = cfg.private, "joined");
         metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
@@ -978,12 +991,34 @@ impl Session {
                 let Some(ch) = self.channels.get_mut(&m.topic) else {
                     return;
                 };
-                ch.presence_enabled = true;
                 let (key, id, pkey) = (ch.key.clone(), ch.id, ch.presence_key.clone());
-                self.reply(&m, &join_ref, "ok", &json!({}));
-                if let Tracked::Diff(diff) = self.ctx.channels.presence.track(&key, id, &pkey, meta)
+                match self
+                    .ctx
+                    .channels
+                    .presence
+                    .track(&key, id, &pkey, meta, size)
                 {
-                    self.publish_presence_diff(&key, &diff);
+                    Tracked::Full => {
+                        metrics::counter!(telemetry::RATE_LIMITED, "limit" => "presence_state")
+                            .increment(1);
+                        tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), size, "track refused: the topic's presence state is full");
+                        self.reply(
+                            &m,
+                            &join_ref,
+                            "error",
+                            &json!({"reason": PRESENCE_STATE_FULL}),
+                        );
+                        return;
+                    }
+                    tracked => {
+                        if let Some(ch) = self.channels.get_mut(&m.topic) {
+                            ch.presence_enabled = true;
+                        }
+                        self.reply(&m, &join_ref, "ok", &json!({}));
+                        if let Tracked::Diff(diff) = tracked {
+                            self.publish_presence_diff(&key, &diff);
+                        }
+                    }
                 }
             }
             Some("untrack") => {
