@@ -1008,7 +1008,6 @@ impl Session {
                             "error",
                             &json!({"reason": PRESENCE_STATE_FULL}),
                         );
-                        return;
                     }
                     tracked => {
                         if let Some(ch) = self.channels.get_mut(&m.topic) {
