@@ -992,50 +992,6 @@ mod tests {
         assert!(!like(&format!("zz{long}"), &pattern, false));
     }
 
-    /// The LIKE semantics by dynamic programming over characters: slow, obviously right.
-    pub(crate) fn like_reference(text: &str, pattern: &str, ci: bool) -> bool {
-        let (t, p): (Vec<char>, String) = if ci {
-            (
-                text.to_lowercase().chars().collect(),
-                pattern.to_lowercase(),
-            )
-        } else {
-            (text.chars().collect(), pattern.to_owned())
-        };
-        // Tokens: Some(Some(c)) literal, Some(None) `_`, None `%`.
-        let mut tokens: Vec<Option<Option<char>>> = Vec::new();
-        let mut it = p.chars();
-        while let Some(c) = it.next() {
-            tokens.push(match c {
-                '%' => None,
-                '_' => Some(None),
-                '\\' => Some(Some(it.next().unwrap_or('\\'))),
-                c => Some(Some(c)),
-            });
-        }
-        let mut row = vec![false; t.len() + 1];
-        row[0] = true;
-        for tok in &tokens {
-            let mut next = vec![false; t.len() + 1];
-            match tok {
-                None => {
-                    let mut any = false;
-                    for i in 0..=t.len() {
-                        any |= row[i];
-                        next[i] = any;
-                    }
-                }
-                Some(want) => {
-                    for i in 1..=t.len() {
-                        next[i] = row[i - 1] && want.is_none_or(|w| w == t[i - 1]);
-                    }
-                }
-            }
-            row = next;
-        }
-        row[t.len()]
-    }
-
     #[test]
     fn like_agrees_with_the_reference_on_small_inputs() {
         let alphabet = ['a', 'b', '%', '_', '\\'];
@@ -1064,7 +1020,7 @@ mod tests {
             for t in texts {
                 assert_eq!(
                     like(t, p, false),
-                    like_reference(t, p, false),
+                    crate::fuzzing::like_reference(t, p, false),
                     "{t:?} LIKE {p:?}"
                 );
             }
