@@ -136,8 +136,10 @@ async fn like_bindings_at_the_bound_do_not_stall_other_subscribers() {
         worst = worst.max(started.elapsed());
     }
     eprintln!("worst commit-to-delivery with 5 hostile LIKE bindings: {worst:?}");
+    // 0.23 s measured here (debug build), 8.8 s with the backtracking matcher; generous for
+    // loaded CI machines.
     assert!(
-        worst < Duration::from_secs(1),
+        worst < Duration::from_millis(2500),
         "the plain subscriber waited {worst:?}"
     );
 }
