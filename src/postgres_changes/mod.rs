@@ -269,11 +269,7 @@ impl PgChanges {
                             f.op.as_str()
                         )));
                     }
-                    let re = regex::RegexBuilder::new(&f.value)
-                        .case_insensitive(f.op == Op::IMatch)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| {
+                    let re = filter::compile_regex(&f.value, f.op == Op::IMatch).map_err(|e| {
                             PrepareError::raise(format!(
                                 "invalid regular expression for {} filter: walcast cannot evaluate it: {e}",
                                 f.op.as_str()
