@@ -79,7 +79,7 @@ pub async fn run(
     let first_response_deadline = settings.first_response_deadline;
 
     let mut tasks = Vec::new();
-    let channels = Channels::local();
+    let channels = Channels::local(settings.presence_max_state_bytes);
     let mut replication_status = None;
     let max_payload_bytes = settings.max_payload_bytes;
     let pg = match database {

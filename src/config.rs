@@ -17,6 +17,8 @@ pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
 pub const DEFAULT_CLIENT_PRESENCE_MAX_CALLS: u32 = 5;
 pub const DEFAULT_CLIENT_PRESENCE_WINDOW_MS: u64 = 30_000;
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
+/// Most bytes of presence state one topic may hold: three metas at the largest payload fit.
+pub const DEFAULT_PRESENCE_MAX_STATE_BYTES: usize = 10_000_000;
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
@@ -219,6 +221,10 @@ pub struct ServeArgs {
     #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = DEFAULT_CLIENT_PRESENCE_WINDOW_MS)]
     pub client_presence_window_ms: u64,
 
+    /// Most bytes of presence state one topic may hold (every joiner receives it whole); a track past it is refused.
+    #[arg(long, env = "PRESENCE_MAX_STATE_BYTES", default_value_t = DEFAULT_PRESENCE_MAX_STATE_BYTES)]
+    pub presence_max_state_bytes: usize,
+
     /// Largest WebSocket frame or message accepted from a client, in bytes; larger closes the socket (1009).
     #[arg(long, env = "WEBSOCKET_MAX_FRAME_BYTES", default_value_t = DEFAULT_MAX_FRAME_BYTES)]
     pub websocket_max_frame_bytes: usize,
@@ -358,6 +364,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least the largest payload ({payload} bytes) plus headroom")]
     QueueSmallerThanPayload { queue: usize, payload: usize },
+    #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least PRESENCE_MAX_STATE_BYTES ({state}) plus 64 KiB: every joiner receives a topic's whole presence state")]
+    QueueSmallerThanPresenceState { queue: usize, state: usize },
     #[error("no way to verify tokens: set API_JWT_SECRET or JWT_JWKS")]
     NoJwtKeys,
     #[error(transparent)]
@@ -403,6 +411,7 @@ pub struct Settings {
     pub client_presence_max_calls: u32,
     pub client_presence_window: Duration,
     pub max_frame_bytes: usize,
+    pub presence_max_state_bytes: usize,
     pub idle_timeout: Duration,
     pub outbound_queue_bytes: usize,
     pub shutdown_timeout: Duration,
@@ -423,6 +432,7 @@ impl ServeArgs {
             ),
             ("TENANT_MAX_PAYLOAD_SIZE_IN_KB", self.max_payload_size_in_kb),
             ("WEBSOCKET_MAX_FRAME_BYTES", self.websocket_max_frame_bytes),
+            ("PRESENCE_MAX_STATE_BYTES", self.presence_max_state_bytes),
             (
                 "CLIENT_OUTBOUND_QUEUE_BYTES",
                 self.client_outbound_queue_bytes,
@@ -440,6 +450,14 @@ impl ServeArgs {
             return Err(ConfigError::QueueSmallerThanPayload {
                 queue: self.client_outbound_queue_bytes,
                 payload: max_payload_bytes,
+            });
+        }
+        if self.client_outbound_queue_bytes
+            < self.presence_max_state_bytes.saturating_add(64 * 1024)
+        {
+            return Err(ConfigError::QueueSmallerThanPresenceState {
+                queue: self.client_outbound_queue_bytes,
+                state: self.presence_max_state_bytes,
             });
         }
         Ok(Settings {
@@ -463,6 +481,7 @@ impl ServeArgs {
             client_presence_max_calls: self.client_presence_max_calls,
             client_presence_window: Duration::from_millis(self.client_presence_window_ms),
             max_frame_bytes: self.websocket_max_frame_bytes,
+            presence_max_state_bytes: self.presence_max_state_bytes,
             idle_timeout: Duration::from_millis(self.websocket_idle_timeout_ms),
             outbound_queue_bytes: self.client_outbound_queue_bytes,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),

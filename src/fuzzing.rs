@@ -55,8 +55,17 @@ pub fn filter(data: &[u8]) {
         .nth(text.chars().count() / 2)
         .map_or(text.len(), |(i, _)| i);
     let (a, b) = text.split_at(mid);
-    let _ = filter::like(a, b, false);
-    let _ = filter::like(a, b, true);
+    // Patterns as a binding can carry them (at most MAX_PATTERN_CHARS), checked against the
+    // obviously-right matcher when small enough for it.
+    if b.chars().nth(filter::MAX_PATTERN_CHARS).is_none() {
+        let small = a.len().saturating_mul(b.len()) <= 200_000;
+        for ci in [false, true] {
+            let got = filter::LikePattern::new(b, ci).matches(a);
+            if small {
+                assert_eq!(got, like_reference(a, b, ci), "{a:?} LIKE {b:?} (ci: {ci})");
+            }
+        }
+    }
     for kind in [
         filter::Kind::Int,
         filter::Kind::Numeric,
@@ -69,6 +78,53 @@ pub fn filter(data: &[u8]) {
         let _ = kind.compare(a, b);
         let _ = kind.index_key(a);
     }
+}
+
+/// SQL LIKE by dynamic programming over characters (`%` any run, `_` one character, `\`
+/// escapes, a trailing `\` is literal): O(text × pattern), obviously right; the reference
+/// the linear-time matcher is checked against.
+pub fn like_reference(text: &str, pattern: &str, case_insensitive: bool) -> bool {
+    let (t, p): (Vec<char>, String) = if case_insensitive {
+        (
+            text.to_lowercase().chars().collect(),
+            pattern.to_lowercase(),
+        )
+    } else {
+        (text.chars().collect(), pattern.to_owned())
+    };
+    // Tokens: Some(Some(c)) a literal, Some(None) `_`, None `%`.
+    let mut tokens: Vec<Option<Option<char>>> = Vec::new();
+    let mut it = p.chars();
+    while let Some(c) = it.next() {
+        tokens.push(match c {
+            '%' => None,
+            '_' => Some(None),
+            '\\' => Some(Some(it.next().unwrap_or('\\'))),
+            c => Some(Some(c)),
+        });
+    }
+    // row[i]: the tokens so far match the first i characters.
+    let mut row = vec![false; t.len() + 1];
+    row[0] = true;
+    for tok in &tokens {
+        let mut next = vec![false; t.len() + 1];
+        match tok {
+            None => {
+                let mut any = false;
+                for (n, r) in next.iter_mut().zip(&row) {
+                    any |= *r;
+                    *n = any;
+                }
+            }
+            Some(want) => {
+                for i in 1..=t.len() {
+                    next[i] = row[i - 1] && want.is_none_or(|w| w == t[i - 1]);
+                }
+            }
+        }
+        row = next;
+    }
+    row[t.len()]
 }
 
 #[cfg(test)]

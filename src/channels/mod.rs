@@ -53,13 +53,14 @@ pub struct Channels {
 }
 
 impl Channels {
-    /// A single-node setup: the broker delivers to this process's hub.
-    pub fn local() -> Self {
+    /// A single-node setup: the broker delivers to this process's hub. Each topic's presence
+    /// state holds at most `max_presence_state_bytes`.
+    pub fn local(max_presence_state_bytes: usize) -> Self {
         let hub = Arc::new(Hub::new());
         Self {
             broker: Arc::new(LocalBroker::new(hub.clone())),
             hub,
-            presence: Arc::new(Presence::new()),
+            presence: Arc::new(Presence::new(max_presence_state_bytes)),
         }
     }
 }

@@ -3,6 +3,11 @@
 //! Each joined channel tracks at most one entry (its presence key and meta). Tracking, updating
 //! and untracking return the `presence_diff` payload to fan out; [`Presence::state`] gives the
 //! `presence_state` payload for a channel that just joined.
+//!
+//! A topic's state is bounded in bytes (`PRESENCE_MAX_STATE_BYTES`): every joiner receives it
+//! whole, so without a bound a few large metas made it larger than a socket's outbound queue
+//! and every new joiner was disconnected before its join reply. A track that would take the
+//! topic past the bound is refused ([`Tracked::Full`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -26,6 +31,19 @@ struct Entry {
     phx_ref: String,
     phx_ref_prev: Option<String>,
     meta: Map<String, Value>,
+    /// What the entry adds to the topic's encoded state (see [`entry_bytes`]).
+    bytes: usize,
+}
+
+/// Bytes an entry adds to the `presence_state` JSON besides its meta and key: the `phx_ref`,
+/// the `{"metas":[...]}` wrapper, quotes and separators (an upper bound).
+const ENTRY_OVERHEAD: usize = 64;
+
+/// An entry's share of the encoded state: its meta's JSON, its key, the overhead.
+pub fn entry_bytes(presence_key: &str, meta_json_bytes: usize) -> usize {
+    meta_json_bytes
+        .saturating_add(presence_key.len())
+        .saturating_add(ENTRY_OVERHEAD)
 }
 
 impl Entry {
@@ -39,10 +57,17 @@ impl Entry {
     }
 }
 
-type TopicState = HashMap<String, Vec<Entry>>;
+#[derive(Default)]
+struct TopicState {
+    entries: HashMap<String, Vec<Entry>>,
+    /// The sum of the entries' `bytes`.
+    bytes: usize,
+}
 
 pub struct Presence {
     shards: Box<[Mutex<HashMap<TopicKey, TopicState>>]>,
+    /// Most bytes one topic's state may hold.
+    max_state_bytes: usize,
 }
 
 /// The result of a track.
@@ -52,18 +77,15 @@ pub enum Tracked {
     Diff(Value),
     /// The same meta was tracked again: nothing to send.
     Unchanged,
-}
-
-impl Default for Presence {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// The topic's state would pass its bound: nothing changed.
+    Full,
 }
 
 impl Presence {
-    pub fn new() -> Self {
+    pub fn new(max_state_bytes: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_state_bytes,
         }
     }
 
@@ -75,22 +97,37 @@ impl Presence {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Tracks or updates `channel`'s entry under `presence_key`.
+    /// Tracks or updates `channel`'s entry under `presence_key`; `meta_json_bytes` is the length
+    /// of the meta's JSON text.
     pub fn track(
         &self,
         key: &TopicKey,
         channel: ChannelId,
         presence_key: &str,
         meta: Map<String, Value>,
+        meta_json_bytes: usize,
     ) -> Tracked {
         let mut shard = self.shard(key);
         let topic = shard.entry(key.clone()).or_default();
-        let entries = topic.entry(presence_key.to_owned()).or_default();
+        let bytes = entry_bytes(presence_key, meta_json_bytes);
+        let replaced = topic
+            .entries
+            .get(presence_key)
+            .and_then(|es| es.iter().find(|e| e.channel == channel))
+            .map_or(0, |e| e.bytes);
+        if topic.bytes - replaced + bytes > self.max_state_bytes {
+            if topic.entries.is_empty() {
+                shard.remove(key);
+            }
+            return Tracked::Full;
+        }
+        let entries = topic.entries.entry(presence_key.to_owned()).or_default();
         let new = Entry {
             channel,
             phx_ref: new_ref(),
             phx_ref_prev: None,
             meta,
+            bytes,
         };
         match entries.iter_mut().find(|e| e.channel == channel) {
             Some(existing) if existing.meta == new.meta => Tracked::Unchanged,
@@ -100,6 +137,7 @@ impl Presence {
                     ..new
                 };
                 let old = std::mem::replace(existing, new);
+                topic.bytes = topic.bytes - old.bytes + existing.bytes;
                 Tracked::Diff(json!({
                     "joins": {presence_key: {"metas": [existing.to_json()]}},
                     "leaves": {presence_key: {"metas": [old.to_json()]}},
@@ -107,6 +145,7 @@ impl Presence {
             }
             None => {
                 let joined = new.to_json();
+                topic.bytes += new.bytes;
                 entries.push(new);
                 Tracked::Diff(json!({
                     "joins": {presence_key: {"metas": [joined]}},
@@ -120,13 +159,14 @@ impl Presence {
     pub fn untrack(&self, key: &TopicKey, channel: ChannelId, presence_key: &str) -> Option<Value> {
         let mut shard = self.shard(key);
         let topic = shard.get_mut(key)?;
-        let entries = topic.get_mut(presence_key)?;
+        let entries = topic.entries.get_mut(presence_key)?;
         let at = entries.iter().position(|e| e.channel == channel)?;
         let gone = entries.remove(at);
         if entries.is_empty() {
-            topic.remove(presence_key);
+            topic.entries.remove(presence_key);
         }
-        if topic.is_empty() {
+        topic.bytes -= gone.bytes;
+        if topic.entries.is_empty() {
             shard.remove(key);
         }
         Some(json!({
@@ -135,12 +175,17 @@ impl Presence {
         }))
     }
 
+    /// The bytes one topic's state holds (by [`entry_bytes`]).
+    pub fn state_bytes(&self, key: &TopicKey) -> usize {
+        self.shard(key).get(key).map_or(0, |t| t.bytes)
+    }
+
     /// The `presence_state` payload: `{key: {"metas": [...]}}`, `{}` when nobody is present.
     pub fn state(&self, key: &TopicKey) -> Value {
         let shard = self.shard(key);
         let mut out = Map::new();
         if let Some(topic) = shard.get(key) {
-            for (pkey, entries) in topic {
+            for (pkey, entries) in &topic.entries {
                 let metas: Vec<Value> = entries.iter().map(Entry::to_json).collect();
                 out.insert(pkey.clone(), json!({ "metas": metas }));
             }
@@ -171,10 +216,10 @@ mod tests {
 
     #[test]
     fn track_update_untrack_diffs() {
-        let p = Presence::new();
+        let p = Presence::new(usize::MAX);
         let key = TopicKey::new("realtime:room", false);
         let ch = ChannelId::next();
-        let Tracked::Diff(join) = p.track(&key, ch, "u1", meta(json!({"a":1}))) else {
+        let Tracked::Diff(join) = p.track(&key, ch, "u1", meta(json!({"a":1})), 7) else {
             panic!("expected a diff")
         };
         let first_ref = join["joins"]["u1"]["metas"][0]["phx_ref"]
@@ -185,11 +230,11 @@ mod tests {
         assert_eq!(join["leaves"], json!({}));
 
         assert_eq!(
-            p.track(&key, ch, "u1", meta(json!({"a":1}))),
+            p.track(&key, ch, "u1", meta(json!({"a":1})), 7),
             Tracked::Unchanged
         );
 
-        let Tracked::Diff(update) = p.track(&key, ch, "u1", meta(json!({"a":2}))) else {
+        let Tracked::Diff(update) = p.track(&key, ch, "u1", meta(json!({"a":2})), 7) else {
             panic!("expected a diff")
         };
         assert_eq!(
@@ -208,7 +253,7 @@ mod tests {
         assert_eq!(state["u1"]["metas"][0], update["joins"]["u1"]["metas"][0]);
 
         // A second update's leave is the first update as stored, phx_ref_prev included.
-        let Tracked::Diff(again) = p.track(&key, ch, "u1", meta(json!({"a":3}))) else {
+        let Tracked::Diff(again) = p.track(&key, ch, "u1", meta(json!({"a":3})), 7) else {
             panic!("expected a diff")
         };
         assert_eq!(
@@ -228,11 +273,56 @@ mod tests {
 
     #[test]
     fn two_channels_share_a_key() {
-        let p = Presence::new();
+        let p = Presence::new(usize::MAX);
         let key = TopicKey::new("realtime:room", false);
-        p.track(&key, ChannelId::next(), "same", meta(json!({"n":1})));
-        p.track(&key, ChannelId::next(), "same", meta(json!({"n":2})));
+        p.track(&key, ChannelId::next(), "same", meta(json!({"n":1})), 7);
+        p.track(&key, ChannelId::next(), "same", meta(json!({"n":2})), 7);
         assert_eq!(p.state(&key)["same"]["metas"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_topics_state_is_bounded_in_bytes() {
+        let one = entry_bytes("k", 100);
+        let p = Presence::new(2 * one);
+        let key = TopicKey::new("realtime:room", false);
+        let (a, b, c) = (ChannelId::next(), ChannelId::next(), ChannelId::next());
+        assert!(matches!(
+            p.track(&key, a, "k", meta(json!({"n":1})), 100),
+            Tracked::Diff(_)
+        ));
+        assert!(matches!(
+            p.track(&key, b, "k", meta(json!({"n":2})), 100),
+            Tracked::Diff(_)
+        ));
+        assert_eq!(p.state_bytes(&key), 2 * one);
+        // A third entry does not fit; nothing changes.
+        assert_eq!(
+            p.track(&key, c, "k", meta(json!({"n":3})), 100),
+            Tracked::Full
+        );
+        assert_eq!(p.state(&key)["k"]["metas"].as_array().unwrap().len(), 2);
+        // Replacing one's own entry counts the old one out: a smaller meta fits, a larger not.
+        assert!(matches!(
+            p.track(&key, a, "k", meta(json!({"n":4})), 50),
+            Tracked::Diff(_)
+        ));
+        assert_eq!(
+            p.track(&key, a, "k", meta(json!({"n":5})), 200),
+            Tracked::Full
+        );
+        // Leaving frees room.
+        p.untrack(&key, b, "k");
+        assert!(matches!(
+            p.track(&key, c, "k", meta(json!({"n":3})), 100),
+            Tracked::Diff(_)
+        ));
+        p.untrack(&key, a, "k");
+        p.untrack(&key, c, "k");
+        assert_eq!(p.state_bytes(&key), 0);
+        // A refused first track leaves no empty topic behind.
+        let other = TopicKey::new("realtime:other", false);
+        assert_eq!(p.track(&other, a, "k", Map::new(), 10 * one), Tracked::Full);
+        assert_eq!(p.state(&other), json!({}));
     }
 
     #[test]

@@ -4,6 +4,38 @@
 use serde_json::{Map, Value};
 
 use super::filter::{self, inspect, ParsedFilter};
+use crate::error::{clip, MAX_ECHO_BYTES};
+
+/// Largest binding, in bytes of its JSON text (event, schema, table, filter, select).
+pub const MAX_BINDING_BYTES: usize = 16 * 1024;
+/// Most postgres_changes bindings one channel may ask for.
+pub const MAX_BINDINGS_PER_CHANNEL: usize = 100;
+
+/// The error for a channel with too many bindings (the `system` message).
+pub fn too_many_bindings(n: usize) -> String {
+    format!(
+        "Too many postgres_changes bindings: {n}. Maximum {MAX_BINDINGS_PER_CHANNEL} per channel"
+    )
+}
+
+/// Bytes of `v` as JSON text, counted without building the text.
+fn json_len(v: &Map<String, Value>) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, v) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -67,6 +99,13 @@ impl BindingSpec {
 
 /// Parses one binding. The error is the full `system` message.
 pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
+    let size = json_len(raw);
+    if size > MAX_BINDING_BYTES {
+        // Nothing of it is echoed: it is what is too large.
+        return Err(format!(
+            "Binding too large: {size} bytes. Maximum {MAX_BINDING_BYTES} bytes of JSON per postgres_changes binding"
+        ));
+    }
     let action = match raw.get("event") {
         Some(Value::String(e)) => match e.to_ascii_uppercase().as_str() {
             "INSERT" => Action::Insert,
@@ -97,7 +136,8 @@ pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
     let has_filter = matches!(raw.get("filter"), Some(v) if !v.is_null());
     let (schema, table, filters) = match (text("schema"), text("table"), text("filter")) {
         (Some(schema), Some(table), Some(filter)) => {
-            let filters = filter::parse(&filter).map_err(|e| format!("Error parsing `filter` params: {e}"))?;
+            let filters = filter::parse(&filter)
+                .map_err(|e| format!("Error parsing `filter` params: {}", clip(&e, MAX_ECHO_BYTES)))?;
             (schema, table, filters)
         }
         (Some(schema), Some(table), None) if !has_filter => (schema, table, Vec::new()),
@@ -106,7 +146,7 @@ pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
         _ => {
             return Err(format!(
                 "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
-                inspect_map(raw)
+                clip(&inspect_map(raw), MAX_ECHO_BYTES)
             ))
         }
     };

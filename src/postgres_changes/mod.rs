@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Claims;
 use crate::db::{DbError, Pool};
+use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::protocol::encode;
 use crate::replication::pgoutput::{Datum, OldKind, OldTuple, Tuple};
 use crate::replication::{Event, Status};
@@ -278,11 +279,7 @@ impl PgChanges {
                             f.op.as_str()
                         )));
                     }
-                    let re = regex::RegexBuilder::new(&f.value)
-                        .case_insensitive(f.op == Op::IMatch)
-                        .size_limit(1 << 20)
-                        .build()
-                        .map_err(|e| {
+                    let re = filter::compile_regex(&f.value, f.op == Op::IMatch).map_err(|e| {
                             PrepareError::raise(format!(
                                 "invalid regular expression for {} filter: walcast cannot evaluate it: {e}",
                                 f.op.as_str()
@@ -290,7 +287,7 @@ impl PgChanges {
                         })?;
                     Operand::Regex(re)
                 } else {
-                    Operand::Pattern(f.value.clone())
+                    Operand::Pattern(filter::LikePattern::new(&f.value, f.op == Op::ILike))
                 }
             }
         };
@@ -881,15 +878,18 @@ impl PrepareError {
         }
     }
 
+    /// The original's message. The echoed parameters and the database's error text (which can
+    /// quote the value) are clipped to [`MAX_ECHO_BYTES`] each.
     fn message(&self, b: &BindingSpec) -> String {
+        let params = b.params_to_log();
+        let params = clip(&params, MAX_ECHO_BYTES);
         match self {
             PrepareError::NoTable => format!(
-                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{}]",
-                b.params_to_log()
+                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{params}]"
             ),
             PrepareError::Exception(e) => format!(
-                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{}]. Exception: {e}",
-                b.params_to_log()
+                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{params}]. Exception: {}",
+                clip(e, MAX_ECHO_BYTES)
             ),
         }
     }

@@ -9,6 +9,7 @@ mod socket;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::CorsLayer;
@@ -24,6 +25,9 @@ pub fn router(ctx: Arc<Context>) -> Router {
             post(rest::broadcast_single),
         )
         .route("/api/tenants/{tenant}/health", get(operator::tenant_health))
+        .layer(DefaultBodyLimit::max(rest::max_body_bytes(
+            ctx.settings.max_payload_bytes,
+        )))
         // Browsers call the broadcast API from other origins, as with the original (CORS `*`).
         .layer(CorsLayer::very_permissive());
     Router::new()

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +23,24 @@ pub async fn healthcheck() -> impl IntoResponse {
 
 pub async fn ping() -> impl IntoResponse {
     Json(json!({"message": "Success"}))
+}
+
+/// The largest REST request body: the original's (Plug.Parsers' default, 8,000,000 bytes), or
+/// more when `TENANT_MAX_PAYLOAD_SIZE_IN_KB` allows a payload that would not fit in it.
+pub const ORIGINAL_MAX_BODY_BYTES: usize = 8_000_000;
+
+pub fn max_body_bytes(max_payload_bytes: usize) -> usize {
+    ORIGINAL_MAX_BODY_BYTES.max(max_payload_bytes.saturating_add(64 * 1024))
+}
+
+/// A body that could not be read: over the limit (413) or cut short (400), as JSON like every
+/// other REST error.
+fn body_refused(rejection: BytesRejection) -> Response {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return message(status, "Request Entity Too Large");
+    }
+    message(status, &rejection.body_text())
 }
 
 fn message(status: StatusCode, text: &str) -> Response {
@@ -98,8 +117,12 @@ fn events_limit(ctx: &Context, batch: Option<u64>) -> Option<Response> {
 pub async fn broadcast_batch(
     State(ctx): State<Arc<Context>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return body_refused(rejection),
+    };
     let claims = match authorize(&ctx, &headers) {
         Ok(c) => c,
         Err(resp) => return *resp,
@@ -281,8 +304,12 @@ pub async fn broadcast_single(
     Path((topic, event)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return body_refused(rejection),
+    };
     let claims = match authorize(&ctx, &headers) {
         Ok(c) => c,
         Err(resp) => return *resp,

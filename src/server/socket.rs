@@ -74,11 +74,11 @@ pub async fn upgrade(
             ))
         })
         .collect();
-    let max = ctx.settings.max_frame_bytes;
+    let transport_max = transport_limit(ctx.settings.max_frame_bytes);
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
+        .max_message_size(transport_max)
+        .max_frame_size(transport_max)
         .on_upgrade(move |socket| {
             session::run(
                 socket,
@@ -91,6 +91,15 @@ pub async fn upgrade(
                 },
             )
         })
+}
+
+/// The WebSocket layer's own frame limit: twice `WEBSOCKET_MAX_FRAME_BYTES`. Up to it, a frame is
+/// read whole and the session refuses one over the setting with close 1009, after which the
+/// closing handshake completes normally. A frame over this limit cannot be read at all (its
+/// header alone says how long it is): the session still sends 1009, but the client is cut off
+/// with its frame half sent, and a client that only reads after writing sees a reset (1006).
+pub fn transport_limit(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_mul(2)
 }
 
 /// Whether `origin` matches one of `allowed` (exactly, or `scheme://*.domain` for subdomains);

@@ -29,6 +29,7 @@ use crate::auth::{Claims, JwtVerifier};
 use crate::channels::presence::Tracked;
 use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
+use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::postgres_changes::binding::{self, BindingSpec};
 use crate::postgres_changes::registry::{Sub, Target};
@@ -301,6 +302,9 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
     let mut gaps = session.ctx.replication.as_ref().map(|s| s.watch_gaps());
     let mut ready = session.ctx.replication.as_ref().map(|s| s.watch_ready());
     let mut closing_since: Option<Instant> = None;
+    // A frame too large to read at all: after the close frame, keep the connection open a
+    // moment so that a client reading while it writes gets 1009 before the connection drops.
+    let mut linger = false;
 
     if *shutdown.borrow() {
         outbound.close(CloseReason::new(
@@ -341,7 +345,8 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                     let too_big = is_capacity_error(&e);
                     tracing::info!(error = %e, "websocket read failed");
                     if too_big {
-                        outbound.close(CloseReason::new(1009, "frame too large"));
+                        outbound.close(CloseReason::new(CLOSE_TOO_BIG, "frame too large"));
+                        linger = true;
                     } else {
                         break;
                     }
@@ -349,7 +354,12 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 Some(Ok(Message::Close(_))) => break,
                 Some(Ok(msg)) => {
                     last_inbound = Instant::now();
-                    if open {
+                    if frame_len(&msg) > session.settings().max_frame_bytes {
+                        // Read whole (the transport allows twice the setting), so the client
+                        // gets the close frame and a normal closing handshake.
+                        tracing::info!(bytes = frame_len(&msg), "frame over WEBSOCKET_MAX_FRAME_BYTES: closing");
+                        outbound.close(CloseReason::new(CLOSE_TOO_BIG, "frame too large"));
+                    } else if open {
                         session.handle_frame(msg);
                     }
                 }
@@ -447,7 +457,20 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
             writer.abort();
         }
     }
+    if linger && writer.is_finished() {
+        tokio::time::sleep(LINGER_AFTER_TOO_BIG).await;
+    }
 }
+
+/// The reply to a track that would take the topic's presence state past
+/// `PRESENCE_MAX_STATE_BYTES`.
+const PRESENCE_STATE_FULL: &str =
+    "Presence state size exceeded: this topic's presence state is full (PRESENCE_MAX_STATE_BYTES)";
+
+/// Close code for a frame over `WEBSOCKET_MAX_FRAME_BYTES` (1009 "Message Too Big").
+const CLOSE_TOO_BIG: u16 = 1009;
+/// How long a connection stays open after a close 1009 for a frame that could not be read.
+const LINGER_AFTER_TOO_BIG: Duration = Duration::from_secs(1);
 
 fn is_capacity_error(e: &axum::Error) -> bool {
     let text = e.to_string();
@@ -523,7 +546,7 @@ impl Session {
 
     /// A join error, answered after the back-off delay.
     fn join_error(&mut self, m: &Inbound, reason: String) {
-        tracing::info!(topic = %m.topic, %reason, "join refused");
+        tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), %reason, "join refused");
         let code = reason.split(':').next().unwrap_or("Unknown").to_owned();
         metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
         metrics::counter!(telemetry::JOIN_ERRORS, "code" => code).increment(1);
@@ -614,7 +637,7 @@ impl Session {
         };
         // A second join of a joined topic replaces the channel: close the old one first.
         if let Some(old) = self.channels.remove(&m.topic) {
-            tracing::debug!(topic = %m.topic, "duplicate join: closing the existing channel");
+            tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "duplicate join: closing the existing channel");
             self.send(encode::close(self.vsn, &old.join_ref, &m.topic));
             self.teardown(&old);
         }
@@ -634,7 +657,7 @@ impl Session {
             InboundPayload::UserBroadcast(_) => join::parse("{}"),
         };
         if !cfg.problems.is_empty() {
-            tracing::info!(topic = %m.topic, problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), problems = ?cfg.problems, "InvalidJoinPayload: joining with defaults");
         }
         // The server-wide limits, in the original's order: users, joins per second.
         let limits = self.ctx.limits.clone();
@@ -649,7 +672,7 @@ impl Session {
         limits.joins.add(1);
         if limits.joins.triggered() {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "joins_per_second").increment(1);
-            tracing::info!(topic = %m.topic, average = limits.joins.average(), "join refused: too many joins per second; closing the socket");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), average = limits.joins.average(), "join refused: too many joins per second; closing the socket");
             metrics::counter!(telemetry::JOINS, "result" => "error").increment(1);
             metrics::counter!(telemetry::JOIN_ERRORS, "code" => "ClientJoinRateLimitReached")
                 .increment(1);
@@ -779,7 +802,7 @@ impl Session {
                 self.finish_join(request, Some(read), replay);
             }
             Err(e) => {
-                tracing::warn!(topic = %request.topic, error = %e, "private channel policy check failed: denying");
+                tracing::warn!(topic = %clip(&request.topic, MAX_ECHO_BYTES), error = %e, "private channel policy check failed: denying");
                 let reason = unauthorized(&request.sub_topic);
                 self.join_error(&m, reason);
             }
@@ -865,8 +888,16 @@ impl Session {
             }
         }
         if channel.presence_enabled && channel.read.is_none_or(|r| r.presence) {
+            // The joiner did not choose the state's size (PRESENCE_MAX_STATE_BYTES bounds it):
+            // it is queued even past the queue's cap rather than close the joiner as slow.
             let state = self.ctx.channels.presence.state(&channel.key);
-            self.push(&channel, "presence_state", &state);
+            let _ = self.outbound.push_unchosen(encode::push(
+                self.vsn,
+                &channel.join_ref,
+                &channel.key.topic,
+                "presence_state",
+                &state,
+            ));
         }
         // Asked for after the hub subscription: once the stream has passed this point, every
         // broadcast from the database committed from now on reaches the channel.
@@ -879,7 +910,7 @@ impl Session {
                 ));
             }
         }
-        tracing::debug!(%topic, role = %channel.claims.role, private = cfg.private, "joined");
+        tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), role = %channel.claims.role, private = cfg.private, "joined");
         metrics::counter!(telemetry::JOINS, "result" => "ok").increment(1);
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(&channel)).increment(1.0);
         self.channels.insert(topic.clone(), Box::new(channel));
@@ -972,9 +1003,9 @@ impl Session {
             "access_token" => self.access_token(m),
             other => {
                 if self.log_info {
-                    tracing::info!(topic = %m.topic, event = other, "Unexpected message from client");
+                    tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(other, MAX_ECHO_BYTES), "Unexpected message from client");
                 } else {
-                    tracing::debug!(topic = %m.topic, event = other, "Unexpected message from client");
+                    tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(other, MAX_ECHO_BYTES), "Unexpected message from client");
                 }
             }
         }
@@ -986,13 +1017,13 @@ impl Session {
         };
         if ch.read.is_some() && !ch.write.is_some_and(|w| w.broadcast) {
             // As the original: a broadcast the write policy denies is dropped, with no ack.
-            tracing::debug!(topic = %m.topic, "broadcast dropped: write not allowed by policy");
+            tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "broadcast dropped: write not allowed by policy");
             return;
         }
         let size = match &m.payload {
             InboundPayload::Json(raw) => {
                 if !raw.get().trim_start().starts_with('{') {
-                    tracing::info!(topic = %m.topic, "broadcast payload is not an object: dropped");
+                    tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "broadcast payload is not an object: dropped");
                     return;
                 }
                 raw.get().len()
@@ -1002,7 +1033,7 @@ impl Session {
         let max = self.settings().max_payload_bytes;
         if size > max {
             metrics::counter!(telemetry::RATE_LIMITED, "limit" => "payload_size").increment(1);
-            tracing::info!(topic = %m.topic, size, max, "broadcast over the payload limit: dropped");
+            tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), size, max, "broadcast over the payload limit: dropped");
             if ch.broadcast_ack {
                 self.reply(&m, &ch.join_ref, "error", &json!("payload_size_exceeded"));
             }
@@ -1080,7 +1111,7 @@ impl Session {
                     ch.read.is_some() && !ch.write.is_some_and(|w| w.presence)
                 }) =>
             {
-                tracing::debug!(topic = %m.topic, "track refused: write not allowed by policy");
+                tracing::debug!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "track refused: write not allowed by policy");
                 self.reply(&m, &join_ref, "error", &json!({}));
             }
             Some("track") => {
@@ -1109,12 +1140,33 @@ impl Session {
                 let Some(ch) = self.channels.get_mut(&m.topic) else {
                     return;
                 };
-                ch.presence_enabled = true;
                 let (key, id, pkey) = (ch.key.clone(), ch.id, ch.presence_key.clone());
-                self.reply(&m, &join_ref, "ok", &json!({}));
-                if let Tracked::Diff(diff) = self.ctx.channels.presence.track(&key, id, &pkey, meta)
+                match self
+                    .ctx
+                    .channels
+                    .presence
+                    .track(&key, id, &pkey, meta, size)
                 {
-                    self.publish_presence_diff(&key, &diff);
+                    Tracked::Full => {
+                        metrics::counter!(telemetry::RATE_LIMITED, "limit" => "presence_state")
+                            .increment(1);
+                        tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), size, "track refused: the topic's presence state is full");
+                        self.reply(
+                            &m,
+                            &join_ref,
+                            "error",
+                            &json!({"reason": PRESENCE_STATE_FULL}),
+                        );
+                    }
+                    tracked => {
+                        if let Some(ch) = self.channels.get_mut(&m.topic) {
+                            ch.presence_enabled = true;
+                        }
+                        self.reply(&m, &join_ref, "ok", &json!({}));
+                        if let Tracked::Diff(diff) = tracked {
+                            self.publish_presence_diff(&key, &diff);
+                        }
+                    }
                 }
             }
             Some("untrack") => {
@@ -1128,7 +1180,7 @@ impl Session {
                 }
             }
             _ => {
-                tracing::info!(topic = %m.topic, event = ?payload.get("event"), "UnknownPresenceEvent");
+                tracing::info!(topic = %clip(&m.topic, MAX_ECHO_BYTES), event = %clip(&payload.get("event").map(|e| e.to_string()).unwrap_or_default(), MAX_ECHO_BYTES), "UnknownPresenceEvent");
                 self.reply(&m, &join_ref, "error", &json!({}));
             }
         }
@@ -1230,7 +1282,7 @@ impl Session {
             return;
         };
         if ch.awaiting_write.len() >= MAX_AWAITING_WRITE {
-            tracing::warn!(topic = %m.topic, "too many pushes waiting for the write policy: dropped");
+            tracing::warn!(topic = %clip(&m.topic, MAX_ECHO_BYTES), "too many pushes waiting for the write policy: dropped");
             return;
         }
         let topic = m.topic.clone();
@@ -1317,11 +1369,18 @@ impl Session {
             );
             return;
         }
+        if raw.len() > binding::MAX_BINDINGS_PER_CHANNEL {
+            let message = binding::too_many_bindings(raw.len());
+            tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
+            self.push_system(channel, "postgres_changes", "error", &message);
+            return;
+        }
         let mut specs = Vec::with_capacity(raw.len());
         for b in raw {
             match binding::parse(b, binding_id(b)) {
                 Ok(spec) => specs.push(spec),
                 Err(message) => {
+                    tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
                     self.push_system(channel, "postgres_changes", "error", &message);
                     return;
                 }
@@ -1356,7 +1415,7 @@ impl Session {
         let events = self.events.clone();
         let task = self.tasks.spawn(async move {
             let result = pg.prepare(target, &claims, &specs).await;
-            tracing::debug!(%topic, ok = result.is_ok(), "postgres_changes prepared");
+            tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), ok = result.is_ok(), "postgres_changes prepared");
             let _ = events
                 .send(Box::new(SessionEvent::PgPrepared {
                     topic,
@@ -1395,7 +1454,7 @@ impl Session {
                 ch.write = Some(match result {
                     Ok(w) => w,
                     Err(e) => {
-                        tracing::warn!(%topic, error = %e, "write policy check failed: denying");
+                        tracing::warn!(topic = %clip(&topic, MAX_ECHO_BYTES), error = %e, "write policy check failed: denying");
                         policies::Write::default()
                     }
                 });
@@ -1423,7 +1482,7 @@ impl Session {
                 let read = match result {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(%topic, error = %e, "read policy check failed: treating as denied");
+                        tracing::warn!(topic = %clip(&topic, MAX_ECHO_BYTES), error = %e, "read policy check failed: treating as denied");
                         policies::Read::default()
                     }
                 };
@@ -1485,7 +1544,7 @@ impl Session {
                         }
                     }
                     Err(message) => {
-                        tracing::info!(%topic, %message, "postgres_changes subscription refused");
+                        tracing::info!(topic = %clip(&topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
                         if let Some(pg) = &self.ctx.pg {
                             pg.registry.remove(channel);
                         }
@@ -1574,7 +1633,7 @@ impl Session {
         let Some(ch) = self.channels.remove(topic) else {
             return;
         };
-        tracing::info!(%topic, %message, "channel shut down");
+        tracing::info!(topic = %clip(topic, MAX_ECHO_BYTES), %message, "channel shut down");
         self.push(
             &ch,
             "system",

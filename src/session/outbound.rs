@@ -116,6 +116,30 @@ impl Outbound {
         Ok(())
     }
 
+    /// Queues a frame whose size the client did not choose and the server bounds (a topic's
+    /// presence state for a joiner): it is admitted whenever the queue is within its cap before
+    /// it, so it never overflows the queue by itself. The queue may then hold up to the cap plus
+    /// this frame; the next push that finds it over the cap overflows as usual.
+    pub fn push_unchosen(&self, frame: Frame) -> Result<(), Rejected> {
+        let size = frame_size(&frame);
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Err(Rejected::Closed);
+        }
+        if st.bytes > self.cap_bytes {
+            drop(st);
+            return self.push(frame);
+        }
+        st.bytes += size;
+        let was_empty = st.frames.is_empty();
+        st.frames.push_back(frame);
+        drop(st);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
     /// Asks the writer to send what is queued, then close with `reason`. The first reason wins.
     pub fn close(&self, reason: CloseReason) {
         let mut st = self.lock();
@@ -262,6 +286,17 @@ mod tests {
             }
             Drain::Frames(_) => panic!("expected close"),
         }
+    }
+
+    #[tokio::test]
+    async fn an_unchosen_frame_may_pass_the_cap_once() {
+        let q = Outbound::new(1_000);
+        q.push(text(500)).unwrap();
+        // Larger than the room left (and than the cap): admitted all the same.
+        q.push_unchosen(text(2_000)).unwrap();
+        assert!(!q.is_closing());
+        // The queue is now over its cap: the next push overflows.
+        assert_eq!(q.push(text(1)), Err(Rejected::Overflow));
     }
 
     #[tokio::test]
