@@ -109,6 +109,11 @@ pub struct DevArgs {
     /// Serve without a database (broadcast and presence only).
     #[arg(long)]
     pub no_db: bool,
+
+    /// Also run an example app: load its SQL into the dev database and serve its pages under
+    /// `/examples/<name>/` (development only).
+    #[arg(long, value_parser = ["support-chat"], conflicts_with = "no_db")]
+    pub example: Option<String>,
 }
 
 impl DevArgs {
@@ -416,6 +421,9 @@ pub struct Settings {
     pub outbound_queue_bytes: usize,
     pub shutdown_timeout: Duration,
     pub limits: crate::limits::LimitSettings,
+    /// The support-chat example's directory, served under `/examples/support-chat/` (only set
+    /// by `walcast dev --example support-chat`).
+    pub example_dir: Option<std::path::PathBuf>,
 }
 
 impl ServeArgs {
@@ -492,6 +500,7 @@ impl ServeArgs {
                 max_presence_events_per_second: self.max_presence_events_per_second,
                 tick: Duration::from_millis(self.rate_counter_tick_ms.max(10)),
             },
+            example_dir: None,
         })
     }
 

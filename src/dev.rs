@@ -277,3 +277,109 @@ fn free_port() -> Result<u16, DevError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
+
+/// The example `walcast dev --example NAME` runs: its directory (`schema.sql` and the pages).
+/// Looked for in `WALCAST_EXAMPLES_DIR`, then `./examples`, then the source tree this binary was
+/// built from.
+pub fn example_dir(name: &str) -> Result<PathBuf, DevError> {
+    let mut bases: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("WALCAST_EXAMPLES_DIR") {
+        bases.push(PathBuf::from(dir));
+    }
+    bases.push(PathBuf::from("examples"));
+    bases.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"));
+    for base in &bases {
+        let dir = base.join(name);
+        if dir.join("schema.sql").is_file() {
+            return Ok(std::fs::canonicalize(dir)?);
+        }
+    }
+    Err(DevError::Command {
+        what: format!("finding the example {name}"),
+        detail: format!(
+            "no {name}/schema.sql under {} (run from walcast's source tree, or set WALCAST_EXAMPLES_DIR)",
+            bases
+                .iter()
+                .map(|b| b.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
+
+/// Runs the example's `schema.sql` (idempotent; it keeps the example's data).
+pub async fn load_example(
+    pool: &std::sync::Arc<crate::db::Pool>,
+    dir: &Path,
+) -> Result<(), DevError> {
+    let sql = std::fs::read_to_string(dir.join("schema.sql"))?;
+    let fail = |e: String| DevError::Command {
+        what: format!("loading {}", dir.join("schema.sql").display()),
+        detail: e,
+    };
+    let client = pool.get().await.map_err(|e| fail(e.to_string()))?;
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|e| fail(crate::db::DbError::from(e).to_string()))
+}
+
+/// The support-chat example's demo users: (page, label, role, user id, name). The agents' ids
+/// are also in `examples/support-chat/schema.sql` (its `agents` rows).
+const SUPPORT_CHAT_USERS: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "dashboard.html",
+        "agent",
+        "support_agent",
+        "a0000000-0000-4000-8000-000000000001",
+        "Ada",
+    ),
+    (
+        "dashboard.html",
+        "agent",
+        "support_agent",
+        "a0000000-0000-4000-8000-000000000002",
+        "Bo",
+    ),
+    (
+        "widget.html",
+        "customer",
+        "authenticated",
+        "c0000000-0000-4000-8000-000000000001",
+        "Carol",
+    ),
+    (
+        "widget.html",
+        "customer",
+        "authenticated",
+        "c0000000-0000-4000-8000-000000000002",
+        "Dan",
+    ),
+];
+
+/// One line per demo user: a label and the page's URL with the user's token (signed with the
+/// dev secret, valid for a day) in the fragment, which browsers do not send to the server.
+pub fn support_chat_logins(
+    addr: std::net::SocketAddr,
+    secret: &str,
+) -> Result<Vec<(String, String)>, jsonwebtoken::errors::Error> {
+    let exp = crate::auth::now_secs() + 24 * 3600;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    SUPPORT_CHAT_USERS
+        .iter()
+        .map(|(page, label, role, sub, name)| {
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &serde_json::json!({
+                    "iss": "walcast-dev", "role": role, "sub": sub, "exp": exp,
+                    "user_metadata": {"name": name},
+                }),
+                &key,
+            )?;
+            Ok((
+                format!("{label} {name}"),
+                format!("http://{addr}/examples/support-chat/{page}#token={token}"),
+            ))
+        })
+        .collect()
+}

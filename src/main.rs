@@ -61,15 +61,21 @@ fn run_dev(dev: walcast::config::DevArgs) -> anyhow::Result<()> {
             Some(Dev {
                 secret: dev.api_jwt_secret,
                 cluster: None,
+                example: None,
             }),
         );
     }
+    let example = match dev.example.as_deref() {
+        Some(name) => Some(walcast::dev::example_dir(name)?),
+        None => None,
+    };
     let cluster = walcast::dev::DevCluster::start(&dev.data_dir)?;
     let result = run(
         args,
         Some(Dev {
             secret: dev.api_jwt_secret,
             cluster: Some(&cluster),
+            example,
         }),
     );
     if let Err(e) = cluster.stop() {
@@ -81,6 +87,8 @@ fn run_dev(dev: walcast::config::DevArgs) -> anyhow::Result<()> {
 struct Dev<'a> {
     secret: String,
     cluster: Option<&'a walcast::dev::DevCluster>,
+    /// `--example support-chat`: the example's directory.
+    example: Option<std::path::PathBuf>,
 }
 
 /// Serves; in dev mode also prints development keys and uses the dev cluster.
@@ -105,7 +113,7 @@ fn init_tracing(args: &ServeArgs) {
 }
 
 async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
-    let settings = args.settings()?;
+    let mut settings = args.settings()?;
     let mut database = args.database()?;
     if let Some(cluster) = dev.as_ref().and_then(|d| d.cluster) {
         let mut db = walcast::config::DatabaseSettings {
@@ -171,6 +179,11 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
         Some(db) => Some(walcast::app::Database::connect(db).await?),
         None => None,
     };
+    let example = dev.as_ref().and_then(|d| d.example.clone());
+    if let (Some(dir), Some(db)) = (&example, &database) {
+        walcast::dev::load_example(&db.pg.pool, dir).await?;
+        settings.example_dir = Some(dir.clone());
+    }
     let app = walcast::app::run(
         listener,
         settings,
@@ -182,6 +195,13 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     println!("walcast listening on http://{addr}");
     if let Some(secret) = dev_secret {
         print_dev_keys(addr, &secret, db_url.as_deref())?;
+        if let Some(dir) = &example {
+            println!();
+            println!("  Support-chat example ({}):", dir.display());
+            for (who, url) in walcast::dev::support_chat_logins(addr, &secret)? {
+                println!("    {who:<16} {url}");
+            }
+        }
     }
     tracing::info!(%addr, "listening");
     app.await?;

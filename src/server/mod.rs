@@ -2,6 +2,7 @@
 //! API and health checks. Every path is served both as the original serves it (`/socket/...`,
 //! `/api/...`) and as supabase-js builds it without a gateway (`/realtime/v1/...`).
 
+mod example;
 pub mod listener;
 mod operator;
 mod rest;
@@ -30,12 +31,18 @@ pub fn router(ctx: Arc<Context>) -> Router {
         )))
         // Browsers call the broadcast API from other origins, as with the original (CORS `*`).
         .layer(CorsLayer::very_permissive());
-    Router::new()
+    let router = Router::new()
         .route("/socket/websocket", get(socket::upgrade))
         .route("/realtime/v1/websocket", get(socket::upgrade))
         .route("/healthcheck", get(rest::healthcheck))
         .route("/metrics", get(operator::metrics))
         .merge(api.clone())
-        .nest("/realtime/v1", api)
-        .with_state(ctx)
+        .nest("/realtime/v1", api);
+    // `walcast dev --example support-chat` only.
+    let router = if ctx.settings.example_dir.is_some() {
+        router.merge(example::routes())
+    } else {
+        router
+    };
+    router.with_state(ctx)
 }
