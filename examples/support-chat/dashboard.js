@@ -60,6 +60,7 @@ function showHeader() {
 
 async function open(id) {
   if (current) for (const c of current.channels) await supabase.removeChannel(c)
+  for (const name of ['messages', 'typing', 'history']) ready(name, false)
   current = { id, channels: [] }
   renderList()
   $('empty').hidden = true

@@ -16,6 +16,7 @@ let current = null // { id, channels, typing }
 
 async function open(conv) {
   if (current) for (const c of current.channels) await supabase.removeChannel(c)
+  for (const name of ['messages', 'updates', 'typing', 'history']) ready(name, false)
   $('start').hidden = true
   $('chat').hidden = false
   $('messages').replaceChildren()
@@ -62,6 +63,7 @@ function showStatus(status) {
 function showTyping(payload) {
   $('typing').hidden = !payload
   $('typing').textContent = payload ? `${payload.name} is typing…` : ''
+  $('messages').scrollTop = $('messages').scrollHeight
 }
 
 $('start').addEventListener('submit', async (e) => {
