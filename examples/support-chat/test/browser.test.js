@@ -205,20 +205,22 @@ test('typing indicators both ways', async () => {
 test('the internal note never reaches the customer', async () => {
   const { page: agent } = pages.agent
   const carol = pages.carol
-  const updates = () => window.__received.filter((e) => e.payload?.eventType === 'UPDATE').length
-  const before = await carol.page.evaluate(updates)
   await agent.fill('#note', NOTE)
   await agent.click('#note-form button')
   // The agent's list gets the row with the note...
-  await agent.waitForFunction(
-    (note) => window.__received.some((e) => e.payload?.eventType === 'UPDATE' && e.payload.new.internal_note === note),
+  const noted = await agent.waitForFunction(
+    (note) => window.__received.find((e) => e.payload?.eventType === 'UPDATE' && e.payload.new.internal_note === note)?.payload,
     NOTE,
     { timeout: WAIT },
   )
-  // ...and the widget gets the same change, without it.
-  await carol.page.waitForFunction((n) => window.__received.filter((e) => e.payload?.eventType === 'UPDATE').length > n, before, { timeout: WAIT })
-  const last = await carol.page.evaluate(() => window.__received.filter((e) => e.payload?.eventType === 'UPDATE').at(-1).payload)
-  assert.equal(last.new.id, conversation)
+  const { commit_timestamp: committed } = await noted.jsonValue()
+  // ...and the widget the same change (same transaction, same commit timestamp), without it.
+  const change = await carol.page.waitForFunction(
+    ([id, t]) => window.__received.find((e) => e.payload?.eventType === 'UPDATE' && e.payload.new.id === id && e.payload.commit_timestamp === t)?.payload,
+    [conversation, committed],
+    { timeout: WAIT },
+  )
+  const last = await change.jsonValue()
   assert.ok(!('internal_note' in last.new), `internal_note in ${JSON.stringify(last.new)}`)
   assert.ok(!last.columns?.some((c) => c.name === 'internal_note'))
   const seen = await everything(carol)
