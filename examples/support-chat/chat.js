@@ -31,13 +31,16 @@ export function ready(name, on = true) {
 }
 
 /** Subscribes; marks `name` ready when postgres_changes is live (or, without postgres_changes,
- *  when the channel is joined), and not ready when the channel drops. */
-export function subscribe(channel, name, { postgres = false } = {}) {
+ *  when the channel is joined), and not ready when the channel drops. `onLive` runs each time
+ *  postgres_changes becomes live, after a rejoin too: changes committed while the channel was
+ *  down are not replayed, so that is when an app (re)loads what it shows. */
+export function subscribe(channel, name, { postgres = false, onLive } = {}) {
   if (postgres) {
-    channel.on('system', {}, (p) => {
+    channel.on('system', {}, async (p) => {
       if (p.extension !== 'postgres_changes') return
-      if (p.status === 'ok') ready(name)
-      else showError(`${name}: ${p.message}`)
+      if (p.status !== 'ok') return showError(`${name}: ${p.message}`)
+      if (onLive) await onLive()
+      ready(name)
     })
   }
   channel.subscribe((status, err) => {
@@ -130,13 +133,15 @@ export function el(tag, attrs = {}, ...children) {
   return e
 }
 
+/** Shows a message once, in time order (history and live changes may arrive in any order). */
 export function renderMessage(list, m) {
-  if (list.querySelector(`[data-id="${m.id}"]`)) return // each message once
-  const time = new Date(m.created_at).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
-  list.append(
-    el('div', { class: `msg ${m.sender_type}`, 'data-id': m.id },
-      el('div', { class: 'meta' }, `${m.sender_name} · ${time}`),
-      el('div', { class: 'text' }, m.content)),
-  )
+  if (list.querySelector(`[data-id="${m.id}"]`)) return
+  const at = Date.parse(m.created_at)
+  const time = new Date(at).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
+  const item = el('div', { class: `msg ${m.sender_type}`, 'data-id': m.id, 'data-at': String(at) },
+    el('div', { class: 'meta' }, `${m.sender_name} · ${time}`),
+    el('div', { class: 'text' }, m.content))
+  const later = [...list.children].find((c) => Number(c.dataset.at) > at)
+  list.insertBefore(item, later ?? null)
   list.scrollTop = list.scrollHeight
 }

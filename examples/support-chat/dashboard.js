@@ -45,7 +45,13 @@ subscribe(
       upsert(p.new)
     }),
   'list',
-  { postgres: true },
+  {
+    postgres: true,
+    // (Re)load the list once the channel is live: nothing committed before is missed.
+    onLive: async () => {
+      for (const c of await api('list_conversations')) upsert(c)
+    },
+  },
 )
 
 function showHeader() {
@@ -79,13 +85,19 @@ async function open(id) {
       },
     ),
     'messages',
-    { postgres: true },
+    {
+      postgres: true,
+      onLive: async () => {
+        for (const m of await api('list_messages', { conversation_id: id })) {
+          if (current?.id === id) renderMessage($('messages'), m)
+        }
+        ready('history')
+      },
+    },
   )
   const t = typing(id, showTyping)
   current.channels = [messages, t.channel]
   current.typing = t
-  for (const m of await api('list_messages', { conversation_id: id })) renderMessage($('messages'), m)
-  ready('history')
 }
 
 function showTyping(payload) {
@@ -110,6 +122,4 @@ $('note-form').addEventListener('submit', async (e) => {
   $('note').blur()
 })
 
-for (const c of await api('list_conversations')) conversations.set(c.id, c)
-renderList()
 ready('loaded')

@@ -32,7 +32,7 @@ async function open(conv) {
       },
     ),
     'messages',
-    { postgres: true },
+    { postgres: true, onLive: () => loadHistory(conv.id) },
   )
   const updates = subscribe(
     supabase.channel(`conversation:${conv.id}:updates`).on(
@@ -44,12 +44,23 @@ async function open(conv) {
       },
     ),
     'updates',
-    { postgres: true },
+    {
+      postgres: true,
+      onLive: async () => {
+        const row = (await api('list_conversations')).find((c) => c.id === conv.id)
+        if (row && current?.id === conv.id) showStatus(row.status)
+      },
+    },
   )
   const t = typing(conv.id, showTyping)
   current = { id: conv.id, channels: [messages, updates, t.channel], typing: t }
-  // History after subscribing, so nothing falls between the two (renderMessage skips repeats).
-  for (const m of await api('list_messages', { conversation_id: conv.id })) renderMessage($('messages'), m)
+}
+
+// Once the messages channel is live (so nothing falls between the two; repeats are skipped).
+async function loadHistory(id) {
+  for (const m of await api('list_messages', { conversation_id: id })) {
+    if (current?.id === id) renderMessage($('messages'), m)
+  }
   ready('history')
 }
 

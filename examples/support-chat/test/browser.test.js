@@ -57,6 +57,8 @@ async function startWalcast() {
       createInterface({ input: child.stdout }).on('line', (line) => {
         const m = line.match(/^\s+(agent|customer) (\w+)\s+(http\S+)$/)
         if (m) urls[m[2]] = m[3]
+        const key = line.match(/^\s+(anon|service_role) key:\s+(\S+)$/)
+        if (key) urls[key[1]] = key[2]
         if (urls.Ada && urls.Bo && urls.Carol && urls.Dan) resolve()
       })
       child.once('exit', (code) => reject(new Error(`walcast dev exited with ${code}`)))
@@ -81,10 +83,25 @@ async function startWalcast() {
  *  binary decoded as UTF-8) and every body the example's endpoint sends it. */
 async function openPage(name, url) {
   const context = await browser.newContext({ viewport: { width: 900, height: 560 } })
+  // Test instrumentation: the page's WebSockets, so a test can cut one as a network would.
+  await context.addInitScript(() => {
+    const Native = window.WebSocket
+    window.__sockets = []
+    window.WebSocket = class extends Native {
+      constructor(...args) {
+        super(...args)
+        window.__sockets.push(this)
+      }
+    }
+  })
   const page = await context.newPage()
-  const rec = { page, frames: [], bodies: [], pending: [], errors: [] }
+  const rec = { page, frames: [], binary: 0, sockets: 0, bodies: [], pending: [], errors: [] }
   page.on('websocket', (ws) => {
-    ws.on('framereceived', (f) => rec.frames.push(typeof f.payload === 'string' ? f.payload : Buffer.from(f.payload).toString('utf8')))
+    rec.sockets++
+    ws.on('framereceived', (f) => {
+      if (typeof f.payload !== 'string') rec.binary++
+      rec.frames.push(typeof f.payload === 'string' ? f.payload : Buffer.from(f.payload).toString('utf8'))
+    })
   })
   page.on('response', (r) => {
     if (r.url().includes('/api/')) rec.pending.push(r.text().then((t) => rec.bodies.push(t), () => {}))
@@ -200,6 +217,9 @@ test('typing indicators both ways', async () => {
   await carol.press('#text', 'Enter')
   await agent.waitForSelector('#messages .msg.customer:has-text("Great")', { timeout: WAIT })
   await agent.waitForSelector('#typing', { state: 'hidden', timeout: WAIT })
+  // supabase-js's default protocol (vsn 2.0.0) sends broadcasts as binary frames; the browser
+  // hands them to it as ArrayBuffers.
+  assert.ok(pages.carol.binary > 0 && pages.agent.binary > 0, 'typing arrived in binary frames')
 })
 
 test('the internal note never reaches the customer', async () => {
@@ -318,6 +338,56 @@ test('a reloaded widget re-subscribes and keeps working', async () => {
   await agent.waitForSelector('#messages .msg.customer:has-text("Yes!")', { timeout: WAIT })
   await carol.waitForSelector('#messages .msg.customer:has-text("Yes!")', { timeout: WAIT })
   assert.equal(await carol.locator('#messages .msg').count(), 8)
+})
+
+test('a widget that loses its network catches up on what it missed when it reconnects', async () => {
+  const { page: agent } = pages.agent
+  const carol = pages.carol
+  const { page } = carol
+  const sockets = carol.sockets
+  // Offline (new connections fail), and the open socket cut.
+  await page.context().setOffline(true)
+  await page.evaluate(() => window.__sockets.at(-1).close())
+  await page.waitForSelector('body:not([data-ready~="messages"])', { timeout: WAIT })
+  await agent.fill('#text', 'While you were offline')
+  await agent.press('#text', 'Enter')
+  await agent.waitForSelector('#messages .msg.agent:has-text("While you were offline")', { timeout: WAIT })
+  assert.equal(await page.evaluate(() => window.__sockets.filter((s) => s.readyState === 1).length), 0, 'no socket is open while offline')
+  await page.context().setOffline(false)
+  // A new socket, the channels rejoined, and the message (committed while it was away, so never
+  // pushed to it) loaded when postgres_changes went live again.
+  await ready(page, 'messages', 'updates')
+  await page.waitForSelector('#messages .msg.agent:has-text("While you were offline")', { timeout: WAIT })
+  assert.ok(carol.sockets > sockets, 'a new WebSocket was opened')
+  await agent.fill('#text', 'Welcome back')
+  await agent.press('#text', 'Enter')
+  await page.waitForSelector('#messages .msg.agent:has-text("Welcome back")', { timeout: WAIT })
+})
+
+test('the example endpoint runs as customers and agents only, under their policies', async () => {
+  const base = new URL('.', walcast.urls.Carol).href
+  const call = async (action, key, body = {}) => {
+    const r = await fetch(`${base}api/${action}`, {
+      method: 'POST',
+      headers: key ? { authorization: `Bearer ${key}` } : {},
+      body: JSON.stringify(body),
+    })
+    return { status: r.status, body: await r.json() }
+  }
+  const carolToken = new URLSearchParams(new URL(walcast.urls.Carol).hash.slice(1)).get('token')
+  // service_role bypasses row level security, anon is nobody: both refused, nothing run.
+  for (const key of [walcast.urls.service_role, walcast.urls.anon]) {
+    const r = await call('list_messages', key, { conversation_id: conversation })
+    assert.equal(r.status, 403, JSON.stringify(r.body))
+  }
+  assert.equal((await call('list_messages', null)).status, 401)
+  assert.equal((await call('list_messages', 'not.a.jwt')).status, 401)
+  assert.equal((await call('drop_everything', carolToken)).status, 404)
+  // A customer cannot post as an agent, nor into a conversation that is not theirs.
+  const danToken = new URLSearchParams(new URL(walcast.urls.Dan).hash.slice(1)).get('token')
+  const r = await call('send_message', danToken, { conversation_id: conversation, content: 'hi from Dan' })
+  assert.equal(r.status, 403)
+  assert.match(r.body.error, /row-level security/)
 })
 
 test('closing the conversation reaches the widget and the list', async () => {
