@@ -19,6 +19,9 @@ const example = path.join(here, '..')
 const repo = path.join(example, '..', '..')
 const WAIT = 15_000
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium'
+// VSN=1.0.0 runs the pages on the older JSON-only protocol (`?vsn=1.0.0`); unset, supabase-js's
+// default (2.0.0, binary broadcast frames).
+const VSN = process.env.VSN
 
 let walcast
 let browser
@@ -107,7 +110,7 @@ async function openPage(name, url) {
     if (r.url().includes('/api/')) rec.pending.push(r.text().then((t) => rec.bodies.push(t), () => {}))
   })
   page.on('pageerror', (e) => rec.errors.push(e.message))
-  await page.goto(url)
+  await page.goto(VSN ? url.replace('#', `?vsn=${VSN}#`) : url)
   pages[name] = rec
   return rec
 }
@@ -218,8 +221,9 @@ test('typing indicators both ways', async () => {
   await agent.waitForSelector('#messages .msg.customer:has-text("Great")', { timeout: WAIT })
   await agent.waitForSelector('#typing', { state: 'hidden', timeout: WAIT })
   // supabase-js's default protocol (vsn 2.0.0) sends broadcasts as binary frames; the browser
-  // hands them to it as ArrayBuffers.
-  assert.ok(pages.carol.binary > 0 && pages.agent.binary > 0, 'typing arrived in binary frames')
+  // hands them to it as ArrayBuffers. vsn 1.0.0 is text only.
+  if (VSN === '1.0.0') assert.equal(pages.carol.binary + pages.agent.binary, 0)
+  else assert.ok(pages.carol.binary > 0 && pages.agent.binary > 0, 'typing arrived in binary frames')
 })
 
 test('the internal note never reaches the customer', async () => {
@@ -411,7 +415,7 @@ test('an agent who navigates away goes offline (no leave sent), another comes on
 })
 
 function screenshotDir() {
-  const dir = process.env.SCREENSHOT_DIR ?? path.join(tmpdir(), 'walcast-support-chat-screenshots')
+  const dir = process.env.SCREENSHOT_DIR ?? path.join(tmpdir(), `walcast-support-chat-screenshots${VSN ? `-${VSN}` : ''}`)
   mkdirSync(dir, { recursive: true })
   return dir
 }
