@@ -234,3 +234,27 @@ async fn single_message_endpoint_json_and_binary() {
     v2.assert_quiet().await;
     v1.assert_quiet().await;
 }
+
+/// The support-chat example's pages and endpoint exist only under `walcast dev --example
+/// support-chat` (its browser test, examples/support-chat/test, exercises them there).
+#[tokio::test]
+async fn the_example_app_is_not_served_by_walcast_serve() {
+    let server = Server::start().await;
+    let (status, _, _) = http(
+        "GET",
+        &server.http("/examples/support-chat/widget.html"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 404);
+    let auth = format!("Bearer {}", token("authenticated"));
+    let (status, _, _) = http(
+        "POST",
+        &server.http("/examples/support-chat/api/list_conversations"),
+        &[("authorization", &auth)],
+        b"{}",
+    )
+    .await;
+    assert_eq!(status, 404);
+}
