@@ -66,6 +66,11 @@ fn run_dev(dev: walcast::config::DevArgs) -> anyhow::Result<()> {
         );
     }
     let example = match dev.example.as_deref() {
+        // The example's SQL (a role, a schema, policies on realtime.messages) goes into walcast
+        // dev's own PostgreSQL only, never into a database of yours.
+        Some(_) if args.database()?.is_some() => anyhow::bail!(
+            "--example loads its SQL into walcast dev's own PostgreSQL only: unset DB_HOST and DATABASE_URL to run it"
+        ),
         Some(name) => Some(walcast::dev::example_dir(name)?),
         None => None,
     };
