@@ -1,20 +1,17 @@
 // Presence between two supabase-js clients: state, join diff, leave diff on disconnect.
-import { test, before, after, afterEach } from 'node:test'
 import assert from 'node:assert/strict'
-import { startServer, client, closeClients, token, subscribed, Inbox, VSNS } from '../lib/harness.js'
+import { randomUUID } from 'node:crypto'
+import { client, subscribed, Inbox } from '../lib/harness.js'
+import { useTarget, conformance } from '../lib/kit.js'
 
-let server
-before(async () => {
-  server = await startServer()
-})
-afterEach(closeClients)
-after(() => server.stop())
+const t = useTarget({ file: import.meta.url })
+const run = randomUUID().slice(0, 8)
 
-for (const vsn of VSNS) {
-  test(`vsn ${vsn}: presence state, join and leave between two clients`, async () => {
-    const agent = client(server, token('authenticated'), vsn)
-    const customer = client(server, token('anon'), vsn)
-    const topic = `support-${vsn}`
+{
+  conformance(t, { features: ['presence', 'presence-shapes'], title: 'presence state, join and leave between two clients' }, async (vsn) => {
+    const agent = client(t, t.anonKey(), vsn)
+    const customer = client(t, t.anonKey(), vsn)
+    const topic = `support-${run}-${vsn}`
 
     const agentEvents = new Inbox()
     const a = agent.channel(topic, { config: { presence: { key: 'agent-1' } } })
@@ -47,10 +44,10 @@ for (const vsn of VSNS) {
     assert.deepEqual(Object.keys(a.presenceState()), ['agent-1'])
   })
 
-  test(`vsn ${vsn}: untrack sends a leave`, async () => {
-    const one = client(server, token('anon'), vsn)
-    const two = client(server, token('anon'), vsn)
-    const topic = `untrack-${vsn}`
+  conformance(t, { features: ['presence'], title: 'untrack sends a leave' }, async (vsn) => {
+    const one = client(t, t.anonKey(), vsn)
+    const two = client(t, t.anonKey(), vsn)
+    const topic = `untrack-${run}-${vsn}`
     const events = new Inbox()
     const watcher = two.channel(topic, { config: { presence: { key: 'watcher' } } })
     watcher.on('presence', { event: 'join' }, (e) => events.push({ kind: 'join', ...e }))
