@@ -78,6 +78,17 @@ class Target {
     }
   }
 
+  /** The file's database set-up, run once before the first test that needs 'db' (each such test
+   *  fails with its error, e.g. the preflight's refusal). */
+  prepare(fn) {
+    this.prepareFn = fn
+  }
+
+  prepared() {
+    this.preparing ??= this.prepareFn ? this.prepareFn() : Promise.resolve()
+    return this.preparing
+  }
+
   /** A signed token (needs 'sign'). */
   token(role = 'anon', ttlSecs = 3600, extra = {}) {
     return this.sign({ role, exp: nowSecs() + ttlSecs, sub: `${role}-${Math.random()}`, ...extra })
@@ -103,7 +114,8 @@ class Target {
   async db() {
     if (!this.dbUrl) throw new Error('no database URL: this test should have been tagged with needs: [db]')
     if (!this.pool) {
-      this.pool = new pg.Pool({ connectionString: this.dbUrl, max: 3 })
+      // Unqualified names in the tests' SQL mean the kit's own schema.
+      this.pool = new pg.Pool({ connectionString: this.dbUrl, max: 3, options: `-c search_path=${this.schema},public` })
       this.pool.on('error', () => {})
       this.preflight = preflight(this.pool)
     }
@@ -179,6 +191,9 @@ export function conformance(t, { features, needs = [], title, vsns = VSNS }, fn)
   if (t.wantsDb === false && needs.includes('db')) throw new Error(`"${title}" needs db: useTarget({ db: true })`)
   const skip = skipReason(needs)
   for (const vsn of vsns) {
-    test(testName(features, vsn, title), skip ? { skip } : {}, () => fn(vsn))
+    test(testName(features, vsn, title), skip ? { skip } : {}, async () => {
+      if (needs.includes('db')) await t.prepared()
+      return fn(vsn)
+    })
   }
 }
