@@ -7,10 +7,11 @@
 //                                        print the checklist cells whose result differs between
 //                                        two reports; exits 1 when there is a difference
 import { spawnSync } from 'node:child_process'
-import { readFileSync } from 'node:fs'
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { compareReports, renderComparison, REPORT_VERSION } from '../lib/report.js'
+import { buildReport, compareReports, renderComparison, renderHtml, renderText, REPORT_VERSION } from '../lib/report.js'
+import { describeTarget, reportDir, resultsFile } from '../lib/reporter.js'
 
 const root = path.join(path.dirname(fileURLToPath(import.meta.url)), '..')
 const args = process.argv.slice(2)
@@ -47,7 +48,9 @@ if (args.some((a) => a.startsWith('-'))) {
   process.exit(2)
 }
 
-const files = args.length ? args : ['test/', 'kit-tests/']
+// The kit's own tests (kit-tests/) start walcast binaries of their own: not part of a run against
+// an external deployment.
+const files = args.length ? args : process.env.REALTIME_URL ? ['test/'] : ['test/', 'kit-tests/']
 const run = spawnSync(
   process.execPath,
   [
@@ -62,4 +65,19 @@ const run = spawnSync(
   ],
   { cwd: root, stdio: 'inherit' },
 )
+
+// The report, from what lib/reporter.js recorded; then the counts again, so that the runner's
+// summary lines close the output.
+const file = resultsFile()
+const results = existsSync(file)
+  ? readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l))
+  : []
+const report = buildReport(results, describeTarget())
+const dir = reportDir()
+writeFileSync(path.join(dir, 'report.json'), JSON.stringify(report, null, 2) + '\n')
+writeFileSync(path.join(dir, 'report.txt'), renderText(report))
+writeFileSync(path.join(dir, 'report.html'), renderHtml(report))
+const count = (state) => results.filter((r) => r.state === state).length
+process.stdout.write(`\n${renderText(report)}\nReport: ${dir}/report.{json,txt,html}\n`)
+process.stdout.write(`ℹ tests ${results.length}\nℹ pass ${count('pass')}\nℹ fail ${count('fail')}\nℹ skipped ${count('skip')}\n`)
 process.exit(run.status ?? 1)
