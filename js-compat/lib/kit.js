@@ -45,7 +45,7 @@ export function useTarget({ db = false, file = 'kit' } = {}) {
   return t
 }
 
-class Target {
+export class Target {
   constructor({ db, file }) {
     this.wantsDb = db
     this.schema = `rtkit_${path.basename(file).replace(/\W.*$/, '').replace(/[^a-z0-9]/gi, '_').toLowerCase()}_${randomBytes(3).toString('hex')}`
