@@ -48,6 +48,11 @@ if (args.some((a) => a.startsWith('-'))) {
   process.exit(2)
 }
 
+if (process.env.REALTIME_URL && !process.env.ANON_KEY && !process.env.JWT_SECRET) {
+  console.error('REALTIME_URL is set: the kit also needs ANON_KEY or JWT_SECRET (see README.md)')
+  process.exit(2)
+}
+
 // The kit's own tests (kit-tests/) start walcast binaries of their own: not part of a run against
 // an external deployment.
 const files = args.length ? args : process.env.REALTIME_URL ? ['test/'] : ['test/', 'kit-tests/']

@@ -38,7 +38,7 @@ test('test names carry feature and vsn tags, and parse back', () => {
 })
 
 test('against an external deployment: pass, fail and skip-with-reason per feature x vsn, in JSON, text and HTML', () => {
-  const { run, report, html, txt } = runFixture({ REALTIME_URL: 'http://127.0.0.1:9', REPORT_LABEL: 'fixture' })
+  const { run, report, html, txt } = runFixture({ REALTIME_URL: 'http://127.0.0.1:9', ANON_KEY: 'an-anon-key', REPORT_LABEL: 'fixture' })
   assert.equal(run.status, 1, 'a failing test fails the run')
   assert.deepEqual(report.target, { mode: 'external', url: 'http://127.0.0.1:9', label: 'fixture' })
   assert.deepEqual(report.vsns, ['2.0.0', '1.0.0'])
@@ -178,4 +178,10 @@ test('--compare prints the cells that differ, and exits 1 when any does', () => 
   } finally {
     rmSync(dir, { recursive: true, force: true })
   }
+})
+
+test('an external deployment without ANON_KEY or JWT_SECRET is refused before any test runs', () => {
+  const run = spawnSync(process.execPath, ['bin/kit.js'], { cwd: root, env: { PATH: process.env.PATH, REALTIME_URL: 'http://127.0.0.1:9' }, encoding: 'utf8' })
+  assert.equal(run.status, 2)
+  assert.match(run.stderr, /needs ANON_KEY or JWT_SECRET/)
 })

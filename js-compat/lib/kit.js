@@ -102,6 +102,7 @@ export class Target {
   /** The anon key: ANON_KEY when given, else one signed with the secret. */
   anonKey() {
     if (EXTERNAL && process.env.ANON_KEY) return process.env.ANON_KEY
+    if (EXTERNAL && !this.secret) throw new Error('set ANON_KEY or JWT_SECRET for an external deployment')
     return this.token('anon')
   }
 

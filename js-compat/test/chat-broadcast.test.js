@@ -85,66 +85,64 @@ async function sendMessage(conversationId, senderId, content) {
   return rows[0].id
 }
 
-{
-  conformance(t, { features: ['db-broadcast', 'private-channels', 'db-bootstrap'], needs, title: "agent and customer see each other's messages through broadcast_changes" }, async (vsn) => {
-    const agent = await newAgent()
-    const customer = randomUUID()
-    const conv = await newConversation(customer)
-    const a = await openConversation(vsn, agent, conv, 'agent')
-    const c = await openConversation(vsn, customer, conv, 'customer')
+conformance(t, { features: ['db-broadcast', 'private-channels', 'db-bootstrap'], needs, title: "agent and customer see each other's messages through broadcast_changes" }, async (vsn) => {
+  const agent = await newAgent()
+  const customer = randomUUID()
+  const conv = await newConversation(customer)
+  const a = await openConversation(vsn, agent, conv, 'agent')
+  const c = await openConversation(vsn, customer, conv, 'customer')
 
-    const id = await sendMessage(conv, agent, 'Hello, I am here to help')
-    const got = await c.messages.next('customer receives the agent message')
-    assert.equal(got.event, 'INSERT')
-    assert.equal(got.payload.operation, 'INSERT')
-    assert.equal(got.payload.table, 'messages')
-    assert.equal(got.payload.schema, S)
-    assert.equal(got.payload.record.id, id)
-    assert.equal(got.payload.record.content, 'Hello, I am here to help')
-    assert.equal(got.payload.old_record, null)
-    assert.ok(got.meta?.id || got.payload.id, 'the stored message id travels with it')
-    assert.equal((await a.messages.next('agent sees it too')).payload.record.id, id)
+  const id = await sendMessage(conv, agent, 'Hello, I am here to help')
+  const got = await c.messages.next('customer receives the agent message')
+  assert.equal(got.event, 'INSERT')
+  assert.equal(got.payload.operation, 'INSERT')
+  assert.equal(got.payload.table, 'messages')
+  assert.equal(got.payload.schema, S)
+  assert.equal(got.payload.record.id, id)
+  assert.equal(got.payload.record.content, 'Hello, I am here to help')
+  assert.equal(got.payload.old_record, null)
+  assert.ok(got.meta?.id || got.payload.id, 'the stored message id travels with it')
+  assert.equal((await a.messages.next('agent sees it too')).payload.record.id, id)
 
-    await sendMessage(conv, customer, 'Thanks!')
-    assert.equal((await a.messages.next('agent receives the customer message')).payload.record.content, 'Thanks!')
-  })
+  await sendMessage(conv, customer, 'Thanks!')
+  assert.equal((await a.messages.next('agent receives the customer message')).payload.record.content, 'Thanks!')
+})
 
-  conformance(t, { features: ['private-channels', 'join-error'], needs, title: 'the customer of another conversation is refused' }, async (vsn) => {
-    const alice = randomUUID()
-    const mallory = randomUUID()
-    const conv = await newConversation(alice)
-    await newConversation(mallory)
-    const supabase = client(t, userToken(mallory), vsn)
-    const snoop = new Inbox()
-    const channel = supabase
-      .channel(topicOf(conv), { config: { private: true } })
-      .on('broadcast', { event: '*' }, snoop.push)
-    const status = await withTimeout(
-      new Promise((resolve) => channel.subscribe((s, err) => { if (s !== 'SUBSCRIBED') resolve({ s, err }) })),
-      'refusal',
-    )
-    assert.equal(status.s, 'CHANNEL_ERROR')
-    assert.equal(status.err.message, `Unauthorized: You do not have permissions to read from this Channel topic: ${topicOf(conv)}`)
-    // Alice's conversation goes on; Mallory receives nothing of it.
-    const aliceView = await openConversation(vsn, alice, conv, 'alice')
-    await sendMessage(conv, alice, 'private matter')
-    await aliceView.messages.next('alice sees her message')
-    assert.equal(snoop.items.length, 0)
-    supabase.removeAllChannels()
-  })
+conformance(t, { features: ['private-channels', 'join-error'], needs, title: 'the customer of another conversation is refused' }, async (vsn) => {
+  const alice = randomUUID()
+  const mallory = randomUUID()
+  const conv = await newConversation(alice)
+  await newConversation(mallory)
+  const supabase = client(t, userToken(mallory), vsn)
+  const snoop = new Inbox()
+  const channel = supabase
+    .channel(topicOf(conv), { config: { private: true } })
+    .on('broadcast', { event: '*' }, snoop.push)
+  const status = await withTimeout(
+    new Promise((resolve) => channel.subscribe((s, err) => { if (s !== 'SUBSCRIBED') resolve({ s, err }) })),
+    'refusal',
+  )
+  assert.equal(status.s, 'CHANNEL_ERROR')
+  assert.equal(status.err.message, `Unauthorized: You do not have permissions to read from this Channel topic: ${topicOf(conv)}`)
+  // Alice's conversation goes on; Mallory receives nothing of it.
+  const aliceView = await openConversation(vsn, alice, conv, 'alice')
+  await sendMessage(conv, alice, 'private matter')
+  await aliceView.messages.next('alice sees her message')
+  assert.equal(snoop.items.length, 0)
+  supabase.removeAllChannels()
+})
 
-  conformance(t, { features: ['broadcast', 'presence', 'private-channels'], needs, title: 'typing indicators as broadcast, agent online status as presence' }, async (vsn) => {
-    const agent = await newAgent()
-    const customer = randomUUID()
-    const conv = await newConversation(customer)
-    const c = await openConversation(vsn, customer, conv, 'customer')
-    const a = await openConversation(vsn, agent, conv, 'agent')
-    assert.equal(await a.channel.send({ type: 'broadcast', event: 'typing', payload: { who: 'agent', typing: true } }), 'ok')
-    assert.deepEqual((await c.typing.next('customer sees the agent typing')).payload, { who: 'agent', typing: true })
-    assert.equal(await a.channel.track({ status: 'online' }), 'ok')
-    const online = await c.presence.next('customer sees the agent online', (e) => e.state.agent?.[0]?.status === 'online')
-    assert.equal(online.state.agent.length, 1)
-    await a.channel.untrack()
-    await c.presence.next('agent offline', (e) => !e.state.agent)
-  })
-}
+conformance(t, { features: ['broadcast', 'presence', 'private-channels'], needs, title: 'typing indicators as broadcast, agent online status as presence' }, async (vsn) => {
+  const agent = await newAgent()
+  const customer = randomUUID()
+  const conv = await newConversation(customer)
+  const c = await openConversation(vsn, customer, conv, 'customer')
+  const a = await openConversation(vsn, agent, conv, 'agent')
+  assert.equal(await a.channel.send({ type: 'broadcast', event: 'typing', payload: { who: 'agent', typing: true } }), 'ok')
+  assert.deepEqual((await c.typing.next('customer sees the agent typing')).payload, { who: 'agent', typing: true })
+  assert.equal(await a.channel.track({ status: 'online' }), 'ok')
+  const online = await c.presence.next('customer sees the agent online', (e) => e.state.agent?.[0]?.status === 'online')
+  assert.equal(online.state.agent.length, 1)
+  await a.channel.untrack()
+  await c.presence.next('agent offline', (e) => !e.state.agent)
+})

@@ -37,40 +37,38 @@ async function openReplicationChannel(channel, system) {
   return system.next('the replication-ready system message', (p) => p.message === READY)
 }
 
-{
-  conformance(t, { features: ['replication-ready', 'db-broadcast', 'join-payload'], needs, title: 'a private channel waits for replication_ready, then gets broadcast_changes' }, async (vsn) => {
-    const supabase = client(t, t.sign({ role: 'authenticated', sub: randomUUID(), exp: nowSecs() + 3600 }), vsn)
-    const topic = `${S}-ready-${randomUUID()}`
-    const system = new Inbox()
-    const inserts = new Inbox()
-    const channel = supabase
-      .channel(topic, { config: { private: true, broadcast: { replication_ready: true } } })
-      .on('system', {}, system.push)
-      .on('broadcast', { event: 'INSERT' }, inserts.push)
-    const ready = await openReplicationChannel(channel, system)
-    assert.deepEqual(ready, { extension: 'system', status: 'ok', message: READY, channel: topic })
+conformance(t, { features: ['replication-ready', 'db-broadcast', 'join-payload'], needs, title: 'a private channel waits for replication_ready, then gets broadcast_changes' }, async (vsn) => {
+  const supabase = client(t, t.sign({ role: 'authenticated', sub: randomUUID(), exp: nowSecs() + 3600 }), vsn)
+  const topic = `${S}-ready-${randomUUID()}`
+  const system = new Inbox()
+  const inserts = new Inbox()
+  const channel = supabase
+    .channel(topic, { config: { private: true, broadcast: { replication_ready: true } } })
+    .on('system', {}, system.push)
+    .on('broadcast', { event: 'INSERT' }, inserts.push)
+  const ready = await openReplicationChannel(channel, system)
+  assert.deepEqual(ready, { extension: 'system', status: 'ok', message: READY, channel: topic })
 
-    const id = randomUUID()
-    await db.query('INSERT INTO broadcast_changes (id, value, topic) VALUES ($1, $2, $3)', [id, 'v1', topic])
-    const got = await inserts.next('the INSERT broadcast')
-    assert.equal(got.payload.operation, 'INSERT')
-    assert.equal(got.payload.record.id, id)
-    assert.equal(got.payload.old_record, null)
-  })
+  const id = randomUUID()
+  await db.query('INSERT INTO broadcast_changes (id, value, topic) VALUES ($1, $2, $3)', [id, 'v1', topic])
+  const got = await inserts.next('the INSERT broadcast')
+  assert.equal(got.payload.operation, 'INSERT')
+  assert.equal(got.payload.record.id, id)
+  assert.equal(got.payload.old_record, null)
+})
 
-  conformance(t, { features: ['replication-ready', 'db-broadcast'], needs, title: 'a public channel is told too, and realtime.send after it is delivered' }, async (vsn) => {
-    const supabase = client(t, t.sign({ role: 'anon', exp: nowSecs() + 3600 }), vsn)
-    const topic = `${S}-public-${randomUUID()}`
-    const system = new Inbox()
-    const events = new Inbox()
-    const channel = supabase
-      .channel(topic, { config: { broadcast: { replication_ready: true } } })
-      .on('system', {}, system.push)
-      .on('broadcast', { event: 'ev' }, events.push)
-    const ready = await openReplicationChannel(channel, system)
-    assert.equal(ready.status, 'ok')
-    await db.query("SELECT realtime.send($1::jsonb, 'ev', $2, false)", [JSON.stringify({ n: 1 }), topic])
-    const got = await events.next('the broadcast from the database')
-    assert.equal(got.payload.n, 1)
-  })
-}
+conformance(t, { features: ['replication-ready', 'db-broadcast'], needs, title: 'a public channel is told too, and realtime.send after it is delivered' }, async (vsn) => {
+  const supabase = client(t, t.sign({ role: 'anon', exp: nowSecs() + 3600 }), vsn)
+  const topic = `${S}-public-${randomUUID()}`
+  const system = new Inbox()
+  const events = new Inbox()
+  const channel = supabase
+    .channel(topic, { config: { broadcast: { replication_ready: true } } })
+    .on('system', {}, system.push)
+    .on('broadcast', { event: 'ev' }, events.push)
+  const ready = await openReplicationChannel(channel, system)
+  assert.equal(ready.status, 'ok')
+  await db.query("SELECT realtime.send($1::jsonb, 'ev', $2, false)", [JSON.stringify({ n: 1 }), topic])
+  const got = await events.next('the broadcast from the database')
+  assert.equal(got.payload.n, 1)
+})
