@@ -369,8 +369,6 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least the largest payload ({payload} bytes) plus headroom")]
     QueueSmallerThanPayload { queue: usize, payload: usize },
-    #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least PRESENCE_MAX_STATE_BYTES ({state}) plus 64 KiB: every joiner receives a topic's whole presence state")]
-    QueueSmallerThanPresenceState { queue: usize, state: usize },
     #[error("no way to verify tokens: set API_JWT_SECRET or JWT_JWKS")]
     NoJwtKeys,
     #[error(transparent)]
@@ -460,14 +458,12 @@ impl ServeArgs {
                 payload: max_payload_bytes,
             });
         }
-        if self.client_outbound_queue_bytes
-            < self.presence_max_state_bytes.saturating_add(64 * 1024)
-        {
-            return Err(ConfigError::QueueSmallerThanPresenceState {
-                queue: self.client_outbound_queue_bytes,
-                state: self.presence_max_state_bytes,
-            });
-        }
+        // A topic's presence state is bounded by what one socket's queue holds, so that a
+        // smaller queue (set for many slow clients) lowers the state bound with it rather than
+        // refusing to start.
+        let presence_max_state_bytes = self
+            .presence_max_state_bytes
+            .min(self.client_outbound_queue_bytes.saturating_sub(64 * 1024));
         Ok(Settings {
             allowed_origins: self
                 .allowed_origins
@@ -489,7 +485,7 @@ impl ServeArgs {
             client_presence_max_calls: self.client_presence_max_calls,
             client_presence_window: Duration::from_millis(self.client_presence_window_ms),
             max_frame_bytes: self.websocket_max_frame_bytes,
-            presence_max_state_bytes: self.presence_max_state_bytes,
+            presence_max_state_bytes,
             idle_timeout: Duration::from_millis(self.websocket_idle_timeout_ms),
             outbound_queue_bytes: self.client_outbound_queue_bytes,
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),

@@ -66,6 +66,39 @@ pub enum PolicyError {
     Database(#[from] DbError),
     #[error("RlsPolicyError: {0}")]
     Policy(String),
+    /// `realtime.messages` is partitioned and has no partition for now: the probe row had
+    /// nowhere to go. Not a denial, and not the user's policy.
+    #[error("MissingPartition: Realtime was unable to find the expected messages partition")]
+    MissingPartition,
+}
+
+/// The error for a failed probe statement: a missing partition is told apart (and the janitor
+/// is asked to make it), anything else is the policy's.
+fn probe_error(e: &tokio_postgres::Error, pool: &Arc<Pool>) -> PolicyError {
+    let missing = e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::CHECK_VIOLATION
+            && db.message().starts_with("no partition of relation")
+    });
+    if missing {
+        static MAKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !MAKING.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                match crate::db::janitor::ensure_partitions(&pool).await {
+                    Ok(made) => tracing::warn!(
+                        ?made,
+                        "MissingPartition: realtime.messages had no partition for now; made them"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MissingPartition: could not make realtime.messages partitions")
+                    }
+                }
+                MAKING.store(false, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        return PolicyError::MissingPartition;
+    }
+    PolicyError::Policy(describe(e))
 }
 
 pub struct Checker {
@@ -129,7 +162,7 @@ impl Checker {
                 &select_params,
             ),
         );
-        inserted.map_err(|e| PolicyError::Policy(describe(&e)))?;
+        inserted.map_err(|e| probe_error(&e, &self.pool))?;
         set.map_err(|e| PolicyError::Policy(describe(&e)))?;
         let rows = rows.map_err(|e| PolicyError::Policy(describe(&e)))?;
         let mut read = Read::default();
@@ -171,7 +204,7 @@ impl Checker {
                 {
                     false
                 }
-                Err(e) => return Err(PolicyError::Policy(describe(&e))),
+                Err(e) => return Err(probe_error(&e, &self.pool)),
             };
             sp.rollback().await.map_err(DbError::from)?;
             match extension {

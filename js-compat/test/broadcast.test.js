@@ -1,97 +1,92 @@
 // Two supabase-js clients broadcasting to each other: self, ack, httpSend, REST fallback.
-import { test, before, after, afterEach } from 'node:test'
 import assert from 'node:assert/strict'
-import { startServer, client, closeClients, token, subscribed, Inbox, VSNS } from '../lib/harness.js'
+import { randomUUID } from 'node:crypto'
+import { client, subscribed, Inbox } from '../lib/harness.js'
+import { useTarget, conformance } from '../lib/kit.js'
 
-let server
-before(async () => {
-  server = await startServer()
+const t = useTarget({ file: import.meta.url })
+const run = randomUUID().slice(0, 8) // topics of this run, apart from other runs on a shared deployment
+
+conformance(t, { features: ['broadcast', 'v2-binary', 'v1-framing', 'v2-framing', 'ws-endpoint'], title: 'two clients broadcast to each other, self off, ack on and off' }, async (vsn) => {
+  const alice = client(t, t.anonKey(), vsn)
+  const bob = client(t, t.anonKey(), vsn)
+  const aliceInbox = new Inbox()
+  const bobInbox = new Inbox()
+  const a = alice.channel(`room-${run}-${vsn}`, { config: { broadcast: { ack: true } } })
+  a.on('broadcast', { event: 'chat' }, aliceInbox.push)
+  const b = bob.channel(`room-${run}-${vsn}`)
+  b.on('broadcast', { event: '*' }, bobInbox.push)
+  await subscribed(a)
+  await subscribed(b)
+
+  // ack on: send() resolves 'ok' from the server's reply.
+  assert.equal(await a.send({ type: 'broadcast', event: 'chat', payload: { text: 'hi bob' } }), 'ok')
+  const got = await bobInbox.next('bob receives alice')
+  assert.equal(got.event, 'chat')
+  assert.deepEqual(got.payload, { text: 'hi bob' })
+
+  // ack off: resolves at once; alice receives.
+  assert.equal(await b.send({ type: 'broadcast', event: 'chat', payload: { text: 'hi alice' } }), 'ok')
+  const back = await aliceInbox.next('alice receives bob')
+  assert.deepEqual(back.payload, { text: 'hi alice' })
+
+  // self off: alice never got her own message back (bob's reply arrived after it would have).
+  assert.equal(aliceInbox.items.length, 0)
+  assert.equal(bobInbox.items.length, 0)
 })
-afterEach(closeClients)
-after(() => server.stop())
 
-for (const vsn of VSNS) {
-  test(`vsn ${vsn}: two clients broadcast to each other, self off, ack on and off`, async () => {
-    const alice = client(server, token('anon'), vsn)
-    const bob = client(server, token('anon'), vsn)
-    const aliceInbox = new Inbox()
-    const bobInbox = new Inbox()
-    const a = alice.channel(`room-${vsn}`, { config: { broadcast: { ack: true } } })
-    a.on('broadcast', { event: 'chat' }, aliceInbox.push)
-    const b = bob.channel(`room-${vsn}`)
-    b.on('broadcast', { event: '*' }, bobInbox.push)
-    await subscribed(a)
-    await subscribed(b)
+conformance(t, { features: ['broadcast'], title: 'self on echoes to the sender' }, async (vsn) => {
+  const alice = client(t, t.anonKey(), vsn)
+  const inbox = new Inbox()
+  const ch = alice.channel(`echo-${run}-${vsn}`, { config: { broadcast: { self: true, ack: true } } })
+  ch.on('broadcast', { event: 'ping' }, inbox.push)
+  await subscribed(ch)
+  assert.equal(await ch.send({ type: 'broadcast', event: 'ping', payload: { n: 1 } }), 'ok')
+  const echo = await inbox.next('own message')
+  assert.deepEqual(echo.payload, { n: 1 })
+})
 
-    // ack on: send() resolves 'ok' from the server's reply.
-    assert.equal(await a.send({ type: 'broadcast', event: 'chat', payload: { text: 'hi bob' } }), 'ok')
-    const got = await bobInbox.next('bob receives alice')
-    assert.equal(got.event, 'chat')
-    assert.deepEqual(got.payload, { text: 'hi bob' })
+conformance(t, { features: ['rest-broadcast'], title: 'httpSend reaches subscribers' }, async (vsn) => {
+  const alice = client(t, t.anonKey(), vsn)
+  const bob = client(t, t.anonKey(), vsn)
+  const inbox = new Inbox()
+  const b = bob.channel(`http-${run}-${vsn}`)
+  b.on('broadcast', { event: 'via-http' }, inbox.push)
+  await subscribed(b)
+  const a = alice.channel(`http-${run}-${vsn}`)
+  const res = await a.httpSend('via-http', { from: 'rest' })
+  assert.deepEqual(res, { success: true })
+  const got = await inbox.next('httpSend message')
+  assert.deepEqual(got.payload, { from: 'rest' })
+})
 
-    // ack off: resolves at once; alice receives.
-    assert.equal(await b.send({ type: 'broadcast', event: 'chat', payload: { text: 'hi alice' } }), 'ok')
-    const back = await aliceInbox.next('alice receives bob')
-    assert.deepEqual(back.payload, { text: 'hi alice' })
+conformance(t, { features: ['rest-broadcast'], title: 'send() on a channel that is not joined falls back to REST' }, async (vsn) => {
+  const alice = client(t, t.anonKey(), vsn)
+  const bob = client(t, t.anonKey(), vsn)
+  const inbox = new Inbox()
+  const b = bob.channel(`fallback-${run}-${vsn}`)
+  b.on('broadcast', { event: 'fb' }, inbox.push)
+  await subscribed(b)
+  const a = alice.channel(`fallback-${run}-${vsn}`)
+  const warn = console.warn
+  console.warn = () => {} // supabase-js warns about the fallback
+  try {
+    assert.equal(await a.send({ type: 'broadcast', event: 'fb', payload: { rest: true } }), 'ok')
+  } finally {
+    console.warn = warn
+  }
+  const got = await inbox.next('REST fallback message')
+  assert.deepEqual(got.payload, { rest: true })
+})
 
-    // self off: alice never got her own message back (bob's reply arrived after it would have).
-    assert.equal(aliceInbox.items.length, 0)
-    assert.equal(bobInbox.items.length, 0)
-  })
-
-  test(`vsn ${vsn}: self on echoes to the sender`, async () => {
-    const alice = client(server, token('anon'), vsn)
-    const inbox = new Inbox()
-    const ch = alice.channel(`echo-${vsn}`, { config: { broadcast: { self: true, ack: true } } })
-    ch.on('broadcast', { event: 'ping' }, inbox.push)
-    await subscribed(ch)
-    assert.equal(await ch.send({ type: 'broadcast', event: 'ping', payload: { n: 1 } }), 'ok')
-    const echo = await inbox.next('own message')
-    assert.deepEqual(echo.payload, { n: 1 })
-  })
-
-  test(`vsn ${vsn}: httpSend reaches subscribers`, async () => {
-    const alice = client(server, token('anon'), vsn)
-    const bob = client(server, token('anon'), vsn)
-    const inbox = new Inbox()
-    const b = bob.channel(`http-${vsn}`)
-    b.on('broadcast', { event: 'via-http' }, inbox.push)
-    await subscribed(b)
-    const a = alice.channel(`http-${vsn}`)
-    const res = await a.httpSend('via-http', { from: 'rest' })
-    assert.deepEqual(res, { success: true })
-    const got = await inbox.next('httpSend message')
-    assert.deepEqual(got.payload, { from: 'rest' })
-  })
-
-  test(`vsn ${vsn}: send() on a channel that is not joined falls back to REST`, async () => {
-    const alice = client(server, token('anon'), vsn)
-    const bob = client(server, token('anon'), vsn)
-    const inbox = new Inbox()
-    const b = bob.channel(`fallback-${vsn}`)
-    b.on('broadcast', { event: 'fb' }, inbox.push)
-    await subscribed(b)
-    const a = alice.channel(`fallback-${vsn}`)
-    const warn = console.warn
-    console.warn = () => {} // supabase-js warns about the fallback
-    try {
-      assert.equal(await a.send({ type: 'broadcast', event: 'fb', payload: { rest: true } }), 'ok')
-    } finally {
-      console.warn = warn
-    }
-    const got = await inbox.next('REST fallback message')
-    assert.deepEqual(got.payload, { rest: true })
-  })
-}
-
-test('a vsn 2.0.0 client and a vsn 1.0.0 client talk to each other', async () => {
-  const v2 = client(server, token('anon'), '2.0.0')
-  const v1 = client(server, token('anon'), '1.0.0')
+conformance(t, { features: ['broadcast', 'v2-binary'], vsns: ['2.0.0+1.0.0'], title: 'a vsn 2.0.0 client and a vsn 1.0.0 client talk to each other' }, async () => {
+  const v2 = client(t, t.anonKey(), '2.0.0')
+  const v1 = client(t, t.anonKey(), '1.0.0')
   const in2 = new Inbox()
   const in1 = new Inbox()
-  const c2 = v2.channel('mixed', { config: { broadcast: { ack: true } } })
+  const c2 = v2.channel(`mixed-${run}`, { config: { broadcast: { ack: true } } })
   c2.on('broadcast', { event: 'm' }, in2.push)
-  const c1 = v1.channel('mixed', { config: { broadcast: { ack: true } } })
+  const c1 = v1.channel(`mixed-${run}`, { config: { broadcast: { ack: true } } })
   c1.on('broadcast', { event: 'm' }, in1.push)
   await subscribed(c2)
   await subscribed(c1)

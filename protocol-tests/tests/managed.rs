@@ -154,3 +154,89 @@ async fn a_user_that_cannot_switch_to_the_api_roles_is_told_which_grant_is_missi
         "{log}"
     );
 }
+
+/// A stand-in for a connection pooler in front of PostgreSQL: ordinary connections are passed
+/// through, a replication startup is refused as PgBouncer refuses it.
+async fn fake_pooler(upstream: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut len = [0u8; 4];
+                    if client.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let n = u32::from_be_bytes(len) as usize;
+                    if !(8..=10_000).contains(&n) {
+                        return;
+                    }
+                    let mut body = vec![0u8; n - 4];
+                    if client.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    if code == 80_877_103 || code == 80_877_104 {
+                        // SSLRequest / GSSENCRequest: not here.
+                        if client.write_all(b"N").await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let params: Vec<&[u8]> = body[4..].split(|b| *b == 0).collect();
+                    if params.contains(&&b"replication"[..]) {
+                        let mut fields = Vec::new();
+                        for (t, v) in [
+                            (b'S', "FATAL"),
+                            (b'C', "08P01"),
+                            (b'M', "unsupported startup parameter: replication"),
+                        ] {
+                            fields.push(t);
+                            fields.extend_from_slice(v.as_bytes());
+                            fields.push(0);
+                        }
+                        fields.push(0);
+                        let mut msg = vec![b'E'];
+                        msg.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+                        msg.extend_from_slice(&fields);
+                        let _ = client.write_all(&msg).await;
+                        return;
+                    }
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let mut startup = len.to_vec();
+                    startup.extend_from_slice(&body);
+                    if server.write_all(&startup).await.is_err() {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn replication_through_a_pooler_is_refused_with_the_reason() {
+    let db = TestDb::create("pooler").await;
+    let port = fake_pooler(db.port).await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+    // The SQL pool goes through (the migrations ran); the replication stream cannot.
+    let log = refuses(&[
+        ("DATABASE_URL", url.as_str()),
+        ("SLOT_NAME", &format!("s_{}", db.name)),
+    ])
+    .await;
+    assert!(
+        log.contains("this looks like a connection pooler")
+            && log.contains("logical replication needs a direct connection"),
+        "{log}"
+    );
+}

@@ -225,6 +225,30 @@ async fn walcast_runs_on_a_database_the_original_set_up() {
         .recv_until("change", |f| f.event() == "postgres_changes")
         .await;
     assert_eq!(f.payload()["data"]["record"]["body"], "for a", "{f:?}");
+
+    // Today's partition dropped under a running walcast: a private join says so (the
+    // original's error, not "Unauthorized"), and walcast makes the partition again.
+    sql.batch_execute(&format!("DROP TABLE realtime.{}", expected[0]))
+        .await
+        .unwrap();
+    let mut c = server.connect(Vsn::V1, &user_token(USER_A)).await;
+    let (_, reply) = c.join(&room_a, json!({"config": {"private": true}})).await;
+    assert_eq!(
+        reply.payload()["response"]["reason"],
+        "MissingPartition: Realtime was unable to find the expected messages partition",
+        "{:?}",
+        reply.payload()
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while partitions(&sql).await.iter().all(|p| p != &expected[0]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partition was not made again"
+        );
+        tokio::task::yield_now().await;
+    }
+    let (_, reply) = c.join(&room_a, json!({"config": {"private": true}})).await;
+    assert_eq!(reply.payload()["status"], "ok", "{:?}", reply.payload());
 }
 
 async fn run_migrate(db: &TestDb, extra: &[&str]) -> String {

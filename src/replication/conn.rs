@@ -34,6 +34,8 @@ pub enum ConnError {
     Closed,
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ConnError {
@@ -119,7 +121,9 @@ impl ReplicationConn {
         startup.extend_from_slice(params);
         frontend::startup_message(startup, &mut conn.wbuf)?;
         conn.flush().await?;
-        conn.authenticate(db).await?;
+        conn.authenticate(db)
+            .await
+            .map_err(|e| pooler_refusal(e, db))?;
         Ok(conn)
     }
 
@@ -390,6 +394,27 @@ fn parse_copy_frame(mut data: Bytes) -> Result<Option<CopyFrame>, ConnError> {
         other => Err(ConnError::Protocol(format!(
             "unknown CopyData frame {other:#04x}"
         ))),
+    }
+}
+
+/// A connection pooler (PgBouncer, Supavisor) in front of PostgreSQL refuses the `replication`
+/// startup parameter: say that replication needs a direct connection, rather than pass on the
+/// pooler's terse words.
+fn pooler_refusal(e: ConnError, db: &DbConfig) -> ConnError {
+    match &e {
+        ConnError::Server { message, .. }
+            if message.contains("unsupported startup parameter")
+                || message.contains("replication") && message.contains("not supported") =>
+        {
+            ConnError::Refused(format!(
+                "the replication connection to {}:{} was refused ({message}): this looks like a \
+                 connection pooler (PgBouncer, Supavisor), and logical replication needs a direct \
+                 connection to PostgreSQL (on Supabase: the database host on port 5432, not the \
+                 pooler's port 6543)",
+                db.host, db.port
+            ))
+        }
+        _ => e,
     }
 }
 

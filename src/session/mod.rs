@@ -801,6 +801,10 @@ impl Session {
                 }
                 self.finish_join(request, Some(read), replay);
             }
+            Err(e @ policies::PolicyError::MissingPartition) => {
+                tracing::warn!(topic = %clip(&request.topic, MAX_ECHO_BYTES), "private channel join: {e}");
+                self.join_error(&m, e.to_string());
+            }
             Err(e) => {
                 tracing::warn!(topic = %clip(&request.topic, MAX_ECHO_BYTES), error = %e, "private channel policy check failed: denying");
                 let reason = unauthorized(&request.sub_topic);
