@@ -12,6 +12,11 @@
 --   conversations  agents: all rows, all columns; customers: their own rows, never `internal_note`
 --                  (no column privilege: walcast leaves the column out of their change payloads)
 --   messages       agents: all; customers: those of their own conversations
+--   read receipts  `messages.read_at`: agents mark customers' messages read (any conversation);
+--                  customers may mark nothing (no UPDATE privilege on messages), so a "read"
+--                  in the widget always means an agent opened the conversation. The number of
+--                  unread customer messages, `conversations.unread_count`, is kept by triggers
+--                  and, like `internal_note`, is for agents only
 --   typing:<id>    (private broadcast channel) whoever may see conversation <id>
 --   support:agents (private presence channel) everyone may see who is online; only agents track
 
@@ -68,6 +73,19 @@ CREATE TABLE IF NOT EXISTS support_chat.messages (
 );
 CREATE INDEX IF NOT EXISTS messages_conversation ON support_chat.messages (conversation_id, created_at);
 
+-- Read receipts (added later: ADD COLUMN IF NOT EXISTS upgrades an existing dev database).
+ALTER TABLE support_chat.messages ADD COLUMN IF NOT EXISTS read_at timestamptz;
+ALTER TABLE support_chat.conversations ADD COLUMN IF NOT EXISTS unread_count integer NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS messages_unread ON support_chat.messages (conversation_id)
+  WHERE read_at IS NULL AND sender_type = 'customer';
+-- A database from before the column: count what is unread (a no-op once the counts are right).
+UPDATE support_chat.conversations c SET unread_count = u.n
+  FROM (SELECT c2.id, (SELECT count(*) FROM support_chat.messages m
+                        WHERE m.conversation_id = c2.id AND m.read_at IS NULL
+                          AND m.sender_type = 'customer')::int AS n
+          FROM support_chat.conversations c2) u
+ WHERE u.id = c.id AND c.unread_count <> u.n;
+
 -- The two demo agents whose tokens `walcast dev --example support-chat` prints.
 INSERT INTO support_chat.agents (id, name) VALUES
   ('a0000000-0000-4000-8000-000000000001', 'Ada'),
@@ -87,6 +105,7 @@ GRANT SELECT ON support_chat.conversations TO support_agent;
 GRANT UPDATE (status, assigned_agent_id, internal_note) ON support_chat.conversations TO support_agent;
 GRANT SELECT ON support_chat.messages TO authenticated, support_agent;
 GRANT INSERT (conversation_id, sender_type, content) ON support_chat.messages TO authenticated, support_agent;
+GRANT UPDATE (read_at) ON support_chat.messages TO support_agent;
 
 ALTER TABLE support_chat.agents ENABLE ROW LEVEL SECURITY;
 ALTER TABLE support_chat.conversations ENABLE ROW LEVEL SECURITY;
@@ -130,19 +149,43 @@ CREATE POLICY agent_write ON support_chat.messages FOR INSERT TO support_agent
   WITH CHECK (
     sender_type = 'agent' AND sender_id = auth.uid()
     AND EXISTS (SELECT 1 FROM support_chat.agents a WHERE a.id = auth.uid()));
+-- Read receipts: agents mark customers' messages read (the column privilege above allows
+-- `read_at` only). Customers have no UPDATE privilege on messages at all.
+DROP POLICY IF EXISTS agent_mark_read ON support_chat.messages;
+CREATE POLICY agent_mark_read ON support_chat.messages FOR UPDATE TO support_agent
+  USING (sender_type = 'customer') WITH CHECK (sender_type = 'customer' AND read_at IS NOT NULL);
 
 -- A new message moves its conversation to the top of the dashboard's list. Trusted server-side
 -- logic (SECURITY DEFINER): customers may not update conversations themselves.
 CREATE OR REPLACE FUNCTION support_chat.touch_conversation() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 BEGIN
-  UPDATE support_chat.conversations SET last_message_at = NEW.created_at WHERE id = NEW.conversation_id;
+  UPDATE support_chat.conversations
+     SET last_message_at = NEW.created_at,
+         unread_count = unread_count + CASE WHEN NEW.sender_type = 'customer' AND NEW.read_at IS NULL
+                                            THEN 1 ELSE 0 END
+   WHERE id = NEW.conversation_id;
   RETURN NULL;
 END
 $$;
 DROP TRIGGER IF EXISTS touch_conversation ON support_chat.messages;
 CREATE TRIGGER touch_conversation AFTER INSERT ON support_chat.messages
   FOR EACH ROW EXECUTE FUNCTION support_chat.touch_conversation();
+
+-- A customer's message read: one fewer unread in its conversation (agents have no privilege on
+-- `unread_count`; this trigger keeps it). The conversation's row lock orders concurrent readers.
+CREATE OR REPLACE FUNCTION support_chat.count_read() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+BEGIN
+  UPDATE support_chat.conversations SET unread_count = greatest(unread_count - 1, 0)
+   WHERE id = NEW.conversation_id;
+  RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS count_read ON support_chat.messages;
+CREATE TRIGGER count_read AFTER UPDATE OF read_at ON support_chat.messages
+  FOR EACH ROW WHEN (OLD.read_at IS NULL AND NEW.read_at IS NOT NULL AND NEW.sender_type = 'customer')
+  EXECUTE FUNCTION support_chat.count_read();
 
 -- Private channels: typing indicators per conversation, and agents' presence.
 GRANT SELECT, INSERT ON realtime.messages TO support_agent;
@@ -208,6 +251,20 @@ BEGIN
 END
 $$;
 
+-- An agent has read conversation `conversation_id`: its customer's unread messages get `read_at`.
+-- Runs as the caller: for a customer, PostgreSQL refuses the UPDATE (no privilege).
+CREATE OR REPLACE FUNCTION support_chat.mark_read(args jsonb) RETURNS jsonb
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE n int;
+BEGIN
+  UPDATE support_chat.messages SET read_at = now()
+   WHERE conversation_id = (args ->> 'conversation_id')::uuid
+     AND sender_type = 'customer' AND read_at IS NULL;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN jsonb_build_object('read', n);
+END
+$$;
+
 -- The caller's conversations, newest activity first (agents: all, with notes).
 CREATE OR REPLACE FUNCTION support_chat.list_conversations(args jsonb) RETURNS jsonb
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
@@ -234,10 +291,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
 $$;
 
 REVOKE ALL ON FUNCTION support_chat.start_conversation(jsonb), support_chat.send_message(jsonb),
-  support_chat.set_status(jsonb), support_chat.set_internal_note(jsonb),
+  support_chat.set_status(jsonb), support_chat.set_internal_note(jsonb), support_chat.mark_read(jsonb),
   support_chat.list_conversations(jsonb), support_chat.list_messages(jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION support_chat.start_conversation(jsonb), support_chat.send_message(jsonb),
-  support_chat.set_status(jsonb), support_chat.set_internal_note(jsonb),
+  support_chat.set_status(jsonb), support_chat.set_internal_note(jsonb), support_chat.mark_read(jsonb),
   support_chat.list_conversations(jsonb), support_chat.list_messages(jsonb)
   TO authenticated, support_agent;
 

@@ -35,6 +35,7 @@ const ACTIONS: &[&str] = &[
     "send_message",
     "set_status",
     "set_internal_note",
+    "mark_read",
     "list_conversations",
     "list_messages",
 ];
