@@ -133,15 +133,34 @@ export function el(tag, attrs = {}, ...children) {
   return e
 }
 
-/** Shows a message once, in time order (history and live changes may arrive in any order). */
-export function renderMessage(list, m) {
-  if (list.querySelector(`[data-id="${m.id}"]`)) return
+/** Shows a message once, in time order (history and live changes may arrive in any order).
+ *  With `receipts` (the widget: the customer's own messages), the message carries its delivery
+ *  state: "Sent" once the database has it (the page only shows what it read back or was sent by
+ *  postgres_changes, so a shown message is committed), "Read" once an agent has read it
+ *  (`read_at`, from history or a postgres_changes UPDATE). A later row may upgrade the state,
+ *  never downgrade it: `read_at` is only ever set. */
+export function renderMessage(list, m, { receipts = false } = {}) {
+  const shown = list.querySelector(`[data-id="${m.id}"]`)
+  if (shown) return receipts && showReceipt(shown, m)
   const at = Date.parse(m.created_at)
   const time = new Date(at).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
   const item = el('div', { class: `msg ${m.sender_type}`, 'data-id': m.id, 'data-at': String(at) },
     el('div', { class: 'meta' }, `${m.sender_name} · ${time}`),
     el('div', { class: 'text' }, m.content))
+  if (receipts && m.sender_type === 'customer') {
+    item.append(el('div', { class: 'receipt', 'data-state': 'sent' }, 'Sent'))
+    showReceipt(item, m)
+  }
   const later = [...list.children].find((c) => Number(c.dataset.at) > at)
   list.insertBefore(item, later ?? null)
   list.scrollTop = list.scrollHeight
+}
+
+function showReceipt(item, m) {
+  const receipt = item.querySelector('.receipt')
+  if (!receipt || !m.read_at || receipt.dataset.state === 'read') return
+  const time = new Date(Date.parse(m.read_at)).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })
+  receipt.dataset.state = 'read'
+  receipt.title = `Read at ${time}`
+  receipt.textContent = 'Read'
 }

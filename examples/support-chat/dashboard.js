@@ -1,5 +1,8 @@
 // The agent's dashboard: every conversation, live (new ones, status changes, new activity),
 // one open at a time with its messages, the customer's typing, a reply box and an internal note.
+// Each conversation in the list shows how many of its customer's messages no agent has read yet
+// (`unread_count`, kept by the database, arrives with the conversation's row); opening one marks
+// them read (`mark_read` sets `read_at`, which the widget receives as an UPDATE of messages).
 import { supabase, me, api, subscribe, typing, agentsOnline, received, renderMessage, el, ready } from './chat.js'
 
 const $ = (id) => document.getElementById(id)
@@ -19,6 +22,8 @@ function renderList() {
     ...rows.map((c) => {
       const li = el('li', { 'data-id': c.id, class: c.id === current?.id ? 'selected' : '' },
         el('span', { class: 'name' }, c.customer_name),
+        el('span', { class: 'unread', 'data-unread': String(c.unread_count ?? 0), title: 'unread messages', hidden: !c.unread_count },
+          String(c.unread_count ?? 0)),
         el('span', { class: `badge ${c.status}` }, c.status))
       li.addEventListener('click', () => open(c.id))
       return li
@@ -81,7 +86,10 @@ async function open(id) {
       (p) => {
         received.push({ kind: 'postgres_changes', payload: p })
         renderMessage($('messages'), p.new)
-        if (p.new.sender_type === 'customer') showTyping(null)
+        if (p.new.sender_type === 'customer') {
+          showTyping(null)
+          if (!p.new.read_at) markRead(id)
+        }
       },
     ),
     'messages',
@@ -91,6 +99,7 @@ async function open(id) {
         for (const m of await api('list_messages', { conversation_id: id })) {
           if (current?.id === id) renderMessage($('messages'), m)
         }
+        await markRead(id)
         ready('history')
       },
     },
@@ -98,6 +107,11 @@ async function open(id) {
   const t = typing(id, showTyping)
   current.channels = [messages, t.channel]
   current.typing = t
+}
+
+// The open conversation is on screen: what its customer wrote has been read.
+async function markRead(id) {
+  if (current?.id === id) await api('mark_read', { conversation_id: id })
 }
 
 function showTyping(payload) {

@@ -2,6 +2,7 @@
 // Messages and status: postgres_changes filtered by conversation id (only the customer's own
 // rows reach them: walcast checks each change against the tables' policies as this user).
 // Typing: broadcast on the private channel typing:<id>. Agents online: presence.
+// Read receipts: postgres_changes UPDATE of messages (an agent set `read_at`), same filter.
 import { supabase, me, api, subscribe, typing, agentsOnline, received, renderMessage, ready } from './chat.js'
 
 const $ = (id) => document.getElementById(id)
@@ -22,15 +23,25 @@ async function open(conv) {
   $('messages').replaceChildren()
   showStatus(conv.status)
   const messages = subscribe(
-    supabase.channel(`conversation:${conv.id}:messages`).on(
-      'postgres_changes',
-      { event: 'INSERT', schema: 'support_chat', table: 'messages', filter: `conversation_id=eq.${conv.id}` },
-      (p) => {
-        received.push({ kind: 'postgres_changes', payload: p })
-        renderMessage($('messages'), p.new)
-        if (p.new.sender_type === 'agent') showTyping(null)
-      },
-    ),
+    supabase
+      .channel(`conversation:${conv.id}:messages`)
+      .on(
+        'postgres_changes',
+        { event: 'INSERT', schema: 'support_chat', table: 'messages', filter: `conversation_id=eq.${conv.id}` },
+        (p) => {
+          received.push({ kind: 'postgres_changes', payload: p })
+          renderMessage($('messages'), p.new, { receipts: true })
+          if (p.new.sender_type === 'agent') showTyping(null)
+        },
+      )
+      .on(
+        'postgres_changes',
+        { event: 'UPDATE', schema: 'support_chat', table: 'messages', filter: `conversation_id=eq.${conv.id}` },
+        (p) => {
+          received.push({ kind: 'postgres_changes', payload: p })
+          renderMessage($('messages'), p.new, { receipts: true })
+        },
+      ),
     'messages',
     { postgres: true, onLive: () => loadHistory(conv.id) },
   )
@@ -59,7 +70,7 @@ async function open(conv) {
 // Once the messages channel is live (so nothing falls between the two; repeats are skipped).
 async function loadHistory(id) {
   for (const m of await api('list_messages', { conversation_id: id })) {
-    if (current?.id === id) renderMessage($('messages'), m)
+    if (current?.id === id) renderMessage($('messages'), m, { receipts: true })
   }
   ready('history')
 }

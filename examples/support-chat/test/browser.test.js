@@ -176,6 +176,10 @@ test('a customer starts a conversation: it appears on the dashboard live', async
   await carol.waitForSelector('#messages .msg.customer:has-text("Where is my order #1234?")', { timeout: WAIT })
   const item = await agent.waitForSelector('#conversations li:has-text("Carol"):has-text("waiting")', { timeout: WAIT })
   conversation = await item.getAttribute('data-id')
+  // Delivered: the widget shows it (it only shows what the database sent or read back) as sent...
+  await carol.waitForSelector('#messages .msg.customer:has-text("Where is my order #1234?") .receipt[data-state="sent"]:text-is("Sent")', { timeout: WAIT })
+  // ...and the dashboard counts it unread (no agent has opened the conversation yet).
+  await agent.waitForSelector(`#conversations li[data-id="${conversation}"] .unread[data-unread="1"]:text-is("1"):visible`, { timeout: WAIT })
   // It came as an INSERT over the socket (the list was loaded before it existed).
   const inserts = await agent.evaluate(() => window.__received.filter((e) => e.payload?.eventType === 'INSERT' && e.payload.table === 'conversations').map((e) => e.payload.new.id))
   assert.ok(inserts.includes(conversation))
@@ -187,6 +191,12 @@ test('the agent opens and accepts it: the status reaches the widget', async () =
   await agent.click(`#conversations li[data-id="${conversation}"]`)
   await ready(agent, 'messages', 'typing', 'history')
   await agent.waitForSelector('#messages .msg.customer:has-text("Where is my order #1234?")', { timeout: WAIT })
+  // Opening it marked it read: the count goes to 0 (and hides), the widget shows "Read".
+  await agent.waitForSelector(`#conversations li[data-id="${conversation}"] .unread[data-unread="0"][hidden]`, { state: 'attached', timeout: WAIT })
+  await carol.waitForSelector('#messages .msg.customer:has-text("Where is my order #1234?") .receipt[data-state="read"]:text-is("Read")', { timeout: WAIT })
+  // It came as an UPDATE of the message over the widget's socket.
+  const receipts = await carol.evaluate(() => window.__received.filter((e) => e.payload?.eventType === 'UPDATE' && e.payload.table === 'messages' && e.payload.new.read_at).map((e) => e.payload.new.content))
+  assert.deepEqual(receipts, ['Where is my order #1234?'])
   await agent.click('#accept')
   await carol.waitForSelector('#status:text-is("active")', { timeout: WAIT })
   await agent.waitForSelector(`#conversations li[data-id="${conversation}"] .badge:text-is("active")`, { timeout: WAIT })
@@ -198,11 +208,16 @@ test('messages both ways, live', async () => {
   await carol.fill('#text', 'It was due on Monday')
   await carol.press('#text', 'Enter')
   await agent.waitForSelector('#messages .msg.customer:has-text("It was due on Monday")', { timeout: WAIT })
+  // The agent has the conversation open: read as soon as it arrives, never counted unread for long.
+  await carol.waitForSelector('#messages .msg.customer:has-text("It was due on Monday") .receipt[data-state="read"]', { timeout: WAIT })
+  await agent.waitForSelector(`#conversations li[data-id="${conversation}"] .unread[data-unread="0"][hidden]`, { state: 'attached', timeout: WAIT })
   await agent.fill('#text', 'Let me check that for you')
   await agent.press('#text', 'Enter')
   await carol.waitForSelector('#messages .msg.agent:has-text("Let me check that for you")', { timeout: WAIT })
-  // Each message once on each side.
+  // Each message once on each side; receipts on the customer's own messages only.
   assert.equal(await carol.locator('#messages .msg').count(), 3)
+  assert.equal(await carol.locator('#messages .msg.agent .receipt').count(), 0)
+  assert.equal(await agent.locator('#messages .receipt').count(), 0)
   assert.equal(await agent.locator('#messages .msg').count(), 3)
 })
 
@@ -216,7 +231,6 @@ test('typing indicators both ways', async () => {
   await carol.waitForSelector('#typing', { state: 'hidden', timeout: WAIT })
   await carol.locator('#text').pressSequentially('Great')
   await agent.waitForSelector('#typing:text-is("Carol is typing…")', { timeout: WAIT })
-  await agent.screenshot({ path: path.join(screenshotDir(), 'dashboard.png') })
   await carol.press('#text', 'Enter')
   await agent.waitForSelector('#messages .msg.customer:has-text("Great")', { timeout: WAIT })
   await agent.waitForSelector('#typing', { state: 'hidden', timeout: WAIT })
@@ -250,6 +264,7 @@ test('the internal note never reaches the customer', async () => {
   const seen = await everything(carol)
   assert.ok(!seen.includes(NOTE), 'the note reached the widget')
   assert.ok(!seen.includes('internal_note'), 'the column reached the widget')
+  assert.ok(!seen.includes('unread_count'), 'the agents-only unread count reached the widget')
   assert.ok(!(await carol.page.content()).includes(NOTE))
   // The check means something: the agent's socket did carry it.
   assert.ok((await everything(pages.agent)).includes(NOTE))
@@ -271,6 +286,7 @@ test('a second customer never sees the first one’s conversation', async () => 
   await ready(dan.page, 'messages', 'updates', 'typing', 'history')
   const danItem = await agent.waitForSelector('#conversations li:has-text("Dan")', { timeout: WAIT })
   const danConversation = await danItem.getAttribute('data-id')
+  await agent.waitForSelector(`#conversations li[data-id="${danConversation}"] .unread:text-is("1"):visible`, { timeout: WAIT })
   // Dan asks for Carol's conversation by id, and for every change of the example's tables.
   const snoop = await dan.page.evaluate(async (carolConversation) => {
     const { supabase } = await import(new URL('chat.js', location.href).href)
@@ -298,13 +314,25 @@ test('a second customer never sees the first one’s conversation', async () => 
   await carol.fill('#text', 'My address is 1 Secret Lane')
   await carol.press('#text', 'Enter')
   await agent.waitForSelector('#messages .msg.customer:has-text("1 Secret Lane")', { timeout: WAIT })
+  // Read at once (the agent has Carol's conversation open): Carol gets the receipt; Dan, whose
+  // snooping channels are live, must not (checked below, after a later change reaches him).
+  await carol.waitForSelector('#messages .msg.customer:has-text("1 Secret Lane") .receipt[data-state="read"]', { timeout: WAIT })
+  // The dashboard with Dan's conversation unread and Carol typing.
+  await carol.locator('#text').pressSequentially('Thanks')
+  await agent.waitForSelector('#typing:text-is("Carol is typing…")', { timeout: WAIT })
+  await agent.screenshot({ path: path.join(screenshotDir(), 'dashboard.png') })
   await agent.click(`#conversations li[data-id="${danConversation}"]`)
   await ready(agent, 'messages', 'history')
+  await agent.waitForSelector(`#conversations li[data-id="${danConversation}"] .unread[data-unread="0"][hidden]`, { state: 'attached', timeout: WAIT })
+  await dan.page.waitForSelector('#messages .msg.customer:has-text("Hello, Dan here") .receipt[data-state="read"]', { timeout: WAIT })
   await agent.fill('#text', 'Hello Dan, how can I help?')
   await agent.press('#text', 'Enter')
   await dan.page.waitForSelector('#messages .msg.agent:has-text("Hello Dan, how can I help?")', { timeout: WAIT })
   await dan.page.waitForFunction(() => window.__snooped.some((p) => p.new?.content === 'Hello Dan, how can I help?'), null, { timeout: WAIT })
   const snooped = await dan.page.evaluate(() => window.__snooped)
+  assert.ok(snooped.some((p) => p.eventType === 'UPDATE' && p.table === 'messages' && p.new.read_at), 'Dan’s own read receipt reached his snooping channel')
+  const danReceipts = await dan.page.evaluate(() => window.__received.filter((e) => e.payload?.table === 'messages' && e.payload.eventType === 'UPDATE').map((e) => e.payload.new.conversation_id))
+  assert.ok(danReceipts.length > 0 && danReceipts.every((id) => id !== conversation), `Dan's widget got read receipts ${danReceipts}`)
   for (const p of snooped) {
     assert.notEqual(p.new?.conversation_id, conversation, `leaked: ${JSON.stringify(p)}`)
     assert.notEqual(p.new?.id, conversation, `leaked: ${JSON.stringify(p)}`)
@@ -392,6 +420,10 @@ test('the example endpoint runs as customers and agents only, under their polici
   const r = await call('send_message', danToken, { conversation_id: conversation, content: 'hi from Dan' })
   assert.equal(r.status, 403)
   assert.match(r.body.error, /row-level security/)
+  // Only agents mark messages read: a customer may not, not even in their own conversation.
+  const mark = await call('mark_read', carolToken, { conversation_id: conversation })
+  assert.equal(mark.status, 403, JSON.stringify(mark.body))
+  assert.match(mark.body.error, /permission denied/)
 })
 
 test('closing the conversation reaches the widget and the list', async () => {
