@@ -240,6 +240,29 @@ test('typing indicators both ways', async () => {
   else assert.ok(pages.carol.binary > 0 && pages.agent.binary > 0, 'typing arrived in binary frames')
 })
 
+test('two agents in the same conversation: one replies, the other sees it at once (the seed\'s scenario 4)', async () => {
+  const { page: ada } = pages.agent
+  const { page: carol } = pages.carol
+  const bo = await openPage('bo-scenario4', walcast.urls.Bo)
+  await ready(bo.page, 'loaded', 'list', 'agents')
+  await carol.waitForSelector('#agents:text-is("● Ada, Bo online")', { timeout: WAIT })
+  await bo.page.click(`#conversations li[data-id="${conversation}"]`)
+  await ready(bo.page, 'messages', 'typing', 'history')
+  await ada.fill('#text', 'Bo, can you take the refund?')
+  await ada.press('#text', 'Enter')
+  await bo.page.waitForSelector('#messages .msg.agent:has-text("Bo, can you take the refund?")', { timeout: WAIT })
+  await carol.waitForSelector('#messages .msg.agent:has-text("Bo, can you take the refund?")', { timeout: WAIT })
+  await bo.page.fill('#text', 'On it')
+  await bo.page.press('#text', 'Enter')
+  await ada.waitForSelector('#messages .msg.agent:has-text("On it")', { timeout: WAIT })
+  await carol.waitForSelector('#messages .msg.agent:has-text("On it")', { timeout: WAIT })
+  assert.deepEqual(bo.errors, [], "errors on Bo's page")
+  // Bo closes his dashboard: his presence goes, Ada's stays.
+  await bo.page.context().close()
+  delete pages['bo-scenario4']
+  await carol.waitForSelector('#agents:text-is("● Ada online")', { timeout: WAIT })
+})
+
 test('the internal note never reaches the customer', async () => {
   const { page: agent } = pages.agent
   const carol = pages.carol
@@ -369,7 +392,8 @@ test('a reloaded widget re-subscribes and keeps working', async () => {
   await carol.press('#text', 'Enter')
   await agent.waitForSelector('#messages .msg.customer:has-text("Yes!")', { timeout: WAIT })
   await carol.waitForSelector('#messages .msg.customer:has-text("Yes!")', { timeout: WAIT })
-  assert.equal(await carol.locator('#messages .msg').count(), 8)
+  // 8 before, plus the two agents' exchange of the scenario 4 test.
+  assert.equal(await carol.locator('#messages .msg').count(), 10)
 })
 
 test('a widget that loses its network catches up on what it missed when it reconnects', async () => {
