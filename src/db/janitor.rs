@@ -39,6 +39,11 @@ pub async fn ensure_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String
     if !is_partitioned(pool).await? {
         return Ok(Vec::new());
     }
+    make_partitions(pool).await
+}
+
+/// [`ensure_partitions`] for a table known to be partitioned.
+async fn make_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String>, DbError> {
     let client = pool.get().await?;
     let rows = client
         .query(
@@ -85,13 +90,13 @@ pub async fn ensure_partitions(pool: &std::sync::Arc<Pool>) -> Result<Vec<String
 /// One pass: partitions ahead, then retention (whole partitions older than it are dropped, the
 /// rest deleted row by row).
 pub async fn pass(pool: &std::sync::Arc<Pool>, retention: Duration) -> Result<Pass, DbError> {
-    let mut out = Pass {
-        partitions_created: ensure_partitions(pool).await?,
-        ..Pass::default()
-    };
-    let hours = retention.as_secs_f64() / 3600.0;
     // Asked before taking a connection: a pool of one must not wait for itself.
     let partitioned = is_partitioned(pool).await?;
+    let mut out = Pass::default();
+    if partitioned {
+        out.partitions_created = make_partitions(pool).await?;
+    }
+    let hours = retention.as_secs_f64() / 3600.0;
     let client = pool.get().await?;
     if partitioned {
         // A partition whose whole range is older than the retention holds nothing to keep.

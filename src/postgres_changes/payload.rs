@@ -68,17 +68,13 @@ impl Change {
     /// and in full under REPLICA IDENTITY FULL. `None` when some key column has no value in
     /// either image: such a row cannot be checked.
     pub fn pk_values(&self) -> Option<Vec<String>> {
-        let new = self.new.as_ref()?;
-        let old = self.old.as_ref();
+        self.new.as_ref()?;
         self.table
             .pk
             .iter()
             .map(|(name, _)| {
                 let i = self.table.column_index(name)?;
-                match new.get(i)? {
-                    RowCell::Missing => old?.get(i)?.text().map(str::to_owned),
-                    cell => cell.text().map(str::to_owned),
-                }
+                self.current_cell(i)?.text().map(str::to_owned)
             })
             .collect()
     }
@@ -177,15 +173,8 @@ pub fn build_data(
     let too_big = change.size() > max_record_bytes;
     if matches!(action, Action::Insert | Action::Update) {
         out.push_str(",\"record\":");
-        let new = change.new.as_deref().unwrap_or_default();
-        let old = change.old.as_deref();
-        push_record(&mut out, t, &visible, too_big, |i| match new.get(i) {
-            // An unchanged TOAST value comes from the old row when the old row has it.
-            Some(RowCell::Missing) | None => old
-                .and_then(|o| o.get(i))
-                .filter(|c| **c != RowCell::Missing),
-            Some(cell) => Some(cell),
-        });
+        // An unchanged TOAST value comes from the old row when the old row has it.
+        push_record(&mut out, t, &visible, too_big, |i| change.current_cell(i));
     }
     match action {
         Action::Update => {

@@ -185,6 +185,17 @@ impl Job {
     }
 }
 
+/// The next change of an optional watch; never resolves without one (its `select!` branch is
+/// also disabled then).
+async fn next_change<T>(
+    w: &mut Option<tokio::sync::watch::Receiver<T>>,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    match w.as_mut() {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn channel_kind(ch: &Channel) -> &'static str {
     if ch.read.is_some() {
         "private"
@@ -367,12 +378,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
             // 5. Background work finished (postgres_changes subscriptions).
             Some(event) = events_rx.recv(), if open => session.handle_event(*event),
             // 5b. The change stream went down or came back.
-            changed = async {
-                match stream_state.as_mut() {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            }, if open && stream_state.is_some() => {
+            changed = next_change(&mut stream_state), if open && stream_state.is_some() => {
                 match changed {
                     Err(_) => stream_state = None,
                     Ok(()) => {
@@ -392,12 +398,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 }
             }
             // 5c. A gap in the change stream (a recreated slot) concerns the channels subscribed.
-            changed = async {
-                match gaps.as_mut() {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            }, if open && gaps.is_some() => {
+            changed = next_change(&mut gaps), if open && gaps.is_some() => {
                 match changed {
                     Err(_) => gaps = None,
                     Ok(()) => {
@@ -409,12 +410,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 }
             }
             // 5d. The change stream passed the joins of channels waiting for replication_ready.
-            changed = async {
-                match ready.as_mut() {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            }, if open && ready_at.is_some() => {
+            changed = next_change(&mut ready), if open && ready_at.is_some() => {
                 match changed {
                     Err(_) => ready = None,
                     Ok(()) => {

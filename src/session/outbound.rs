@@ -103,17 +103,22 @@ impl Outbound {
             self.wake.notify_one();
             return Err(Rejected::Overflow);
         }
+        self.enqueue(st, frame, size);
+        Ok(())
+    }
+
+    /// Adds an admitted frame and releases the lock. Only the push that makes the queue
+    /// non-empty wakes the writer: until the writer takes the queue, that wake-up is pending (a
+    /// stored permit or a woken task), and the writer takes everything queued by then. Under
+    /// load this saves a wake-up per frame.
+    fn enqueue(&self, mut st: std::sync::MutexGuard<'_, State>, frame: Frame, size: usize) {
         st.bytes += size;
-        // Only the push that makes the queue non-empty wakes the writer: until the writer takes
-        // the queue, that wake-up is pending (a stored permit or a woken task), and the writer
-        // takes everything queued by then. Under load this saves a wake-up per frame.
         let was_empty = st.frames.is_empty();
         st.frames.push_back(frame);
         drop(st);
         if was_empty {
             self.wake.notify_one();
         }
-        Ok(())
     }
 
     /// Queues a frame whose size the client did not choose and the server bounds (a topic's
@@ -122,7 +127,7 @@ impl Outbound {
     /// this frame; the next push that finds it over the cap overflows as usual.
     pub fn push_unchosen(&self, frame: Frame) -> Result<(), Rejected> {
         let size = frame_size(&frame);
-        let mut st = self.lock();
+        let st = self.lock();
         if st.close.is_some() {
             return Err(Rejected::Closed);
         }
@@ -130,13 +135,7 @@ impl Outbound {
             drop(st);
             return self.push(frame);
         }
-        st.bytes += size;
-        let was_empty = st.frames.is_empty();
-        st.frames.push_back(frame);
-        drop(st);
-        if was_empty {
-            self.wake.notify_one();
-        }
+        self.enqueue(st, frame, size);
         Ok(())
     }
 
