@@ -151,6 +151,20 @@ impl Server {
         Server { child, port }
     }
 
+    /// `GET /metrics` with `bearer` (a JWT signed with `METRICS_JWT_SECRET`), which must answer
+    /// 200; the Prometheus text.
+    pub async fn metrics(&self, bearer: &str) -> String {
+        let (status, head, body) = http(
+            "GET",
+            &self.http("/metrics"),
+            &[("authorization", &format!("Bearer {bearer}"))],
+            b"",
+        )
+        .await;
+        assert_eq!(status, 200, "{head}");
+        String::from_utf8(body).expect("metrics are text")
+    }
+
     pub fn http(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
@@ -655,4 +669,74 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 pub fn json_body(body: &[u8]) -> Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// splitmix64: small, seedable, good enough to pick cases (the property tests print the seed so
+/// that a run can be replayed).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Runs `walcast serve` with the test defaults and `env`, expects it to refuse to start (exit
+/// non-zero within 30 s, not wait), and returns everything it printed.
+pub async fn refuses_to_start(env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(walcast_bin());
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("WALCAST_BIND", "127.0.0.1")
+        .env("API_JWT_SECRET", SECRET)
+        .envs(env.iter().copied())
+        .kill_on_drop(true)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        cmd.spawn().expect("start walcast").wait_with_output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{env:?}: walcast should refuse to start, not wait"))
+    .expect("walcast's output");
+    assert!(!out.status.success(), "{env:?}: started");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `walcast migrate [args]` against `db` with `env`, which must succeed; returns what it printed.
+pub async fn migrate_db(db: &pg::TestDb, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(walcast_bin())
+        .arg("migrate")
+        .args(args)
+        .env("DATABASE_URL", db.url())
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run walcast migrate");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

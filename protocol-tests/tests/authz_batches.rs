@@ -44,28 +44,6 @@ const SCHEMA: &str = "
     ALTER PUBLICATION supabase_realtime ADD TABLE convs, msgs, notes, marks;
 ";
 
-/// splitmix64: small, seedable, good enough to pick cases.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// A filter as sent, and how it judges a row image (a missing column never matches).
 #[derive(Clone, Debug)]
 enum Filter {
@@ -154,7 +132,7 @@ fn short(key: &str) -> String {
 }
 
 fn random_binding(rng: &mut Rng) -> Binding {
-    let event = rng.pick(&["*", "*", "INSERT", "UPDATE", "DELETE"]);
+    let event = *rng.pick(&["*", "*", "INSERT", "UPDATE", "DELETE"]);
     let (table, filter) = match rng.below(3) {
         0 => (
             "msgs",
@@ -252,8 +230,8 @@ async fn every_change_reaches_exactly_its_channels_whatever_shares_its_transacti
             .collect();
         who.push(("authenticated", Some(AGENT)));
         who.push(("anon", None));
-        who.push(("authenticated", Some(rng.pick(&CUSTOMERS))));
-        who.push(("authenticated", Some(rng.pick(&CUSTOMERS))));
+        who.push(("authenticated", Some(*rng.pick(&CUSTOMERS))));
+        who.push(("authenticated", Some(*rng.pick(&CUSTOMERS))));
         let mut channels = Vec::new();
         for (i, (role, sub)) in who.into_iter().enumerate() {
             let mut claims = json!({"role": role, "exp": now() + 3600});
@@ -560,7 +538,7 @@ async fn msgs_change(
         bodies.insert(id, b);
         ("INSERT", row)
     } else if rng.chance(70) {
-        let id = rng.pick_string(live);
+        let id = rng.pick(live).clone();
         // Sometimes only the stamp changes: the key and a long body stay out of line, unchanged.
         let row = match rng.below(3) {
             0 => tx
@@ -627,8 +605,8 @@ async fn convs_change(
 ) -> Option<Made> {
     const COLS: [&str; 4] = ["id", "owner", "status", "stamp"];
     let id = rng.below(CONVERSATIONS as u64) as i32 + 1;
-    let owner = rng.pick(&CUSTOMERS);
-    let status = rng.pick(&["open", "closed"]);
+    let owner = *rng.pick(&CUSTOMERS);
+    let status = *rng.pick(&["open", "closed"]);
     // Conversations are few and kept: an existing one changes hands or status, or one is
     // deleted and put back in the same transaction (its messages are hidden meanwhile).
     let exists = tx
@@ -739,14 +717,4 @@ async fn notes_change(
         image,
         row: full,
     })
-}
-
-trait PickString {
-    fn pick_string(&mut self, items: &[String]) -> String;
-}
-
-impl PickString for Rng {
-    fn pick_string(&mut self, items: &[String]) -> String {
-        items[self.below(items.len() as u64) as usize].clone()
-    }
 }

@@ -117,17 +117,7 @@ async fn the_self_hosted_compose_environment_works_unchanged() {
 
     // Metrics, with a bearer token signed by METRICS_JWT_SECRET, and counters that move.
     let metrics_token = sign(json!({"iss": "prometheus", "exp": now() + 60}));
-    let scrape = || async {
-        let (status, head, body) = http(
-            "GET",
-            &server.http("/metrics"),
-            &[("authorization", &format!("Bearer {metrics_token}"))],
-            b"",
-        )
-        .await;
-        assert_eq!(status, 200, "{head}");
-        String::from_utf8(body).unwrap()
-    };
+    let scrape = || server.metrics(&metrics_token);
     let before = scrape().await;
     assert!(metric(&before, "walcast_connections") >= 1.0, "{before}");
     assert!(

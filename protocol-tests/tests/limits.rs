@@ -243,15 +243,7 @@ async fn refused_upgrades_waiting_out_the_back_off_are_capped() {
     let metrics_token = sign(json!({"exp": now() + 60}));
     let mut check = until("two refusals waiting");
     loop {
-        let (status, _, body) = http(
-            "GET",
-            &server.http("/metrics"),
-            &[("authorization", &format!("Bearer {metrics_token}"))],
-            b"",
-        )
-        .await;
-        assert_eq!(status, 200);
-        let text = String::from_utf8(body).unwrap();
+        let text = server.metrics(&metrics_token).await;
         if text
             .lines()
             .any(|l| l == "walcast_refused_upgrades_waiting 2")

@@ -94,39 +94,11 @@ async fn a_user_with_replication_but_not_superuser_streams_under_rls() {
     assert_eq!(f.payload()["data"]["record"]["body"], "mine", "{f:?}");
 }
 
-/// Runs `walcast serve` with `env`, expects it to refuse to start, and returns what it said.
-async fn refuses(env: &[(&str, &str)]) -> String {
-    let mut cmd = tokio::process::Command::new(walcast_bin());
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", "0")
-        .env("WALCAST_BIND", "127.0.0.1")
-        .env("API_JWT_SECRET", SECRET)
-        .envs(env.iter().copied())
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        cmd.spawn().unwrap().wait_with_output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{env:?}: walcast should refuse to start, not wait"))
-    .unwrap();
-    assert!(!out.status.success(), "{env:?}: started");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test]
 async fn a_user_without_replication_is_told_which_grant_is_missing() {
     let user = format!("mgd_norep_{}", std::process::id());
     let (db, url) = managed_db("mgd_norep", &user, "CREATEROLE").await;
-    let log = refuses(&[
+    let log = refuses_to_start(&[
         ("DATABASE_URL", url.as_str()),
         ("SLOT_NAME", &format!("s_{}", db.name)),
     ])
@@ -142,7 +114,7 @@ async fn a_user_that_cannot_switch_to_the_api_roles_is_told_which_grant_is_missi
     // REPLICATION, but no CREATEROLE and no membership: it cannot check rows as `authenticated`.
     let user = format!("mgd_norole_{}", std::process::id());
     let (db, url) = managed_db("mgd_norole", &user, "REPLICATION").await;
-    let log = refuses(&[
+    let log = refuses_to_start(&[
         ("DATABASE_URL", url.as_str()),
         ("SLOT_NAME", &format!("s_{}", db.name)),
     ])
@@ -229,7 +201,7 @@ async fn replication_through_a_pooler_is_refused_with_the_reason() {
     let port = fake_pooler(db.port).await;
     let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
     // The SQL pool goes through (the migrations ran); the replication stream cannot.
-    let log = refuses(&[
+    let log = refuses_to_start(&[
         ("DATABASE_URL", url.as_str()),
         ("SLOT_NAME", &format!("s_{}", db.name)),
     ])

@@ -11,18 +11,7 @@ async fn migrate(db: &TestDb) {
 
 /// `walcast migrate` against `db` with more settings, which must succeed.
 async fn migrate_with(db: &TestDb, env: &[(&str, &str)]) {
-    let out = tokio::process::Command::new(walcast_bin())
-        .arg("migrate")
-        .env("DATABASE_URL", db.url())
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    migrate_db(db, &[], env).await;
 }
 
 #[tokio::test]
@@ -206,35 +195,11 @@ async fn check_cohorts_runs_each_lookup_under_its_own_claims() {
 #[tokio::test]
 async fn a_database_behind_the_migrations_is_refused_when_not_migrating() {
     let db = TestDb::create("behind").await;
-    let serve = || {
-        tokio::process::Command::new(walcast_bin())
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(db.env())
-            .env("MIGRATE_ON_START", "false")
-            .env("PORT", "0")
-            .env("WALCAST_BIND", "127.0.0.1")
-            .env("API_JWT_SECRET", SECRET)
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        serve().wait_with_output(),
-    )
-    .await
-    .expect("walcast should refuse to start, not run")
-    .unwrap();
-    assert!(!out.status.success());
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    let db_env = db.env();
+    env.extend(db_env.iter().map(|(k, v)| (*k, v.as_str())));
+    env.push(("MIGRATE_ON_START", "false"));
+    let log = refuses_to_start(&env).await;
     assert!(log.contains("walcast migrate"), "{log}");
     assert!(log.contains("check_cohorts"), "{log}");
 

@@ -252,20 +252,7 @@ async fn walcast_runs_on_a_database_the_original_set_up() {
 }
 
 async fn run_migrate(db: &TestDb, extra: &[&str]) -> String {
-    let out = tokio::process::Command::new(walcast_bin())
-        .arg("migrate")
-        .args(extra)
-        .env("DATABASE_URL", db.url())
-        .env("LOG_LEVEL", "error")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    migrate_db(db, extra, &[("LOG_LEVEL", "error")]).await
 }
 
 /// `walcast migrate --dry-run` says what it finds and changes nothing; `walcast migrate` then

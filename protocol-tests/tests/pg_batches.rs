@@ -274,15 +274,7 @@ async fn a_change_without_a_key_is_withheld_and_counted() {
         &jsonwebtoken::EncodingKey::from_secret(metrics_secret.as_bytes()),
     )
     .unwrap();
-    let (status, _, body) = http(
-        "GET",
-        &server.http("/metrics"),
-        &[("authorization", &format!("Bearer {metrics_token}"))],
-        b"",
-    )
-    .await;
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&body);
+    let text = server.metrics(&metrics_token).await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("walcast_changes_withheld_total{reason=\"no_key\"} 1")),

@@ -240,34 +240,6 @@ async fn serves(c: &TlsCluster, env: &[(&str, &str)], n: i32) {
     assert!(gone.is_ok(), "the slot stayed active after walcast stopped");
 }
 
-/// Runs `walcast serve` with `env`, expects it to refuse to start, and returns what it said.
-async fn refuses(env: &[(&str, &str)]) -> String {
-    let mut cmd = tokio::process::Command::new(walcast_bin());
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("PORT", "0")
-        .env("WALCAST_BIND", "127.0.0.1")
-        .env("API_JWT_SECRET", SECRET)
-        .envs(env.iter().copied())
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        cmd.spawn().unwrap().wait_with_output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("{env:?}: walcast should refuse to start, not wait"))
-    .unwrap();
-    assert!(!out.status.success(), "{env:?}: started");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[tokio::test]
 async fn every_sslmode_against_a_tls_only_database() {
     let c = cluster();
@@ -333,9 +305,9 @@ async fn every_sslmode_against_a_tls_only_database() {
     .await;
 
     // Refused, each with its cause.
-    let log = refuses(&[("DATABASE_URL", &url("127.0.0.1", p, "sslmode=disable"))]).await;
+    let log = refuses_to_start(&[("DATABASE_URL", &url("127.0.0.1", p, "sslmode=disable"))]).await;
     assert!(log.contains("no encryption"), "{log}");
-    let log = refuses(&[(
+    let log = refuses_to_start(&[(
         "DATABASE_URL",
         &url(
             "127.0.0.1",
@@ -345,7 +317,7 @@ async fn every_sslmode_against_a_tls_only_database() {
     )])
     .await;
     assert!(log.contains("certificate is not trusted"), "{log}");
-    let log = refuses(&[(
+    let log = refuses_to_start(&[(
         "DATABASE_URL",
         &url(
             "127.0.0.1",
@@ -355,7 +327,7 @@ async fn every_sslmode_against_a_tls_only_database() {
     )])
     .await;
     assert!(log.contains("does not name the host 127.0.0.1"), "{log}");
-    let log = refuses(&[
+    let log = refuses_to_start(&[
         ("DB_HOST", "localhost"),
         ("DB_PORT", &port),
         ("DB_SSL", "true"),
@@ -363,7 +335,7 @@ async fn every_sslmode_against_a_tls_only_database() {
     ])
     .await;
     assert!(log.contains("certificate is not trusted"), "{log}");
-    let log = refuses(&[(
+    let log = refuses_to_start(&[(
         "DATABASE_URL",
         &url(
             "127.0.0.1",
@@ -376,7 +348,8 @@ async fn every_sslmode_against_a_tls_only_database() {
         log.contains("cannot read the root certificate /nonexistent/ca.pem"),
         "{log}"
     );
-    let log = refuses(&[("DATABASE_URL", &url("127.0.0.1", p, "sslmode=verify_full"))]).await;
+    let log =
+        refuses_to_start(&[("DATABASE_URL", &url("127.0.0.1", p, "sslmode=verify_full"))]).await;
     assert!(log.contains("sslmode=verify_full is not one of"), "{log}");
 }
 
@@ -386,7 +359,7 @@ async fn a_server_without_tls() {
     let db = pg::TestDb::create("notls").await;
     let base = db.url();
     let sep = if base.contains('?') { '&' } else { '?' };
-    let log = refuses(&[("DATABASE_URL", &format!("{base}{sep}sslmode=require"))]).await;
+    let log = refuses_to_start(&[("DATABASE_URL", &format!("{base}{sep}sslmode=require"))]).await;
     assert!(log.contains("the server does not support TLS"), "{log}");
     let server =
         Server::start_with(&[("DATABASE_URL", &format!("{base}{sep}sslmode=prefer"))]).await;
