@@ -115,6 +115,21 @@ pub async fn create_ticks(sql: &Client) {
     .expect("create ticks");
 }
 
+/// The binding the change-stream tests join `realtime:t` with: every INSERT into `ticks`.
+pub fn ticks_binding() -> serde_json::Value {
+    serde_json::json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]})
+}
+
+/// An anon client joined to `realtime:t` with [`ticks_binding`], once "Subscribed to
+/// PostgreSQL" has arrived; and the join's ref.
+pub async fn subscribe_to_ticks(server: &crate::Server) -> (crate::Client, String) {
+    let mut c = server.connect(crate::Vsn::V2, &crate::token("anon")).await;
+    let join_ref = c.join_ok("realtime:t", ticks_binding()).await;
+    let f = c.recv_until("subscribed", |f| f.event() == "system").await;
+    assert_eq!(f.payload()["message"], "Subscribed to PostgreSQL");
+    (c, join_ref)
+}
+
 /// Commits a row to `ticks`; returns the WAL position after its commit record (the statement
 /// returns before the commit record is written, so the position is read afterwards): a slot
 /// confirmed past it has confirmed the transaction.

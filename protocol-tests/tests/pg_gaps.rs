@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use protocol_tests::pg::{create_ticks, insert_tick};
+use protocol_tests::pg::{create_ticks, insert_tick, subscribe_to_ticks};
 use protocol_tests::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_postgres::Client;
 
 struct Setup {
@@ -37,19 +37,6 @@ async fn setup(name: &str) -> Setup {
         url,
         sql,
     }
-}
-
-fn binding() -> Value {
-    json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]})
-}
-
-/// Joins and returns the client once "Subscribed to PostgreSQL" has arrived.
-async fn subscribed(server: &Server) -> (protocol_tests::Client, String) {
-    let mut c = server.connect(Vsn::V2, &token("anon")).await;
-    let join_ref = c.join_ok("realtime:t", binding()).await;
-    let f = c.recv_until("subscribed", |f| f.event() == "system").await;
-    assert_eq!(f.payload()["message"], "Subscribed to PostgreSQL");
-    (c, join_ref)
 }
 
 /// walcast's slot's `wal_status` (None while it does not exist).
@@ -87,7 +74,7 @@ async fn a_channel_rejoining_after_the_backlog_went_out_is_told_of_the_gap() {
     let s = setup("restart").await;
     let mut server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
     create_ticks(&s.sql).await; // after the migrations made the roles
-    let (mut c, _) = subscribed(&server).await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
 
@@ -101,7 +88,7 @@ async fn a_channel_rejoining_after_the_backlog_went_out_is_told_of_the_gap() {
         &format!("SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'walcast_changes'"),
     )
     .await;
-    let (mut c, join_ref) = subscribed(&server).await;
+    let (mut c, join_ref) = subscribe_to_ticks(&server).await;
     let gap = c.recv_until("gap", |f| f.event() == "system").await;
     assert_eq!(gap.payload()["extension"], "postgres_changes");
     assert_eq!(gap.payload()["status"], "error");
@@ -141,7 +128,7 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
     let s = setup("lost").await;
     let mut server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
     create_ticks(&s.sql).await; // after the migrations made the roles
-    let (mut c, _) = subscribed(&server).await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
     server.kill().await;
@@ -173,7 +160,7 @@ async fn an_invalidated_slot_is_recreated_and_rejoining_channels_are_told() {
     }
 
     let server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
-    let (mut c, _) = subscribed(&server).await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     let gap = c.recv_until("gap", |f| f.event() == "system").await;
     assert_eq!(gap.payload()["gap"]["reason"], "slot_lost");
     assert!(
@@ -198,7 +185,7 @@ async fn a_slot_dropped_under_a_running_server_is_recreated_and_subscribed_chann
     let s = setup("dropped").await;
     let server = Server::start_with(&[("DATABASE_URL", &s.url)]).await;
     create_ticks(&s.sql).await;
-    let (mut c, _) = subscribed(&server).await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     insert_tick(&s.sql, 1).await;
     expect_change(&mut c, 1).await;
 

@@ -1,7 +1,9 @@
 //! Row level security for postgres_changes: each subscriber sees exactly the rows its JWT and
 //! the table's policies allow, even when many users' checks share one batch.
 
-use protocol_tests::pg::{create_ticks, insert_tick, wait_slot_confirmed, TestDb};
+use protocol_tests::pg::{
+    create_ticks, insert_tick, subscribe_to_ticks, wait_slot_confirmed, TestDb,
+};
 use protocol_tests::*;
 use serde_json::{json, Value};
 
@@ -268,13 +270,7 @@ async fn the_slot_is_durable_and_confirmed_only_after_delivery() {
     assert!(!row.get::<_, bool>(0), "the slot is durable");
     assert_eq!(row.get::<_, String>(1), "pgoutput");
 
-    let mut c = server.connect(Vsn::V2, &token("anon")).await;
-    c.join_ok(
-        "realtime:t",
-        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
-    )
-    .await;
-    c.recv_until("subscribed", |f| f.event() == "system").await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     let lsn = insert_tick(&sql, 1).await;
     c.recv_until("the write", |f| f.event() == "postgres_changes")
         .await;
@@ -298,13 +294,7 @@ async fn sigterm_confirms_what_was_delivered_before_exiting() {
     let mut server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
     create_ticks(&sql).await;
-    let mut c = server.connect(Vsn::V2, &token("anon")).await;
-    c.join_ok(
-        "realtime:t",
-        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
-    )
-    .await;
-    c.recv_until("subscribed", |f| f.event() == "system").await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     let lsn = insert_tick(&sql, 1).await;
     c.recv_until("the write", |f| f.event() == "postgres_changes")
         .await;

@@ -4,7 +4,9 @@
 //! original's message. Each interleaving is forced: stream already up, stream holding a backlog
 //! then released, stream held past the timeout, no database at all.
 
-use protocol_tests::pg::{create_ticks, insert_tick, wait_slot_confirmed, TestDb};
+use protocol_tests::pg::{
+    create_ticks, insert_tick, subscribe_to_ticks, wait_slot_confirmed, TestDb,
+};
 use protocol_tests::*;
 use serde_json::{json, Value};
 
@@ -95,13 +97,7 @@ async fn backlog(db: &TestDb, ks: &[i32]) -> tokio_postgres::Client {
     let mut server = Server::start_with_db(db, &[]).await;
     let sql = db.client().await;
     create_ticks(&sql).await;
-    let mut c = server.connect(Vsn::V2, &token("anon")).await;
-    c.join_ok(
-        "realtime:t",
-        json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]}),
-    )
-    .await;
-    c.recv_until("subscribed", |f| f.event() == "system").await;
+    let (mut c, _) = subscribe_to_ticks(&server).await;
     let lsn = insert_tick(&sql, 1).await;
     c.recv_until("first", |f| f.event() == "postgres_changes")
         .await;

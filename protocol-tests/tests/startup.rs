@@ -5,17 +5,15 @@
 
 use std::time::{Duration, Instant};
 
-use protocol_tests::pg::{create_ticks, insert_tick, wait_slot_confirmed, TestDb};
+use protocol_tests::pg::{
+    create_ticks, insert_tick, subscribe_to_ticks, wait_slot_confirmed, TestDb,
+};
 use protocol_tests::*;
 use serde_json::{json, Value};
 
 /// The grace period these tests start with: far longer than any wait, so a change held by it
 /// times the test out.
 const LONG_GRACE: &str = "60000";
-
-fn ticks_binding() -> Value {
-    json!({"postgres_changes":[{"event":"INSERT","schema":"public","table":"ticks"}]})
-}
 
 async fn health(server: &Server) -> (u16, Value) {
     let (status, _, body) = http(
@@ -29,11 +27,7 @@ async fn health(server: &Server) -> (u16, Value) {
 }
 
 async fn subscribed(server: &Server) -> protocol_tests::Client {
-    let mut c = server.connect(Vsn::V2, &token("anon")).await;
-    c.join_ok("realtime:t", ticks_binding()).await;
-    let f = c.recv_until("subscribed", |f| f.event() == "system").await;
-    assert_eq!(f.payload()["message"], "Subscribed to PostgreSQL");
-    c
+    subscribe_to_ticks(server).await.0
 }
 
 async fn expect_tick(c: &mut protocol_tests::Client, k: i64) {
