@@ -505,7 +505,10 @@ impl ServeArgs {
         let (mut db, url_sslmode) = match (&self.database_url, &self.db_host) {
             (Some(url), _) if !url.is_empty() => (
                 crate::db::DbConfig::from_url(url)?,
-                url.contains("sslmode="),
+                // Whether the URL's query names an sslmode (which then wins over DB_SSL).
+                url.split_once('?').is_some_and(|(_, q)| {
+                    form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "sslmode")
+                }),
             ),
             (_, Some(host)) if !host.is_empty() => (
                 crate::db::DbConfig {
@@ -638,6 +641,40 @@ mod tests {
         let s = args.settings().unwrap();
         assert_eq!(s.max_payload_bytes, 3_000_000);
         assert_eq!(s.channel_error_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_urls_sslmode_wins_over_db_ssl_and_db_ssl_applies_otherwise() {
+        use crate::db::tls::SslMode;
+        let mode = |args: &[&str]| {
+            let mut all = vec!["walcast", "serve", "--api-jwt-secret", "s"];
+            all.extend_from_slice(args);
+            let Command::Serve(a) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("serve")
+            };
+            a.database().unwrap().unwrap().db.tls.mode
+        };
+        let url = "postgres://u:p@h/db";
+        assert_eq!(mode(&["--database-url", url]), SslMode::Prefer);
+        assert_eq!(
+            mode(&["--database-url", url, "--db-ssl", "true"]),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode(&["--database-url", url, "--db-ssl", "false"]),
+            SslMode::Disable
+        );
+        let with_mode = "postgres://u:p@h/db?sslmode=verify-ca";
+        assert_eq!(
+            mode(&["--database-url", with_mode, "--db-ssl", "false"]),
+            SslMode::VerifyCa
+        );
+        // A password that merely contains the words is not a setting.
+        let tricky = "postgres://u:sslmode=disable@h/db";
+        assert_eq!(
+            mode(&["--database-url", tricky, "--db-ssl", "true"]),
+            SslMode::Require
+        );
     }
 
     #[test]

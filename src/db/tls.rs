@@ -67,6 +67,8 @@ pub struct TlsSettings {
 pub enum TlsError {
     #[error("cannot read the root certificate {path}: {detail}")]
     RootCert { path: String, detail: String },
+    #[error("cannot set up TLS: {0}")]
+    Setup(String),
 }
 
 impl TlsSettings {
@@ -81,10 +83,7 @@ impl TlsSettings {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::RootCert {
-                path: String::new(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
         let verifier: Arc<dyn ServerCertVerifier> = if verify_chain {
             let roots = Arc::new(self.roots()?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
