@@ -525,7 +525,7 @@ impl PgChanges {
         // 1. Each (change, subscriber)'s gate, and the (table, cohort) checks they need.
         let mut bypass: HashMap<String, bool> = HashMap::new();
         for (change, subs) in &pending {
-            if change.table.rls && change.action != Action::Delete {
+            if needs_row_check(change) {
                 for s in subs {
                     let role = &s.cohort.role;
                     if !bypass.contains_key(role) {
@@ -635,6 +635,13 @@ struct CheckPlan {
     gates: Vec<Vec<Gate>>,
 }
 
+/// Whether a change's subscribers are checked row by row: RLS tables, but not DELETEs (sent as
+/// their key only) and not tables without a primary key (they get the original's "no primary
+/// key" error payload, which carries no row).
+fn needs_row_check(change: &Change) -> bool {
+    change.table.rls && change.table.has_pk && change.action != Action::Delete
+}
+
 fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> bool) -> CheckPlan {
     let mut need: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
     let mut requests: Vec<RlsRequest> = Vec::new();
@@ -642,9 +649,7 @@ fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> b
     let mut gates = Vec::with_capacity(pending.len());
     for (change, subs) in pending {
         let t = &change.table;
-        // Tables without a primary key get the original's "no primary key" error payload,
-        // which carries no row: nothing to check.
-        let checked = t.rls && t.has_pk && change.action != Action::Delete;
+        let checked = needs_row_check(change);
         let pk = if checked { change.pk_values() } else { None };
         let mut withheld = false;
         let change_gates: Vec<Gate> = subs
