@@ -11,12 +11,12 @@ use tokio::sync::{mpsc, watch};
 use crate::auth::JwtVerifier;
 use crate::channels::Channels;
 use crate::config::{DatabaseSettings, Settings};
+use crate::context::Context;
 use crate::db::{migrations, DbError, Pool};
 use crate::error::AppError;
 use crate::postgres_changes::PgChanges;
 use crate::replication;
 use crate::server;
-use crate::session::Context;
 
 /// Decoded change events waiting for the dispatcher. When full, reading from PostgreSQL pauses.
 const CHANGE_QUEUE: usize = 4096;

@@ -40,7 +40,7 @@ pub fn frames(data: &[u8]) {
     let _ = Vsn::V1.decode_text(&text);
     let _ = Vsn::V2.decode_text(&text);
     let _ = Vsn::V2.decode_binary(data);
-    let _ = crate::session::join::parse(&text);
+    let _ = crate::protocol::join::parse(&text);
 }
 
 /// Filter and binding parsing, LIKE matching and typed comparisons.

@@ -4,12 +4,13 @@
 //!
 //! - [`config`]: typed settings from flags and environment variables (the original's names).
 //! - [`app`]: the composition root; `app::run(listener, settings, verifier, shutdown)`.
+//! - [`context`]: the app-wide state the composition root builds for the server and sessions.
 //! - [`server`]: the axum router: WebSocket upgrade, REST broadcast, health.
-//! - [`session`]: one socket: framing, heartbeat, joins, channel events, timers, and its
-//!   bounded outbound queue.
+//! - [`session`]: one socket: framing, heartbeat, joins, channel events, timers.
 //! - [`channels`]: the hub (topic → local subscribers, encode once per serializer), the broker
-//!   seam for multi-node fan-out, and presence.
-//! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary; pure, no I/O.
+//!   seam for multi-node fan-out, presence, and each socket's bounded outbound queue.
+//! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary, and the join
+//!   payload; pure, no I/O.
 //! - [`auth`]: JWT verification (HS*, JWKS) with the protocol's exact error messages.
 //! - [`replication`]: the replication connection, pgoutput decoding, values to JSON.
 //! - [`postgres_changes`]: bindings, filters, the subscription registry, authorization
@@ -19,13 +20,14 @@
 //!
 //! Control flows `server` → `session` → `channels` / `postgres_changes`; messages flow
 //! `session`/`server` → `channels::Broker` → `channels::Hub` → each subscriber's
-//! `session::outbound::Outbound` → socket, and `replication` → (bounded queue) →
+//! `channels::outbound::Outbound` → socket, and `replication` → (bounded queue) →
 //! `postgres_changes` (match, authorize, build payload) → outbound queues. `protocol` knows nothing of sockets; nothing imports `server` or `app`.
 
 pub mod app;
 pub mod auth;
 pub mod channels;
 pub mod config;
+pub mod context;
 pub mod db;
 pub mod dev;
 pub mod error;

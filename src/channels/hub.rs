@@ -11,9 +11,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use serde_json::value::RawValue;
 
+use super::outbound::{Outbound, Rejected};
 use super::{ChannelId, TopicKey};
 use crate::protocol::{encode, Frame, UserBroadcast, Vsn};
-use crate::session::outbound::{Outbound, Rejected};
 
 const SHARDS: usize = 64;
 

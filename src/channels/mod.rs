@@ -2,10 +2,13 @@
 //! - [`hub::Hub`]: topic → the local channels joined to it, and the fan-out loop;
 //! - [`broker::Broker`]: the seam through which a publish reaches every node (in-memory today;
 //!   a cluster broker later);
-//! - [`presence::Presence`]: the presence state of each topic.
+//! - [`presence::Presence`]: the presence state of each topic;
+//! - [`outbound::Outbound`]: each socket's bounded queue of encoded frames, the delivery contract
+//!   every producer (the hub's fan-out, postgres_changes, the session's own replies) pushes into.
 
 pub mod broker;
 pub mod hub;
+pub mod outbound;
 pub mod presence;
 
 use std::sync::atomic::{AtomicU64, Ordering};

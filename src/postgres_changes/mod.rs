@@ -742,7 +742,7 @@ fn broadcast_stored(
         return;
     }
     let key = crate::channels::TopicKey::new(
-        &format!("{}{topic}", crate::session::TOPIC_PREFIX),
+        &format!("{}{topic}", crate::protocol::TOPIC_PREFIX),
         private,
     );
     let metadata = serde_json::json!({ "id": id }).to_string();
@@ -929,10 +929,10 @@ pub fn cohort_key(c: &Cohort) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channels::outbound::Outbound;
     use crate::channels::ChannelId;
     use crate::protocol::Vsn;
     use crate::replication::values::Conv;
-    use crate::session::outbound::Outbound;
     use bytes::Bytes;
 
     fn table(oid: u32, rls: bool) -> Arc<TableInfo> {

@@ -6,9 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 
+use crate::channels::outbound::Outbound;
 use crate::channels::ChannelId;
 use crate::protocol::Vsn;
-use crate::session::outbound::Outbound;
 
 use super::binding::Action;
 use super::filter::{Filter, Kind, Op, Operand};

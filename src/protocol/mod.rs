@@ -9,11 +9,18 @@
 
 pub mod binary;
 pub mod encode;
+pub mod join;
 pub mod message;
 pub mod v1;
 pub mod v2;
 
 pub use message::{DecodeError, Encoding, Inbound, InboundPayload, Ref, UserBroadcast};
+
+/// The topic prefix every channel topic has.
+pub const TOPIC_PREFIX: &str = "realtime:";
+
+/// Close code for server shutdown, as the original (1012 "Service Restart").
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 
 /// One outgoing WebSocket frame. Cloning shares the encoded bytes.
 pub type Frame = axum::extract::ws::Message;

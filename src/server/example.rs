@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::session::Context;
+use crate::context::Context;
 
 /// The files served, and their types: nothing else under the directory is reachable.
 const FILES: &[(&str, &str)] = &[

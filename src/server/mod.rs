@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::cors::CorsLayer;
 
-use crate::session::Context;
+use crate::context::Context;
 
 pub fn router(ctx: Arc<Context>) -> Router {
     let api = Router::new()

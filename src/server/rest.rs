@@ -14,8 +14,9 @@ use serde_json::{json, Map, Value};
 
 use crate::auth::Claims;
 use crate::channels::{Fanout, FanoutPayload, TopicKey};
+use crate::context::Context;
+use crate::protocol::TOPIC_PREFIX;
 use crate::protocol::{binary, Encoding, UserBroadcast};
-use crate::session::{Context, TOPIC_PREFIX};
 
 pub async fn healthcheck() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain")], "ok")

@@ -11,8 +11,9 @@ use axum::Json;
 use serde_json::json;
 
 use crate::auth::AuthError;
+use crate::context::Context;
 use crate::protocol::Vsn;
-use crate::session::{self, Connect, Context};
+use crate::session::{self, Connect};
 
 /// Per-socket read buffer. The default (128 KiB) costs ~100 KiB per idle socket; 1 KiB keeps a
 /// joined idle socket under 8 KiB in all (BENCHMARKS.md, "Idle capacity"). Larger frames grow the

@@ -2,14 +2,11 @@
 //!
 //! A session is two tasks. The reader task (this module's [`run`]) decodes frames, answers
 //! heartbeats and joins, keeps each channel's state, and runs the socket's timers (idle timeout,
-//! token expiry, delayed join errors). The writer task drains the bounded [`outbound::Outbound`]
+//! token expiry, delayed join errors). The writer task drains the bounded [`crate::channels::outbound::Outbound`]
 //! queue into the socket, so a slow client can only ever fill its own queue.
 //!
 //! All channels of a socket live in the reader task rather than one task each: a channel is a
 //! few hundred bytes of state, and socket-wide ordering (reply, then pushes) comes for free.
-
-pub mod join;
-pub mod outbound;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -21,25 +18,25 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
 
-use crate::auth::{Claims, JwtVerifier};
+use crate::auth::Claims;
+use crate::channels::outbound::{CloseReason, Drain, Outbound};
 use crate::channels::presence::Tracked;
-use crate::channels::{ChannelId, Channels, Fanout, FanoutPayload, Subscriber, TopicKey};
+use crate::channels::{ChannelId, Fanout, FanoutPayload, Subscriber, TopicKey};
 use crate::config::Settings;
+use crate::context::Context;
 use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::postgres_changes::binding::{self, BindingSpec};
 use crate::postgres_changes::registry::{Sub, Target};
-use crate::postgres_changes::PgChanges;
-use crate::protocol::{encode, Frame, Inbound, InboundPayload, Ref, UserBroadcast, Vsn};
+use crate::protocol::{
+    encode, join, Frame, Inbound, InboundPayload, Ref, UserBroadcast, Vsn, CLOSE_SERVICE_RESTART,
+    TOPIC_PREFIX,
+};
 use crate::telemetry;
-use outbound::{CloseReason, Drain, Outbound};
-
-/// The topic prefix every channel topic has.
-pub const TOPIC_PREFIX: &str = "realtime:";
 
 /// Join errors waiting for their back-off delay, per socket. Past this many, errors are answered
 /// at once: the delay is there to slow down retry loops, not to hold memory for them.
@@ -47,36 +44,6 @@ const MAX_DELAYED_REPLIES: usize = 128;
 
 /// How long a closing socket may take to flush and say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Close code for server shutdown, as the original (1012 "Service Restart").
-pub const CLOSE_SERVICE_RESTART: u16 = 1012;
-
-/// What every session shares.
-pub struct Context {
-    pub settings: Arc<Settings>,
-    pub verifier: Arc<JwtVerifier>,
-    pub channels: Channels,
-    /// postgres_changes, when a database is configured.
-    pub pg: Option<Arc<PgChanges>>,
-    /// Private channel policies, when a database is configured.
-    pub policies: Option<Arc<policies::Checker>>,
-    /// The change stream's state, when a database is configured (for health).
-    pub replication: Option<Arc<crate::replication::Status>>,
-    /// Verifies operator tokens (`API_JWT_SECRET`) for the tenant health endpoint.
-    pub admin: Option<Arc<JwtVerifier>>,
-    /// Verifies `/metrics` tokens (`METRICS_JWT_SECRET`).
-    pub metrics_auth: Option<Arc<JwtVerifier>>,
-    /// Renders the Prometheus text.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Flips to `true` when the server starts shutting down.
-    pub shutdown: watch::Receiver<bool>,
-    /// Held by every live session; the server waits for all clones to drop on shutdown.
-    pub alive: mpsc::Sender<()>,
-    /// Server-wide limits: users, joins/s, events/s, presence/s.
-    pub limits: Arc<crate::limits::Limits>,
-    /// Permits for refused upgrades to wait out their back-off (`CONNECT_ERROR_BACKOFF_MAX_WAITING`).
-    pub refusals: Arc<tokio::sync::Semaphore>,
-}
 
 /// What the upgrade handler established before handing the socket over.
 pub struct Connect {
