@@ -7,12 +7,13 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::auth::JwtVerifier;
 use crate::channels::Channels;
 use crate::config::{DatabaseSettings, Settings};
 use crate::context::Context;
-use crate::db::{migrations, DbError, Pool};
+use crate::db::{migrations, Pool};
 use crate::error::AppError;
 use crate::postgres_changes::PgChanges;
 use crate::replication;
@@ -20,6 +21,9 @@ use crate::server;
 
 /// Decoded change events waiting for the dispatcher. When full, reading from PostgreSQL pauses.
 const CHANGE_QUEUE: usize = 4096;
+
+/// How long shutdown waits for each background task to stop before aborting it.
+const TASK_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// How long start-up waits for the database to accept connections.
 const DB_STARTUP_WAIT: Duration = Duration::from_secs(60);
@@ -78,7 +82,7 @@ pub async fn run(
     let shutdown_timeout = settings.shutdown_timeout;
     let first_response_deadline = settings.first_response_deadline;
 
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks::new(shutdown_rx.clone());
     let channels = Channels::local(settings.presence_max_state_bytes);
     let mut replication_status = None;
     let max_payload_bytes = settings.max_payload_bytes;
@@ -111,32 +115,28 @@ pub async fn run(
                 status_interval: Duration::from_secs(10),
                 startup_grace: db.startup_grace,
             };
-            tasks.push(tokio::spawn(replication::run(
-                cfg,
-                tx,
-                status.clone(),
-                shutdown_rx.clone(),
-            )));
-            tasks.push(tokio::spawn(replication::serve_readiness(
-                pg.pool.clone(),
-                status.clone(),
-            )));
-            tasks.push(tokio::spawn(pg.clone().dispatch(
-                rx,
-                status,
-                channels.clone(),
-                max_payload_bytes,
-            )));
-            tasks.push(tokio::spawn(watch_slot(
-                pg.pool.clone(),
-                db.slot.clone(),
-                db.slot_wal_warn_bytes,
-            )));
-            tasks.push(tokio::spawn(crate::db::janitor::run(
-                pg.pool.clone(),
-                db.messages_retention,
-                db.run_janitor,
-            )));
+            tasks.spawn(
+                "replication",
+                replication::run(cfg, tx, status.clone(), shutdown_rx.clone()),
+            );
+            tasks.spawn_until_shutdown(
+                "replication readiness",
+                replication::serve_readiness(pg.pool.clone(), status.clone()),
+            );
+            // Ends by itself when the replication task has ended and its queue is drained.
+            tasks.spawn(
+                "dispatcher",
+                pg.clone()
+                    .dispatch(rx, status, channels.clone(), max_payload_bytes),
+            );
+            tasks.spawn_until_shutdown(
+                "slot watch",
+                replication::slot::watch(pg.pool.clone(), db.slot.clone(), db.slot_wal_warn_bytes),
+            );
+            tasks.spawn_until_shutdown(
+                "janitor",
+                crate::db::janitor::run(pg.pool.clone(), db.messages_retention, db.run_janitor),
+            );
             Some(pg)
         }
     };
@@ -145,7 +145,7 @@ pub async fn run(
         .map(|pg| Arc::new(crate::policies::Checker::new(pg.pool.clone())));
 
     let limits = crate::limits::Limits::new(settings.limits);
-    let ticker = limits.spawn_ticker();
+    tasks.spawn_until_shutdown("rate limits", limits.clone().tick_forever());
     let refusals = Arc::new(tokio::sync::Semaphore::new(
         settings.connect_error_backoff_max_waiting,
     ));
@@ -167,12 +167,16 @@ pub async fn run(
     let router = server::router(ctx.clone());
     drop(ctx);
 
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down: refusing new connections and closing sockets");
-        let _ = shutdown_tx.send(true);
-        // Keep the sender alive so sessions see `true` rather than a closed channel.
-        std::mem::forget(shutdown_tx);
+    // The sender stays owned here until every task has stopped, so no receiver ever sees a
+    // closed channel instead of `true`.
+    let shutdown_tx = Arc::new(shutdown_tx);
+    let signal = {
+        let shutdown_tx = shutdown_tx.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new connections and closing sockets");
+            shutdown_tx.send_replace(true);
+        }
     };
     // Frames are small and latency is the product: no Nagle delay (which, paired with the
     // client's delayed ACK, held back a socket's second small frame by up to 40 ms).
@@ -183,9 +187,12 @@ pub async fn run(
     });
     // A connection that sends no complete request in time is closed (HTTP_REQUEST_TIMEOUT_MS).
     let listener = server::listener::Answered::new(listener, first_response_deadline);
-    axum::serve(listener, router)
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(signal)
-        .await?;
+        .await;
+    // A server stopped by an error rather than the signal still closes its sockets and stops
+    // its tasks.
+    shutdown_tx.send_replace(true);
 
     // Every session holds the context (and with it an `alive` sender); when the last one is
     // gone, recv() returns None.
@@ -198,21 +205,60 @@ pub async fn run(
             "shutdown deadline passed with sockets still open; exiting anyway"
         );
     }
-    // The replication task confirms what was delivered and ends by itself; give it a moment.
-    let mut tasks = tasks.into_iter();
-    if let Some(replication) = tasks.next() {
-        if tokio::time::timeout(Duration::from_secs(2), replication)
-            .await
-            .is_err()
-        {
-            tracing::warn!("replication stream did not stop in time");
+    // The replication task confirms what was delivered and ends by itself, then the dispatcher
+    // drains its queue; the periodic jobs stop at the signal.
+    tasks.join(TASK_STOP_WAIT).await;
+    Ok(served?)
+}
+
+/// The background tasks of one run, by name: each is awaited on shutdown (in the order they
+/// were started), and only one that overstays its deadline is aborted, with its name logged.
+struct Tasks {
+    shutdown: watch::Receiver<bool>,
+    running: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Tasks {
+    fn new(shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            shutdown,
+            running: Vec::new(),
         }
     }
-    for t in tasks {
-        t.abort();
+
+    /// A task that ends by itself once shutdown has begun.
+    fn spawn(&mut self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.running.push((name, tokio::spawn(task)));
     }
-    ticker.abort();
-    Ok(())
+
+    /// A task that would run for ever (a periodic job): it is dropped at its next await once
+    /// shutdown begins. Only for tasks that hold nothing to hand on.
+    fn spawn_until_shutdown(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let mut shutdown = self.shutdown.clone();
+        self.spawn(name, async move {
+            tokio::select! {
+                _ = task => {}
+                _ = shutdown.wait_for(|down| *down) => {}
+            }
+        });
+    }
+
+    async fn join(self, each: Duration) {
+        for (name, mut handle) in self.running {
+            match tokio::time::timeout(each, &mut handle).await {
+                Ok(Ok(())) => tracing::debug!(task = name, "stopped"),
+                Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
+                Err(_) => {
+                    tracing::warn!(task = name, "did not stop in time; aborting it");
+                    handle.abort();
+                }
+            }
+        }
+    }
 }
 
 /// Connects (waiting for the database to come up), migrates, and prepares postgres_changes.
@@ -231,7 +277,12 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
             Err(e) => return Err(AppError::Database(e)),
         }
     }
-    check_privileges(&pool).await?;
+    crate::db::privileges::check(&pool)
+        .await
+        .map_err(|e| match e {
+            crate::db::privileges::Error::Db(e) => AppError::Database(e),
+            crate::db::privileges::Error::Missing(what) => AppError::Privilege(what),
+        })?;
     if db.migrate_on_start {
         let applied = migrations::run(&pool).await?;
         if !applied.is_empty() {
@@ -267,24 +318,7 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         .map_err(AppError::Replication)?;
     drop(conn);
     let backlog_end = if slot_state == replication::SlotState::Existing {
-        let client = pool.get().await?;
-        let row = client
-            .query_one(
-                "SELECT pg_current_wal_lsn()::text, (SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1)",
-                &[&db.slot],
-            )
-            .await
-            .map_err(crate::db::DbError::from)?;
-        let end = replication::parse_confirmed(row.get::<_, &str>(0)).unwrap_or(0);
-        let confirmed = row
-            .get::<_, Option<&str>>(1)
-            .and_then(replication::parse_confirmed)
-            .unwrap_or(0);
-        if confirmed >= end {
-            0
-        } else {
-            end
-        }
+        replication::slot::unconfirmed_backlog_end(&pool, &db.slot).await?
     } else {
         0
     };
@@ -295,7 +329,7 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
             _ => None,
         },
     };
-    warn_unbounded_wal(&pool).await;
+    replication::slot::warn_unbounded_wal(&pool).await;
     // Delivery has connections of its own: a storm of joins or token pushes queues on `pool`,
     // never in front of a change's row checks.
     let delivery = Pool::named(
@@ -314,159 +348,4 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     ));
     pg.catalog.load_types().await?;
     Ok((pg, start))
-}
-
-/// A slot nobody reads keeps WAL for ever unless `max_slot_wal_keep_size` bounds it: say so at
-/// start, once.
-async fn warn_unbounded_wal(pool: &Arc<Pool>) {
-    let setting = async {
-        let client = pool.get().await?;
-        let row = client
-            .query_one("SELECT current_setting('max_slot_wal_keep_size')", &[])
-            .await?;
-        Ok::<String, DbError>(row.get(0))
-    }
-    .await;
-    match setting {
-        Ok(v) if v == "-1" => tracing::warn!(
-            "max_slot_wal_keep_size is unlimited: while walcast is stopped, its replication slot keeps WAL until the database's disk is full; set it (e.g. '10GB') to bound that, and watch walcast_slot_retained_wal_bytes"
-        ),
-        Ok(v) => tracing::info!(max_slot_wal_keep_size = %v, "WAL kept for the replication slot is bounded"),
-        Err(e) => tracing::debug!(error = %e, "could not read max_slot_wal_keep_size"),
-    }
-}
-
-/// Every 10 s: how much WAL the database keeps for the slot, as a metric, with a warning (at
-/// most once a minute) above `warn_bytes`.
-async fn watch_slot(pool: Arc<Pool>, slot: String, warn_bytes: u64) {
-    let mut tick = tokio::time::interval(Duration::from_secs(10));
-    let mut last_warning: Option<tokio::time::Instant> = None;
-    loop {
-        tick.tick().await;
-        let result = async {
-            let client = pool.get().await?;
-            let row = client
-                .query_opt(
-                    "SELECT (pg_current_wal_lsn() - restart_lsn)::int8, wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await?;
-            Ok::<_, DbError>(row.map(|r| (r.get::<_, Option<i64>>(0), r.get::<_, Option<String>>(1))))
-        }
-        .await;
-        match result {
-            Ok(Some((retained, wal_status))) => {
-                let retained = retained.unwrap_or(0).max(0) as u64;
-                metrics::gauge!(crate::telemetry::SLOT_RETAINED_WAL_BYTES).set(retained as f64);
-                let due = last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-                if retained > warn_bytes && due {
-                    last_warning = Some(tokio::time::Instant::now());
-                    tracing::warn!(
-                        %slot,
-                        retained_bytes = retained,
-                        wal_status = wal_status.as_deref().unwrap_or(""),
-                        "the database keeps more WAL for walcast's slot than SLOT_WAL_WARN_BYTES: walcast is behind"
-                    );
-                }
-            }
-            Ok(None) => tracing::warn!(%slot, "the replication slot does not exist"),
-            Err(e) => tracing::debug!(error = %e, "could not read the slot's retained WAL"),
-        }
-    }
-}
-
-/// Removes stored broadcast messages older than the retention period, at start and every ten
-/// minutes, so `realtime.messages` does not grow without bound.
-/// What the database user must be able to do, checked before anything else so that a managed
-/// database's missing grant is named (rather than met as a failure halfway through): stream
-/// (superuser, `REPLICATION`, or RDS's `rds_replication`), and switch to the API roles to check
-/// rows as each subscriber (granted here when the user may grant it, as the migration does).
-async fn check_privileges(pool: &Arc<Pool>) -> Result<(), AppError> {
-    let client = pool.get().await?;
-    let row = client
-        .query_one(
-            "SELECT current_user::text, rolsuper, rolreplication
-                    OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rds_replication')
-                        AND pg_has_role(current_user, 'rds_replication', 'MEMBER'))
-               FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(crate::db::DbError::from)?;
-    let (user, superuser, replication): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
-    // As the user would type it.
-    let plain = user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && user
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    let ident = if plain {
-        user.clone()
-    } else {
-        crate::db::quote_ident(&user)
-    };
-    if !superuser && !replication {
-        return Err(AppError::Privilege(format!(
-            "the database user {user} cannot stream changes: it lacks the REPLICATION attribute. \
-             As a superuser (or your provider's admin user): ALTER ROLE {ident} REPLICATION; \
-             on Amazon RDS: GRANT rds_replication TO {ident}"
-        )));
-    }
-    if superuser {
-        return Ok(());
-    }
-    let missing: Vec<String> = client
-        .query(
-            "SELECT rolname::text FROM pg_roles
-              WHERE rolname IN ('anon', 'authenticated', 'service_role')
-                AND NOT pg_has_role(current_user, oid, 'MEMBER')
-              ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(crate::db::DbError::from)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let roles = missing.join(", ");
-    if let Err(e) = client
-        .batch_execute(&format!("GRANT {roles} TO {ident}"))
-        .await
-    {
-        return Err(AppError::Privilege(format!(
-            "the database user {user} must be able to switch to the API roles to check rows as \
-             each subscriber, and cannot grant that to itself ({}). As a superuser (or your \
-             provider's admin user): GRANT anon, authenticated, service_role TO {ident}",
-            crate::db::DbError::from(e)
-        )));
-    }
-    tracing::info!(%user, roles = %roles, "granted the API roles to the database user");
-    Ok(())
-}
-
-/// `walcast migrate`: says what it finds, then (unless `dry_run`) applies migrations, creates
-/// the publication and a partitioned `realtime.messages`'s partitions, and says what it did.
-pub async fn migrate(db: &DatabaseSettings, dry_run: bool) -> Result<Vec<String>, DbError> {
-    let pool = Pool::new(&db.db, 1);
-    let mut report: Vec<String> = migrations::survey(&pool, &db.publication)
-        .await?
-        .into_iter()
-        .map(|l| format!("found: {l}"))
-        .collect();
-    if dry_run {
-        report.push("--dry-run: nothing was changed".into());
-        return Ok(report);
-    }
-    let applied = migrations::run(&pool).await?;
-    report.push(format!("did: applied walcast migrations {applied:?}"));
-    if migrations::ensure_publication(&pool, &db.publication).await? {
-        report.push(format!("did: created the publication {}", db.publication));
-    }
-    let created = crate::db::janitor::ensure_partitions(&pool).await?;
-    if !created.is_empty() {
-        report.push(format!("did: created partitions {}", created.join(", ")));
-    }
-    Ok(report)
 }

@@ -379,6 +379,36 @@ pub enum ConfigError {
     BadIdentifier(&'static str),
 }
 
+/// Settings the self-hosted compose file gives the Elixir server that mean nothing to walcast:
+/// accepted, and named once in the log so nobody wonders whether they took effect.
+pub const ELIXIR_ONLY: &[&str] = &[
+    "DB_ENC_KEY",
+    "DB_ENC_KEY_GCM",
+    "SECRET_KEY_BASE",
+    "ERL_AFLAGS",
+    "DNS_NODES",
+    "APP_NAME",
+    "SEED_SELF_HOST",
+    "SELF_HOST_TENANT_NAME",
+    "DISABLE_HEALTHCHECK_LOGGING",
+    "CLUSTER_STRATEGIES",
+    "SLOT_NAME_SUFFIX",
+    "REALTIME_IP_VERSION",
+    "DB_IP_VERSION",
+    "LOGS_ENGINE",
+    "API_JWT_SECRET_NEXT",
+    "API_TOKEN_BLOCKLIST",
+];
+
+/// The [`ELIXIR_ONLY`] settings present in the environment.
+pub fn elixir_only_settings_present() -> Vec<&'static str> {
+    ELIXIR_ONLY
+        .iter()
+        .copied()
+        .filter(|k| std::env::var_os(k).is_some())
+        .collect()
+}
+
 /// Database settings after validation.
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
@@ -540,6 +570,12 @@ impl ServeArgs {
         if db.tls.root_cert.is_none() {
             db.tls.root_cert = ca;
         }
+        self.database_on(db).map(Some)
+    }
+
+    /// The database settings for the connection `db` (from [`Self::database`], or `walcast
+    /// dev`'s own cluster), every other field from these arguments, validated.
+    pub fn database_on(&self, db: crate::db::DbConfig) -> Result<DatabaseSettings, ConfigError> {
         // A root certificate that cannot be read is a setting to fix now, not at first use.
         db.tls_config()?;
         let ident_ok = |s: &str| {
@@ -559,7 +595,7 @@ impl ServeArgs {
         if self.db_delivery_pool_size == 0 {
             return Err(ConfigError::Zero("DB_DELIVERY_POOL_SIZE"));
         }
-        Ok(Some(DatabaseSettings {
+        Ok(DatabaseSettings {
             db,
             pool_size: self.db_pool_size,
             delivery_pool_size: self.db_delivery_pool_size,
@@ -578,7 +614,7 @@ impl ServeArgs {
             messages_retention: std::time::Duration::from_secs(
                 self.messages_retention_hours.saturating_mul(3600),
             ),
-        }))
+        })
     }
 
     /// The `tracing` filter for `LOG_LEVEL`, accepting the original's level names.

@@ -364,17 +364,15 @@ pub fn support_chat_logins(
     secret: &str,
 ) -> Result<Vec<(String, String)>, jsonwebtoken::errors::Error> {
     let exp = crate::auth::now_secs() + 24 * 3600;
-    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     SUPPORT_CHAT_USERS
         .iter()
         .map(|(page, label, role, sub, name)| {
-            let token = jsonwebtoken::encode(
-                &jsonwebtoken::Header::default(),
+            let token = crate::auth::mint(
+                secret,
                 &serde_json::json!({
                     "iss": "walcast-dev", "role": role, "sub": sub, "exp": exp,
                     "user_metadata": {"name": name},
                 }),
-                &key,
             )?;
             Ok((
                 format!("{label} {name}"),

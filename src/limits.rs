@@ -108,20 +108,17 @@ impl Limits {
         })
     }
 
-    /// Closes the rate buckets every tick, until the returned task is dropped or aborted.
-    pub fn spawn_ticker(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let limits = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut interval = tokio::time::interval(limits.tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Closes the rate buckets every tick; never returns (the caller stops it at shutdown).
+    pub async fn tick_forever(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
             interval.tick().await;
-            loop {
-                interval.tick().await;
-                for c in [&limits.joins, &limits.events, &limits.presence] {
-                    c.tick(limits.tick);
-                }
+            for c in [&self.joins, &self.events, &self.presence] {
+                c.tick(self.tick);
             }
-        })
+        }
     }
 
     /// Whether a socket that has no channel yet may become a user.

@@ -12,26 +12,15 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => run(args, None),
         Command::Dev(dev) => run_dev(dev),
         Command::Token(t) => {
-            let mut claims = match t.claims.as_deref() {
+            let claims = match t.claims.as_deref() {
                 None => serde_json::Map::new(),
                 Some(text) => match serde_json::from_str::<serde_json::Value>(text)? {
                     serde_json::Value::Object(m) => m,
                     _ => anyhow::bail!("--claims must be a JSON object"),
                 },
             };
-            let now = walcast::auth::now_secs();
-            claims.insert("role".into(), t.role.into());
-            claims.insert("iat".into(), now.into());
-            claims.insert("exp".into(), (now + t.expires_in as i64).into());
-            if let Some(sub) = t.sub {
-                claims.insert("sub".into(), sub.into());
-            }
-            let token = jsonwebtoken::encode(
-                &jsonwebtoken::Header::default(),
-                &serde_json::Value::Object(claims),
-                &jsonwebtoken::EncodingKey::from_secret(t.api_jwt_secret.as_bytes()),
-            )?;
-            println!("{token}");
+            let claims = walcast::auth::claims_for(claims, &t.role, t.sub.as_deref(), t.expires_in);
+            println!("{}", walcast::auth::mint(&t.api_jwt_secret, &claims)?);
             Ok(())
         }
         Command::Migrate(args) => {
@@ -43,7 +32,11 @@ fn main() -> anyhow::Result<()> {
             let report = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(walcast::app::migrate(&db, args.dry_run))?;
+                .block_on(walcast::db::migrations::migrate(
+                    &db.db,
+                    &db.publication,
+                    args.dry_run,
+                ))?;
             for line in report {
                 println!("{line}");
             }
@@ -121,30 +114,16 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     let mut settings = args.settings()?;
     let mut database = args.database()?;
     if let Some(cluster) = dev.as_ref().and_then(|d| d.cluster) {
-        let mut db = walcast::config::DatabaseSettings {
-            db: cluster.db_config(),
-            pool_size: args.db_pool_size,
-            delivery_pool_size: args.db_delivery_pool_size.max(1),
-            publication: args.publication.clone(),
-            slot: args.slot_name.clone(),
-            max_record_bytes: args.max_record_bytes,
-            migrate_on_start: true,
-            after_connect: args.db_after_connect_query.clone(),
-            startup_grace: std::time::Duration::from_millis(args.startup_grace_ms),
-            gap_notice: std::time::Duration::from_millis(args.gap_notice_ms),
-            replication_ready_timeout: std::time::Duration::from_millis(
-                args.replication_ready_timeout_ms,
-            ),
-            slot_wal_warn_bytes: args.slot_wal_warn_bytes,
-            run_janitor: args.run_janitor,
-            messages_retention: std::time::Duration::from_secs(
-                args.messages_retention_hours.saturating_mul(3600),
-            ),
+        // `walcast dev` uses the database you configured, else its own cluster, and always
+        // migrates it.
+        let db = match database.take() {
+            Some(configured) => configured.db,
+            None => cluster.db_config(),
         };
-        if let Some(configured) = database.take() {
-            db.db = configured.db;
-        }
-        database = Some(db);
+        database = Some(walcast::config::DatabaseSettings {
+            migrate_on_start: true,
+            ..args.database_on(db)?
+        });
     }
     let verifier = JwtVerifier::new(
         args.api_jwt_secret.as_deref(),
@@ -214,33 +193,8 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Settings the self-hosted compose file gives the Elixir server that mean nothing to walcast:
-/// accepted, and named once in the log so nobody wonders whether they took effect.
-const ELIXIR_ONLY: &[&str] = &[
-    "DB_ENC_KEY",
-    "DB_ENC_KEY_GCM",
-    "SECRET_KEY_BASE",
-    "ERL_AFLAGS",
-    "DNS_NODES",
-    "APP_NAME",
-    "SEED_SELF_HOST",
-    "SELF_HOST_TENANT_NAME",
-    "DISABLE_HEALTHCHECK_LOGGING",
-    "CLUSTER_STRATEGIES",
-    "SLOT_NAME_SUFFIX",
-    "REALTIME_IP_VERSION",
-    "DB_IP_VERSION",
-    "LOGS_ENGINE",
-    "API_JWT_SECRET_NEXT",
-    "API_TOKEN_BLOCKLIST",
-];
-
 fn note_ignored_settings() {
-    let present: Vec<&str> = ELIXIR_ONLY
-        .iter()
-        .copied()
-        .filter(|k| std::env::var_os(k).is_some())
-        .collect();
+    let present = walcast::config::elixir_only_settings_present();
     if !present.is_empty() {
         tracing::info!(settings = ?present, "ignoring settings that only apply to the Elixir realtime server");
     }
@@ -297,14 +251,11 @@ fn print_dev_keys(
     secret: &str,
     db_url: Option<&str>,
 ) -> anyhow::Result<()> {
-    use jsonwebtoken::{encode, EncodingKey, Header};
     let exp = walcast::auth::now_secs() + 10 * 365 * 24 * 3600;
-    let key = EncodingKey::from_secret(secret.as_bytes());
     let sign = |role: &str| {
-        encode(
-            &Header::default(),
+        walcast::auth::mint(
+            secret,
             &serde_json::json!({"iss": "walcast-dev", "role": role, "exp": exp}),
-            &key,
         )
     };
     println!();

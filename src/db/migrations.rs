@@ -254,3 +254,32 @@ pub async fn ensure_publication(pool: &Arc<Pool>, publication: &str) -> Result<b
     }
     Ok(!exists)
 }
+
+/// `walcast migrate`: says what it finds, then (unless `dry_run`) applies migrations, creates
+/// the publication and a partitioned `realtime.messages`'s partitions, and says what it did.
+pub async fn migrate(
+    db: &super::DbConfig,
+    publication: &str,
+    dry_run: bool,
+) -> Result<Vec<String>, DbError> {
+    let pool = Pool::new(db, 1);
+    let mut report: Vec<String> = survey(&pool, publication)
+        .await?
+        .into_iter()
+        .map(|l| format!("found: {l}"))
+        .collect();
+    if dry_run {
+        report.push("--dry-run: nothing was changed".into());
+        return Ok(report);
+    }
+    let applied = run(&pool).await?;
+    report.push(format!("did: applied walcast migrations {applied:?}"));
+    if ensure_publication(&pool, publication).await? {
+        report.push(format!("did: created the publication {}", publication));
+    }
+    let created = super::janitor::ensure_partitions(&pool).await?;
+    if !created.is_empty() {
+        report.push(format!("did: created partitions {}", created.join(", ")));
+    }
+    Ok(report)
+}

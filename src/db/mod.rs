@@ -2,6 +2,7 @@
 
 pub mod janitor;
 pub mod migrations;
+pub mod privileges;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -9,7 +9,10 @@
 
 pub mod conn;
 pub mod pgoutput;
+pub mod slot;
 pub mod values;
+
+pub use slot::{ensure_slot, slot_gap_message, SlotState};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -449,63 +452,6 @@ pub async fn serve_readiness(pool: Arc<Pool>, status: Arc<Status>) {
             return;
         }
         status.ready_served.send_replace(upto);
-    }
-}
-
-/// What `ensure_slot` found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SlotState {
-    /// The slot was there and usable.
-    Existing,
-    /// There was no slot; one was created.
-    Created,
-    /// The slot had been invalidated (its WAL removed, `max_slot_wal_keep_size`); it was dropped
-    /// and created again. What it had kept since `confirmed` is lost.
-    Recreated { confirmed: String },
-}
-
-/// Creates the slot when it does not exist, and replaces it when it has been invalidated.
-pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<SlotState, ConnError> {
-    let rows = conn
-        .simple_query(&format!(
-            "SELECT wal_status, confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {}",
-            quote_literal(slot)
-        ))
-        .await?;
-    let mut state = SlotState::Created;
-    if let Some(row) = rows.first() {
-        let wal_status = row.first().cloned().flatten().unwrap_or_default();
-        if wal_status != "lost" {
-            return Ok(SlotState::Existing);
-        }
-        let confirmed = row.get(1).cloned().flatten().unwrap_or_default();
-        tracing::error!(%slot, %confirmed, "the replication slot was invalidated (its WAL was removed, see max_slot_wal_keep_size); recreating it: changes committed since it fell behind are lost");
-        conn.simple_query(&format!(
-            "DROP_REPLICATION_SLOT {}",
-            crate::db::quote_ident(slot)
-        ))
-        .await?;
-        state = SlotState::Recreated { confirmed };
-    }
-    conn.simple_query(&format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-        crate::db::quote_ident(slot)
-    ))
-    .await?;
-    tracing::info!(%slot, "created logical replication slot");
-    Ok(state)
-}
-
-/// The `system` message for a recreated or vanished slot.
-pub fn slot_gap_message(state: &SlotState) -> Option<String> {
-    match state {
-        SlotState::Existing => None,
-        SlotState::Created => Some(
-            "The replication slot had been dropped and was created again: changes committed before now may be missing; refetch to catch up".to_string(),
-        ),
-        SlotState::Recreated { confirmed } => Some(format!(
-            "The replication slot was invalidated by the database (max_slot_wal_keep_size) and was created again: changes committed after {confirmed} may be missing; refetch to catch up"
-        )),
     }
 }
 
