@@ -109,6 +109,7 @@ impl DevCluster {
         let mut root = std::fs::canonicalize(dir)?.join("pg");
         std::fs::create_dir_all(&root)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
+        #[allow(unsafe_code)]
         let is_root = unsafe { libc::geteuid() } == 0;
         let run_as = if is_root {
             if run(

@@ -201,6 +201,7 @@ fn note_ignored_settings() {
 }
 
 /// Raises the soft open-file limit (one file per socket) towards `limit`, within the hard limit.
+#[allow(unsafe_code)] // sound: see the SAFETY comment inside
 fn raise_nofile(limit: u64) {
     let mut rl = libc::rlimit {
         rlim_cur: 0,

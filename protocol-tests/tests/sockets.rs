@@ -28,6 +28,7 @@ fn fd_of_inode(pid: u32, inode: u64) -> Option<i32> {
 }
 
 /// TCP_NODELAY of descriptor `fd` in process `pid`, read through a duplicate of it.
+#[allow(unsafe_code)] // sound: see the SAFETY comment inside
 fn tcp_nodelay_of(pid: u32, fd: i32) -> bool {
     // SAFETY: plain syscalls on descriptors this function opens and closes; the out-parameter
     // points to a live, correctly sized c_int.

@@ -92,7 +92,9 @@ fn cluster() -> &'static TlsCluster {
             &certs,
         );
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        #[allow(unsafe_code)]
+        let is_root = unsafe { libc::geteuid() } == 0;
+        if is_root {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(&certs)

@@ -46,7 +46,7 @@ const ROLES: &[&str] = &["authenticated", "support_agent"];
 
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
-pub fn routes() -> Router<Arc<Context>> {
+pub(super) fn routes() -> Router<Arc<Context>> {
     Router::new()
         .route("/examples/support-chat/{file}", get(page))
         .route("/examples/support-chat/vendor/{file}", get(vendored))

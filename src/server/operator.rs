@@ -22,7 +22,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// `GET|HEAD /api/tenants/:id/health` with `Authorization: Bearer <JWT signed with
 /// API_JWT_SECRET>`; 403 with an empty body otherwise, as the original's admin API. walcast is
 /// single-tenant: any tenant id names it.
-pub async fn tenant_health(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
+pub(super) async fn tenant_health(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
     let authorized = match (&ctx.admin, bearer(&headers)) {
         (Some(v), Some(token)) => v.verify_signature(token).is_ok(),
         _ => false,
@@ -79,7 +79,7 @@ pub async fn tenant_health(State(ctx): State<Arc<Context>>, headers: HeaderMap) 
 }
 
 /// `GET /metrics`: Prometheus text, for a bearer JWT signed with `METRICS_JWT_SECRET`.
-pub async fn metrics(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
+pub(super) async fn metrics(State(ctx): State<Arc<Context>>, headers: HeaderMap) -> Response {
     let authorized = match (&ctx.metrics_auth, bearer(&headers)) {
         (Some(v), Some(token)) => v.verify_signature(token).is_ok(),
         _ => false,

@@ -18,19 +18,19 @@ use crate::context::Context;
 use crate::protocol::TOPIC_PREFIX;
 use crate::protocol::{binary, Encoding, UserBroadcast};
 
-pub async fn healthcheck() -> impl IntoResponse {
+pub(super) async fn healthcheck() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain")], "ok")
 }
 
-pub async fn ping() -> impl IntoResponse {
+pub(super) async fn ping() -> impl IntoResponse {
     Json(json!({"message": "Success"}))
 }
 
 /// The largest REST request body: the original's (Plug.Parsers' default, 8,000,000 bytes), or
 /// more when `TENANT_MAX_PAYLOAD_SIZE_IN_KB` allows a payload that would not fit in it.
-pub const ORIGINAL_MAX_BODY_BYTES: usize = 8_000_000;
+pub(super) const ORIGINAL_MAX_BODY_BYTES: usize = 8_000_000;
 
-pub fn max_body_bytes(max_payload_bytes: usize) -> usize {
+pub(super) fn max_body_bytes(max_payload_bytes: usize) -> usize {
     ORIGINAL_MAX_BODY_BYTES.max(max_payload_bytes.saturating_add(64 * 1024))
 }
 
@@ -115,7 +115,7 @@ fn events_limit(ctx: &Context, batch: Option<u64>) -> Option<Response> {
     Some(message(StatusCode::TOO_MANY_REQUESTS, reason))
 }
 
-pub async fn broadcast_batch(
+pub(super) async fn broadcast_batch(
     State(ctx): State<Arc<Context>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -300,7 +300,7 @@ fn unprocessable(errors: Value) -> Response {
 }
 
 /// `POST /api/broadcast/:topic/events/:event[?private=true]` with a raw JSON or binary body.
-pub async fn broadcast_single(
+pub(super) async fn broadcast_single(
     State(ctx): State<Arc<Context>>,
     Path((topic, event)): Path<(String, String)>,
     RawQuery(query): RawQuery,

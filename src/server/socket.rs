@@ -21,7 +21,7 @@ use crate::session::{self, Connect};
 const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 4 * 1024;
 
-pub async fn upgrade(
+pub(super) async fn upgrade(
     State(ctx): State<Arc<Context>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -99,13 +99,13 @@ pub async fn upgrade(
 /// closing handshake completes normally. A frame over this limit cannot be read at all (its
 /// header alone says how long it is): the session still sends 1009, but the client is cut off
 /// with its frame half sent, and a client that only reads after writing sees a reset (1006).
-pub fn transport_limit(max_frame_bytes: usize) -> usize {
+pub(super) fn transport_limit(max_frame_bytes: usize) -> usize {
     max_frame_bytes.saturating_mul(2)
 }
 
 /// Whether `origin` matches one of `allowed` (exactly, or `scheme://*.domain` for subdomains);
 /// every origin when `allowed` is empty.
-pub fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+pub(super) fn origin_allowed(allowed: &[String], origin: &str) -> bool {
     if allowed.is_empty() {
         return true;
     }
