@@ -1,32 +1,59 @@
 //! Typed settings. Every setting is a flag and an environment variable; the environment names are
 //! supabase/realtime's wherever it has one, so the image is a drop-in replacement. Defaults live
 //! here as consts and are listed, with their meaning, in `config/walcast.env` and `CONFIG.md`.
+#![warn(missing_docs)]
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Default of `PORT`.
 pub const DEFAULT_PORT: u16 = 4000;
+/// Default of `CONNECT_ERROR_BACKOFF_MS`: how long a refused upgrade waits before its answer.
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MS: u64 = 2_000;
+/// Default of `CONNECT_ERROR_BACKOFF_MAX_WAITING`: refused upgrades that may wait out the back-off
+/// at once.
 pub const DEFAULT_CONNECT_ERROR_BACKOFF_MAX_WAITING: usize = 1_000;
+/// Default of `HTTP_REQUEST_TIMEOUT_MS`: how long an accepted connection may go without a complete
+/// request.
 pub const DEFAULT_HTTP_REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// Default of `CHANNEL_ERROR_BACKOFF_MS`: how long a refused join waits before its error reply.
 pub const DEFAULT_CHANNEL_ERROR_BACKOFF_MS: u64 = 5_000;
+/// Default of `MAX_CHANNELS_PER_CLIENT` (the original's `max_channels_per_client`).
 pub const DEFAULT_MAX_CHANNELS_PER_CLIENT: usize = 100;
+/// Default of `MAX_PAYLOAD_SIZE_IN_KB` (the original's `max_payload_size_in_kb`).
 pub const DEFAULT_MAX_PAYLOAD_SIZE_IN_KB: usize = 3_000;
+/// Default of `CLIENT_PRESENCE_MAX_CALLS`: presence messages one channel may send per window.
 pub const DEFAULT_CLIENT_PRESENCE_MAX_CALLS: u32 = 5;
+/// Default of `CLIENT_PRESENCE_WINDOW_MS`: the window of [`DEFAULT_CLIENT_PRESENCE_MAX_CALLS`].
 pub const DEFAULT_CLIENT_PRESENCE_WINDOW_MS: u64 = 30_000;
+/// Default of `MAX_FRAME_BYTES`: the largest WebSocket frame accepted (larger: close 1009).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
 /// Most bytes of presence state one topic may hold: three metas at the largest payload fit.
 pub const DEFAULT_PRESENCE_MAX_STATE_BYTES: usize = 10_000_000;
+/// Default of `IDLE_TIMEOUT_MS`: a socket that sends nothing (not even a heartbeat) this long is
+/// closed.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default of `CLIENT_OUTBOUND_QUEUE_BYTES`: the most one socket may have queued before it is
+/// closed as a slow consumer.
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+/// Default of `SHUTDOWN_TIMEOUT_MS`: how long shutdown waits for sockets to close.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 10_000;
+/// Default of `PUBLICATION`: the publication postgres_changes streams (Supabase's name).
 pub const DEFAULT_PUBLICATION: &str = "supabase_realtime";
+/// Default of `SLOT_NAME`: walcast's durable logical replication slot.
 pub const DEFAULT_SLOT_NAME: &str = "walcast_changes";
+/// Default of `MAX_RECORD_BYTES`: a change record larger than this is sent with its large values
+/// left out.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
+/// Default of `DB_POOL_SIZE`: SQL connections for joins, policies and token checks.
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
+/// Default of `DB_DELIVERY_POOL_SIZE`: SQL connections reserved for the row checks of changes being
+/// delivered.
 pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
+/// Default of `STARTUP_GRACE_MS`: how long a backlog found at start is held for subscribers to
+/// rejoin.
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
 /// The original's `replication_ready_timeout` (one minute).
 pub const DEFAULT_REPLICATION_READY_TIMEOUT_MS: u64 = 60_000;
@@ -37,11 +64,14 @@ pub const DEFAULT_REPLICATION_READY_TIMEOUT_MS: u64 = 60_000;
     version,
     about = "A Supabase Realtime compatible server"
 )]
+/// The command line: `walcast <command> [flags]`.
 pub struct Cli {
+    /// The subcommand to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// walcast's subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve the Realtime protocol (WebSocket and REST) on one port.
@@ -56,15 +86,18 @@ pub enum Command {
     Token(TokenArgs),
 }
 
+/// `walcast migrate`: the serve settings (for the database) and `--dry-run`.
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
     /// Print what walcast finds in the database and what migrating would do; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// The database and publication settings, as `serve` takes them.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
+/// `walcast token`: the claims of the token to print.
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
     /// The `role` claim (anon, authenticated, service_role, or any role).
@@ -92,6 +125,7 @@ pub struct TokenArgs {
 /// default, so keys from a local Supabase stack work unchanged. Never use it in production.
 pub const DEV_JWT_SECRET: &str = "super-secret-jwt-token-with-at-least-32-characters-long";
 
+/// `walcast dev`: the port, the data directory, the example and the secret.
 #[derive(Args, Debug, Clone)]
 pub struct DevArgs {
     /// TCP port for WebSocket and HTTP.
@@ -138,6 +172,7 @@ impl DevArgs {
     }
 }
 
+/// `walcast serve`: every setting, each a flag and an environment variable.
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// TCP port for WebSocket and HTTP.
@@ -356,26 +391,39 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
+/// `LOG_FORMAT`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
 /// A setting that cannot work, found before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A count or size that must be positive is zero.
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    /// `CLIENT_OUTBOUND_QUEUE_BYTES` could not hold one largest payload.
     #[error("CLIENT_OUTBOUND_QUEUE_BYTES ({queue}) must be at least the largest payload ({payload} bytes) plus headroom")]
-    QueueSmallerThanPayload { queue: usize, payload: usize },
+    QueueSmallerThanPayload {
+        /// The queue's bytes.
+        queue: usize,
+        /// The largest payload's bytes.
+        payload: usize,
+    },
+    /// Neither `API_JWT_SECRET` nor `JWT_JWKS` is set.
     #[error("no way to verify tokens: set API_JWT_SECRET or JWT_JWKS")]
     NoJwtKeys,
+    /// A database setting that cannot work (URL, TLS files).
     #[error(transparent)]
     Database(#[from] crate::db::DbError),
     #[error(
         "{0} must be a PostgreSQL identifier: letters, digits and underscores, at most 63 bytes"
     )]
+    /// `SLOT_NAME` or `PUBLICATION` is not a usable identifier.
     BadIdentifier(&'static str),
 }
 
@@ -412,19 +460,33 @@ pub fn elixir_only_settings_present() -> Vec<&'static str> {
 /// Database settings after validation.
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
+    /// Where and how to connect (host, user, database, TLS).
     pub db: crate::db::DbConfig,
+    /// `DB_POOL_SIZE`.
     pub pool_size: usize,
+    /// `DB_DELIVERY_POOL_SIZE`.
     pub delivery_pool_size: usize,
+    /// `PUBLICATION`.
     pub publication: String,
+    /// `SLOT_NAME`.
     pub slot: String,
+    /// `MAX_RECORD_BYTES`.
     pub max_record_bytes: usize,
+    /// `MIGRATE_ON_START` (always on in `walcast dev`).
     pub migrate_on_start: bool,
+    /// `RUN_JANITOR`: prune old `realtime.messages` (partitions are kept ahead either way).
     pub run_janitor: bool,
+    /// `MESSAGES_RETENTION_HOURS`.
     pub messages_retention: std::time::Duration,
+    /// `DB_AFTER_CONNECT_QUERY`.
     pub after_connect: Option<String>,
+    /// `STARTUP_GRACE_MS`.
     pub startup_grace: std::time::Duration,
+    /// `GAP_NOTICE_MS`.
     pub gap_notice: std::time::Duration,
+    /// `REPLICATION_READY_TIMEOUT_MS`.
     pub replication_ready_timeout: std::time::Duration,
+    /// `SLOT_WAL_WARN_BYTES`.
     pub slot_wal_warn_bytes: u64,
 }
 
@@ -433,21 +495,33 @@ pub struct DatabaseSettings {
 pub struct Settings {
     /// Allowed `Origin`s (empty: all).
     pub allowed_origins: Vec<String>,
+    /// `CONNECT_ERROR_BACKOFF_MS`.
     pub connect_error_backoff: Duration,
     /// Refused upgrades that may wait out the back-off at once.
     pub connect_error_backoff_max_waiting: usize,
     /// How long an accepted connection may go unanswered (`None`: no limit).
     pub first_response_deadline: Option<Duration>,
+    /// `CHANNEL_ERROR_BACKOFF_MS`.
     pub channel_error_backoff: Duration,
+    /// `MAX_CHANNELS_PER_CLIENT`.
     pub max_channels_per_client: usize,
+    /// `MAX_PAYLOAD_SIZE_IN_KB`, in bytes.
     pub max_payload_bytes: usize,
+    /// `CLIENT_PRESENCE_MAX_CALLS`.
     pub client_presence_max_calls: u32,
+    /// `CLIENT_PRESENCE_WINDOW_MS`.
     pub client_presence_window: Duration,
+    /// `MAX_FRAME_BYTES`.
     pub max_frame_bytes: usize,
+    /// `PRESENCE_MAX_STATE_BYTES` (capped below the outbound queue).
     pub presence_max_state_bytes: usize,
+    /// `IDLE_TIMEOUT_MS`.
     pub idle_timeout: Duration,
+    /// `CLIENT_OUTBOUND_QUEUE_BYTES`.
     pub outbound_queue_bytes: usize,
+    /// `SHUTDOWN_TIMEOUT_MS`.
     pub shutdown_timeout: Duration,
+    /// The server-wide limits: users, joins/s, events/s, presence/s.
     pub limits: crate::limits::LimitSettings,
     /// The support-chat example's directory, served under `/examples/support-chat/` (only set
     /// by `walcast dev --example support-chat`).
@@ -455,6 +529,8 @@ pub struct Settings {
 }
 
 impl ServeArgs {
+    /// The serve settings, validated (a zero size, a queue too small for a payload, no way to
+    /// verify tokens: refused here).
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         if self.api_jwt_secret.as_deref().unwrap_or("").is_empty()
             && self.jwt_jwks.as_deref().unwrap_or("").is_empty()
