@@ -80,18 +80,24 @@ pub enum Command {
     /// `.walcast/`), migrations applied, listening on 127.0.0.1, printing the URL and
     /// ready-to-use anon and service_role keys.
     Dev(DevArgs),
-    /// Apply walcast's migrations to the database and exit.
+    /// Apply walcast's migrations to the database and exit (or, with --hand-back, hand it back to
+    /// supabase/realtime).
     Migrate(MigrateArgs),
     /// Print a JWT signed with API_JWT_SECRET, for trying walcast without another tool.
     Token(TokenArgs),
 }
 
-/// `walcast migrate`: the serve settings (for the database) and `--dry-run`.
+/// `walcast migrate`: the serve settings (for the database), `--dry-run` and `--hand-back`.
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
     /// Print what walcast finds in the database and what migrating would do; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Hand the database back to supabase/realtime: drop walcast's replication slot and its
+    /// `walcast` schema and, where the original never ran, the `realtime` objects walcast made
+    /// (printing the app's policies on realtime.messages to run again). With --dry-run: the plan.
+    #[arg(long)]
+    pub hand_back: bool,
     /// The database and publication settings, as `serve` takes them.
     #[command(flatten)]
     pub serve: ServeArgs,

@@ -29,14 +29,23 @@ fn main() -> anyhow::Result<()> {
                 .serve
                 .database()?
                 .context("walcast migrate needs a database: set DB_HOST or DATABASE_URL")?;
-            let report = tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()?
-                .block_on(walcast::db::migrations::migrate(
+                .build()?;
+            let report = if args.hand_back {
+                let pool = walcast::db::Pool::new(&db.db, 1);
+                runtime.block_on(walcast::db::handback::hand_back(
+                    &pool,
+                    &db.slot,
+                    args.dry_run,
+                ))?
+            } else {
+                runtime.block_on(walcast::db::migrations::migrate(
                     &db.db,
                     &db.publication,
                     args.dry_run,
-                ))?;
+                ))?
+            };
             for line in report {
                 println!("{line}");
             }

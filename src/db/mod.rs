@@ -1,5 +1,6 @@
 //! Ordinary SQL: connection settings, a small pool, and the migrations runner.
 
+pub mod handback;
 pub mod janitor;
 pub mod migrations;
 pub mod privileges;
