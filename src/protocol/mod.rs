@@ -9,6 +9,7 @@
 
 pub mod binary;
 pub mod encode;
+pub mod event;
 pub mod join;
 pub mod message;
 pub mod v1;
