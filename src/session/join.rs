@@ -1,7 +1,7 @@
 //! The join pipeline: topic and server-wide limits, the join's token, a private channel's read
 //! policy and replay (checked off the socket's task), then [`Session::finish_join`] (reply, hub
 //! subscription, postgres_changes, presence state, replayed messages). Refused joins are
-//! answered after the back-off delay. Also the `replication_ready` waits a join can ask for.
+//! answered after the back-off delay.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -414,46 +414,6 @@ impl Session {
             self.shutdown_channel(
                 &topic,
                 "walcast has no database configured (set DB_HOST or DATABASE_URL): there is no replication connection".into(),
-            );
-        }
-    }
-
-    /// When the earliest `replication_ready` wait times out.
-    pub(super) fn next_ready_deadline(&self) -> Option<Instant> {
-        self.channels
-            .values()
-            .filter_map(|c| c.ready_wait.map(|(_, at)| at))
-            .min()
-    }
-
-    /// The stream has passed the join of every ticket up to `served`: tell those channels.
-    pub(super) fn tell_ready(&mut self, served: u64) {
-        let mut ready = Vec::new();
-        for ch in self.channels.values_mut() {
-            if ch.ready_wait.is_some_and(|(ticket, _)| ticket <= served) {
-                ch.ready_wait = None;
-                ready.push(ch.key.topic.to_string());
-            }
-        }
-        for topic in ready {
-            if let Some(ch) = self.channels.get(&topic) {
-                self.push_system(ch, "system", "ok", "Replication connection established");
-            }
-        }
-    }
-
-    /// `replication_ready` waits past their deadline end their channels, as the original.
-    pub(super) fn expire_ready_waits(&mut self, now: Instant) {
-        let late: Vec<String> = self
-            .channels
-            .iter()
-            .filter(|(_, c)| c.ready_wait.is_some_and(|(_, at)| at <= now))
-            .map(|(t, _)| t.clone())
-            .collect();
-        for topic in late {
-            self.shutdown_channel(
-                &topic,
-                "Replication connection was not established in time".into(),
             );
         }
     }

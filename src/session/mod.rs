@@ -2,23 +2,25 @@
 //!
 //! A session is two tasks. The reader task (this module's [`run`]) decodes frames, answers
 //! heartbeats and joins, keeps each channel's state, and runs the socket's timers (idle timeout,
-//! token expiry, delayed join errors). The writer task ([`writer`]) drains the bounded
+//! token expiry, delayed join errors). The writer task (`writer.rs`) drains the bounded
 //! [`crate::channels::outbound::Outbound`] queue into the socket, so a slow client can only ever
 //! fill its own queue.
 //!
 //! All channels of a socket live in the reader task rather than one task each: a channel is a
 //! few hundred bytes of state, and socket-wide ordering (reply, then pushes) comes for free.
 //!
-//! This file owns the [`Session`] state, [`run`] (the socket loop and its biased `select!`) and
-//! the dispatch of client events; each concern has its own `impl Session` block:
-//! - [`channel`]: one joined channel's state, and closing a channel (shutdown, teardown);
-//! - [`join`]: the join pipeline (limits, token, policies, replay, delayed join errors,
-//!   `replication_ready`);
-//! - [`broadcast`]: client broadcasts and the write-policy gate of private channels;
-//! - [`presence`]: presence track/untrack;
-//! - [`tokens`]: `access_token` pushes, read-policy refresh and token expiry;
-//! - [`postgres_changes`]: the glue to postgres_changes (bindings, gap notices, system messages);
-//! - [`writer`]: the writer task and frame sizes.
+//! This file owns the `Session` state, [`run`] (the socket loop and its biased `select!`) and
+//! the dispatch on [`ClientEvent`] (from [`crate::protocol::event`]); each concern has its own
+//! `impl Session` block:
+//! - `channel.rs`: one joined channel's state, and closing a channel (shutdown, teardown);
+//! - `join.rs`: the join pipeline (limits, token, policies, replay) and `JoinError`, the
+//!   refusals, answered after the back-off delay;
+//! - `broadcast.rs`: client broadcasts and the write-policy gate of private channels;
+//! - `presence.rs`: presence track/untrack;
+//! - `tokens.rs`: `access_token` pushes, read-policy refresh and token expiry;
+//! - `postgres_changes.rs`: the glue to the change stream (postgres_changes bindings, gap
+//!   notices, system messages, `replication_ready` waits);
+//! - `writer.rs`: the writer task and frame sizes.
 
 mod broadcast;
 mod channel;

@@ -1,11 +1,13 @@
-//! The glue between a channel and postgres_changes: parsing and checking its bindings (at join
-//! and after each new token), installing them, and the `system` messages about them (subscribed,
-//! errors, gaps in the change stream, the stream going down and coming back).
+//! The glue between a channel and the change stream: its postgres_changes bindings (parsed and
+//! checked at join and after each new token, then installed), the `system` messages about them
+//! (subscribed, errors, gaps in the stream, the stream going down and coming back), and the
+//! `replication_ready` waits a join can ask for.
 
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
+use tokio::time::Instant;
 
 use super::channel::Channel;
 use super::{Session, SessionEvent};
@@ -182,6 +184,46 @@ impl Session {
             if !ch.pg_bindings.is_empty() {
                 self.push_system(ch, "postgres_changes", status, message);
             }
+        }
+    }
+
+    /// When the earliest `replication_ready` wait times out.
+    pub(super) fn next_ready_deadline(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .filter_map(|c| c.ready_wait.map(|(_, at)| at))
+            .min()
+    }
+
+    /// The stream has passed the join of every ticket up to `served`: tell those channels.
+    pub(super) fn tell_ready(&mut self, served: u64) {
+        let mut ready = Vec::new();
+        for ch in self.channels.values_mut() {
+            if ch.ready_wait.is_some_and(|(ticket, _)| ticket <= served) {
+                ch.ready_wait = None;
+                ready.push(ch.key.topic.to_string());
+            }
+        }
+        for topic in ready {
+            if let Some(ch) = self.channels.get(&topic) {
+                self.push_system(ch, "system", "ok", "Replication connection established");
+            }
+        }
+    }
+
+    /// `replication_ready` waits past their deadline end their channels, as the original.
+    pub(super) fn expire_ready_waits(&mut self, now: Instant) {
+        let late: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.ready_wait.is_some_and(|(_, at)| at <= now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in late {
+            self.shutdown_channel(
+                &topic,
+                "Replication connection was not established in time".into(),
+            );
         }
     }
 }
