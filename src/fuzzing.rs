@@ -34,12 +34,19 @@ pub fn pgoutput(data: &[u8]) {
     }
 }
 
-/// Client frames under both serializers, and join payload parsing.
+/// Client frames under both serializers, the client events they carry, and join payload parsing.
 pub fn frames(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let _ = Vsn::V1.decode_text(&text);
-    let _ = Vsn::V2.decode_text(&text);
-    let _ = Vsn::V2.decode_binary(data);
+    for m in [
+        Vsn::V1.decode_text(&text),
+        Vsn::V2.decode_text(&text),
+        Vsn::V2.decode_binary(data),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let _ = crate::protocol::event::ClientEvent::parse(&m);
+    }
     let _ = crate::protocol::join::parse(&text);
 }
 

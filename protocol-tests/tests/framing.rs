@@ -224,6 +224,21 @@ async fn a_frame_over_the_limit_closes_the_socket_with_1009() {
     other.assert_quiet().await;
 }
 
+/// A frame past twice `WEBSOCKET_MAX_FRAME_BYTES` cannot be read at all: the transport refuses it
+/// and the session tells that read error apart (by its type) to still close with 1009.
+#[tokio::test]
+async fn an_unreadable_frame_still_gets_1009() {
+    let server = Server::start_with(&[("WEBSOCKET_MAX_FRAME_BYTES", "100000")]).await;
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    // 250,000 bytes: over the transport's 200,000, and small enough to sit in the socket
+    // buffers, so the client reads the close frame rather than a reset.
+    let sent = c.try_send_text("x".repeat(250_000)).await;
+    assert!(sent.is_ok(), "{sent:?}");
+    assert_eq!(c.closed().await, Some((1009, "frame too large".to_owned())));
+    let mut other = server.connect(Vsn::V2, &token("anon")).await;
+    other.assert_quiet().await;
+}
+
 #[tokio::test]
 async fn the_default_frame_limit_is_five_megabytes() {
     let server = Server::start().await;

@@ -39,7 +39,17 @@ pub enum AuthError {
 impl AuthError {
     /// The `{"reason": ...}` of a refused `phx_join` (`Code: message`).
     pub fn join_reason(&self) -> String {
-        let code = match self {
+        let code = self.join_code();
+        let msg = match self {
+            AuthError::Missing => AuthError::Malformed.to_string(),
+            other => other.to_string(),
+        };
+        format!("{code}: {msg}")
+    }
+
+    /// The code of a refused `phx_join` (the part of [`AuthError::join_reason`] before `:`).
+    pub fn join_code(&self) -> &'static str {
+        match self {
             AuthError::Missing | AuthError::Malformed => "MalformedJWT",
             AuthError::Signature => "JwtSignatureError",
             AuthError::Signer | AuthError::SignerForKid(_) => "JwtSignerError",
@@ -47,12 +57,7 @@ impl AuthError {
             | AuthError::NotYetValid(_)
             | AuthError::MissingClaims
             | AuthError::ClaimMismatch(_) => "InvalidJWTToken",
-        };
-        let msg = match self {
-            AuthError::Missing => AuthError::Malformed.to_string(),
-            other => other.to_string(),
-        };
-        format!("{code}: {msg}")
+        }
     }
 
     /// The `{"error": ...}` body of a refused WebSocket upgrade (always HTTP 401).

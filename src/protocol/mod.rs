@@ -6,9 +6,14 @@
 //!   `join_ref`.
 //! - [`Vsn::V2`] (`2.0.0`): JSON arrays `[join_ref, ref, topic, event, payload]`, plus binary
 //!   frames for user broadcasts (kind 3 in, kind 4 out; see [`binary`]).
+//!
+//! A decoded [`Inbound`] is told apart into a typed [`event::ClientEvent`] (heartbeat, join,
+//! leave, broadcast, presence track/untrack, access_token, unknown), which the session
+//! dispatches on; [`join`] parses the `phx_join` payload and [`encode`] makes the server's frames.
 
 pub mod binary;
 pub mod encode;
+pub mod event;
 pub mod join;
 pub mod message;
 pub mod v1;
