@@ -1,0 +1,531 @@
+//! `filter` strings of postgres_changes bindings: the grammar (parsing `column=op.value` with the
+//! original's error strings, [`ParsedFilter`], Elixir's [`inspect`]) and the compiled [`Filter`]
+//! that evaluates one condition against a row value. How values compare by column type lives in
+//! [`compare`]; LIKE/ILIKE and regular-expression matching in [`pattern`].
+//!
+//! Syntax: `column=op.value`, optionally `column=not.op.value`; several joined by top-level
+//! commas are ANDed. Operators: eq, neq, lt, lte, gt, gte, in, like, ilike, is, match, imatch,
+//! isdistinct. `in` takes `(a,b,c)` (a PostgreSQL array literal inside), at most 100 values.
+
+pub mod compare;
+pub mod pattern;
+
+use std::cmp::Ordering;
+
+use compare::parse_bool;
+pub use compare::Kind;
+pub use pattern::{compile_regex, like, LikePattern};
+
+pub const OPS: &[&str] = &[
+    "eq",
+    "neq",
+    "lt",
+    "lte",
+    "gt",
+    "gte",
+    "in",
+    "like",
+    "ilike",
+    "is",
+    "match",
+    "imatch",
+    "isdistinct",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Neq,
+    Lt,
+    Lte,
+    Gt,
+    Gte,
+    In,
+    Like,
+    ILike,
+    Is,
+    Match,
+    IMatch,
+    IsDistinct,
+}
+
+impl Op {
+    fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "eq" => Op::Eq,
+            "neq" => Op::Neq,
+            "lt" => Op::Lt,
+            "lte" => Op::Lte,
+            "gt" => Op::Gt,
+            "gte" => Op::Gte,
+            "in" => Op::In,
+            "like" => Op::Like,
+            "ilike" => Op::ILike,
+            "is" => Op::Is,
+            "match" => Op::Match,
+            "imatch" => Op::IMatch,
+            "isdistinct" => Op::IsDistinct,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Eq => "eq",
+            Op::Neq => "neq",
+            Op::Lt => "lt",
+            Op::Lte => "lte",
+            Op::Gt => "gt",
+            Op::Gte => "gte",
+            Op::In => "in",
+            Op::Like => "like",
+            Op::ILike => "ilike",
+            Op::Is => "is",
+            Op::Match => "match",
+            Op::IMatch => "imatch",
+            Op::IsDistinct => "isdistinct",
+        }
+    }
+}
+
+/// One parsed filter, before it is checked against a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedFilter {
+    pub column: String,
+    pub op: Op,
+    /// For `in`, the PostgreSQL array literal `{a,b}`; otherwise the unquoted value.
+    pub value: String,
+    pub negate: bool,
+}
+
+impl ParsedFilter {
+    /// The original's log form: `{"col", "eq", "5", false}`.
+    pub fn to_log(&self) -> String {
+        format!(
+            "{{{}, {}, {}, {}}}",
+            inspect(&self.column),
+            inspect(self.op.as_str()),
+            inspect(&self.value),
+            self.negate
+        )
+    }
+}
+
+/// Elixir's `inspect` of a string, which the original's error messages embed.
+pub fn inspect(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '#' => out.push('#'),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\x{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn inspect_list(items: &[&str]) -> String {
+    let parts: Vec<String> = items.iter().map(|s| inspect(s)).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Parses a filter string. The error is the reason without the ``Error parsing `filter` params: ``
+/// prefix.
+pub fn parse(filter: &str) -> Result<Vec<ParsedFilter>, String> {
+    let trimmed = filter.trim();
+    if trimmed.is_empty() {
+        return Ok(Vec::new());
+    }
+    split_top_level(trimmed)
+        .iter()
+        .map(|segment| parse_segment(segment))
+        .collect()
+}
+
+/// Splits on commas outside parentheses and double quotes (a quote opens only after `.`, `(`
+/// or `,`, as in the original).
+fn split_top_level(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0usize;
+    let mut quoted = false;
+    let mut prev = '\0';
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '\\' => {
+                    current.push('\\');
+                    if let Some(n) = chars.next() {
+                        current.push(n);
+                        prev = n;
+                    }
+                    continue;
+                }
+                '"' => quoted = false,
+                _ => {}
+            }
+            current.push(c);
+            prev = c;
+            continue;
+        }
+        match c {
+            '"' if matches!(prev, '.' | '(' | ',') => {
+                quoted = true;
+                current.push(c);
+            }
+            '(' => {
+                depth += 1;
+                current.push(c);
+            }
+            ')' => {
+                depth = depth.saturating_sub(1);
+                current.push(c);
+            }
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut current));
+                prev = '\0';
+                continue;
+            }
+            _ => current.push(c),
+        }
+        prev = c;
+    }
+    out.push(current);
+    out
+}
+
+fn parse_segment(segment: &str) -> Result<ParsedFilter, String> {
+    let trimmed = segment.trim();
+    if trimmed.is_empty() {
+        return Err("filter must not contain empty segments (check for extra commas)".into());
+    }
+    let Some((column, rest)) = trimmed.split_once('=') else {
+        return Err(inspect_list(&[trimmed]));
+    };
+    let (negate, op_value) = match rest.strip_prefix("not.") {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    let Some((op_str, value)) = op_value.split_once('.') else {
+        return Err(inspect_list(&[op_value]));
+    };
+    let Some(op) = Op::parse(op_str) else {
+        return Err(inspect_list(&[op_str, value]));
+    };
+    let value = if op == Op::In {
+        let inner = value
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(|| "`in` filter value must be wrapped by parentheses".to_owned())?;
+        if inner.len() > MAX_IN_LIST_BYTES {
+            return Err(format!(
+                "`in` filter value too long. Maximum {MAX_IN_LIST_BYTES} bytes"
+            ));
+        }
+        format!("{{{inner}}}")
+    } else {
+        unquote(value)
+    };
+    if matches!(op, Op::Like | Op::ILike | Op::Match | Op::IMatch)
+        && value.chars().nth(MAX_PATTERN_CHARS).is_some()
+    {
+        return Err(format!(
+            "pattern of `{}` filter too long. Maximum {MAX_PATTERN_CHARS} characters",
+            op.as_str()
+        ));
+    }
+    Ok(ParsedFilter {
+        column: column.to_owned(),
+        op,
+        value,
+        negate,
+    })
+}
+
+/// `"a \"b\""` → `a "b"`; anything not a complete quoted string is kept as is.
+fn unquote(value: &str) -> String {
+    let Some(rest) = value.strip_prefix('"') else {
+        return value.to_owned();
+    };
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(n) => out.push(n),
+                None => return value.to_owned(),
+            },
+            '"' => {
+                return if chars.as_str().is_empty() {
+                    out
+                } else {
+                    value.to_owned()
+                };
+            }
+            c => out.push(c),
+        }
+    }
+    value.to_owned()
+}
+
+/// Longest LIKE/ILIKE/match/imatch pattern a filter may carry, in characters. The matchers
+/// below run in time linear in the value whatever the pattern, but a bound keeps the compiled
+/// form small and the error specific.
+pub const MAX_PATTERN_CHARS: usize = 1024;
+/// Longest `in` list, in bytes of the text between the parentheses (besides the original's
+/// limit of 100 values).
+pub const MAX_IN_LIST_BYTES: usize = 8192;
+
+/// The right-hand side of a compiled filter.
+#[derive(Clone, Debug)]
+pub enum Operand {
+    /// A normalised value (None: SQL NULL, which no comparison matches).
+    Value(Option<String>),
+    List(Vec<Option<String>>),
+    Pattern(LikePattern),
+    Regex(regex::Regex),
+    /// `is`: null, true, false or unknown.
+    Keyword(String),
+}
+
+/// A filter ready to run: the column it reads, the column's kind, the operator.
+#[derive(Clone, Debug)]
+pub struct Filter {
+    pub column: String,
+    pub kind: Kind,
+    pub op: Op,
+    pub negate: bool,
+    pub operand: Operand,
+}
+
+impl Filter {
+    /// Three-valued result: `None` is SQL NULL (treated as "not visible").
+    pub fn eval(&self, value: Option<&str>) -> Option<bool> {
+        let result = match (&self.operand, self.op) {
+            (Operand::Keyword(k), Op::Is) => {
+                let r = match (k.as_str(), value) {
+                    ("null", v) => v.is_none(),
+                    ("unknown", v) => v.is_none(),
+                    ("true", Some(v)) => parse_bool(v) == Some(true),
+                    ("false", Some(v)) => parse_bool(v) == Some(false),
+                    (_, None) => false,
+                    _ => false,
+                };
+                // IS / IS NOT never yield NULL.
+                return Some(r != self.negate);
+            }
+            (Operand::Value(rhs), Op::IsDistinct) => {
+                let distinct = match (value, rhs.as_deref()) {
+                    (None, None) => false,
+                    (None, Some(_)) | (Some(_), None) => true,
+                    (Some(a), Some(b)) => self.kind.compare(a, b) != Some(Ordering::Equal),
+                };
+                return Some(distinct != self.negate);
+            }
+            (Operand::Value(rhs), op) => {
+                let (a, b) = (value?, rhs.as_deref()?);
+                let ord = self.kind.compare(a, b)?;
+                match op {
+                    Op::Eq => ord == Ordering::Equal,
+                    Op::Neq => ord != Ordering::Equal,
+                    Op::Lt => ord == Ordering::Less,
+                    Op::Lte => ord != Ordering::Greater,
+                    Op::Gt => ord == Ordering::Greater,
+                    Op::Gte => ord != Ordering::Less,
+                    _ => return None,
+                }
+            }
+            (Operand::List(items), Op::In) => {
+                let a = value?;
+                let mut saw_null = false;
+                let mut hit = false;
+                for item in items {
+                    match item {
+                        None => saw_null = true,
+                        Some(b) => {
+                            if self.kind.compare(a, b) == Some(Ordering::Equal) {
+                                hit = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                if !hit && saw_null {
+                    return None;
+                }
+                hit
+            }
+            (Operand::Pattern(p), Op::Like | Op::ILike) => p.matches(value?),
+            (Operand::Regex(re), Op::Match | Op::IMatch) => re.is_match(value?),
+            _ => return None,
+        };
+        Some(result != self.negate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(column: &str, op: Op, value: &str, negate: bool) -> ParsedFilter {
+        ParsedFilter {
+            column: column.into(),
+            op,
+            value: value.into(),
+            negate,
+        }
+    }
+
+    #[test]
+    fn parses_like_the_original() {
+        assert_eq!(
+            parse("subject=eq.hey").unwrap(),
+            vec![f("subject", Op::Eq, "hey", false)]
+        );
+        assert_eq!(
+            parse("subject=in.(hidee,ho)").unwrap(),
+            vec![f("subject", Op::In, "{hidee,ho}", false)]
+        );
+        assert_eq!(
+            parse("subject=not.like.hey%").unwrap(),
+            vec![f("subject", Op::Like, "hey%", true)]
+        );
+        assert_eq!(
+            parse("id=gt.0,id=lt.100").unwrap(),
+            vec![f("id", Op::Gt, "0", false), f("id", Op::Lt, "100", false)]
+        );
+        assert_eq!(parse("   ").unwrap(), vec![]);
+        assert_eq!(
+            parse(r#"name=eq."a,b""#).unwrap(),
+            vec![f("name", Op::Eq, "a,b", false)]
+        );
+        assert_eq!(
+            parse(r#"name=eq."say \"hi\"""#).unwrap(),
+            vec![f("name", Op::Eq, "say \"hi\"", false)]
+        );
+        assert_eq!(parse("id=in.(1,2),x=eq.y").unwrap().len(), 2);
+        // A value with `=` and `.` in it stays whole.
+        assert_eq!(
+            parse("url=eq.a=b.c").unwrap(),
+            vec![f("url", Op::Eq, "a=b.c", false)]
+        );
+    }
+
+    #[test]
+    fn parse_errors_match_the_original() {
+        assert_eq!(parse("subject=foo.hey").unwrap_err(), r#"["foo", "hey"]"#);
+        assert_eq!(parse("undefined").unwrap_err(), r#"["undefined"]"#);
+        assert_eq!(parse("wrong").unwrap_err(), r#"["wrong"]"#);
+        assert_eq!(parse("id=eq").unwrap_err(), r#"["eq"]"#);
+        assert_eq!(
+            parse("id=in.1,2").unwrap_err(),
+            "`in` filter value must be wrapped by parentheses"
+        );
+        assert_eq!(
+            parse("id=eq.1,,id=eq.2").unwrap_err(),
+            "filter must not contain empty segments (check for extra commas)"
+        );
+    }
+
+    pub(super) fn filt(kind: Kind, op: Op, rhs: &str) -> Filter {
+        Filter {
+            column: "c".into(),
+            kind,
+            op,
+            negate: false,
+            operand: Operand::Value(Some(rhs.into())),
+        }
+    }
+
+    #[test]
+    fn is_in_distinct_and_negation() {
+        let is_null = Filter {
+            column: "c".into(),
+            kind: Kind::Int,
+            op: Op::Is,
+            negate: false,
+            operand: Operand::Keyword("null".into()),
+        };
+        assert_eq!(is_null.eval(None), Some(true));
+        assert_eq!(is_null.eval(Some("1")), Some(false));
+        let is_not_null = Filter {
+            negate: true,
+            ..is_null.clone()
+        };
+        assert_eq!(is_not_null.eval(None), Some(false));
+        let inl = Filter {
+            column: "c".into(),
+            kind: Kind::Int,
+            op: Op::In,
+            negate: false,
+            operand: Operand::List(vec![Some("1".into()), Some("2".into())]),
+        };
+        assert_eq!(inl.eval(Some("2")), Some(true));
+        assert_eq!(inl.eval(Some("3")), Some(false));
+        let not_in = Filter {
+            negate: true,
+            ..inl
+        };
+        assert_eq!(not_in.eval(Some("3")), Some(true));
+        assert_eq!(not_in.eval(None), None);
+        let distinct = Filter {
+            column: "c".into(),
+            kind: Kind::Int,
+            op: Op::IsDistinct,
+            negate: false,
+            operand: Operand::Value(Some("1".into())),
+        };
+        assert_eq!(distinct.eval(None), Some(true));
+        assert_eq!(distinct.eval(Some("1")), Some(false));
+        let neq_negated = Filter {
+            negate: true,
+            ..filt(Kind::Int, Op::Neq, "1")
+        };
+        assert_eq!(neq_negated.eval(Some("1")), Some(true));
+    }
+
+    #[test]
+    fn pattern_and_in_list_bounds() {
+        let at = "a".repeat(MAX_PATTERN_CHARS);
+        assert!(parse(&format!("c=like.{at}")).is_ok());
+        assert_eq!(
+            parse(&format!("c=ilike.{at}b")).unwrap_err(),
+            "pattern of `ilike` filter too long. Maximum 1024 characters"
+        );
+        assert_eq!(
+            parse(&format!("c=not.match.{at}b")).unwrap_err(),
+            "pattern of `match` filter too long. Maximum 1024 characters"
+        );
+        // Characters, not bytes.
+        assert!(parse(&format!("c=like.{}", "é".repeat(MAX_PATTERN_CHARS))).is_ok());
+        let list = "x".repeat(MAX_IN_LIST_BYTES);
+        assert!(parse(&format!("c=in.({list})")).is_ok());
+        assert_eq!(
+            parse(&format!("c=in.({list}y)")).unwrap_err(),
+            "`in` filter value too long. Maximum 8192 bytes"
+        );
+    }
+
+    #[test]
+    fn inspect_quotes_like_elixir() {
+        assert_eq!(inspect("a\"b"), r#""a\"b""#);
+        assert_eq!(
+            ParsedFilter {
+                column: "notacolumn".into(),
+                op: Op::Eq,
+                value: "123".into(),
+                negate: false
+            }
+            .to_log(),
+            r#"{"notacolumn", "eq", "123", false}"#
+        );
+    }
+}
