@@ -26,6 +26,10 @@ pub mod registry;
 
 use std::sync::Arc;
 
+pub use binding::BindingError;
+pub use filter::FilterError;
+pub use prepare::{PrepareError, SubscribeError};
+
 use crate::db::Pool;
 
 use authorize::Authorizer;

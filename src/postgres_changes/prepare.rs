@@ -11,7 +11,7 @@ use crate::db::DbError;
 use crate::error::{clip, MAX_ECHO_BYTES};
 
 use super::binding::BindingSpec;
-use super::filter::{self, Filter, Kind, Op, Operand};
+use super::filter::{self, inspect, Filter, Kind, Op, Operand};
 use super::registry::{Cohort, Sub, Target};
 use super::PgChanges;
 
@@ -20,13 +20,14 @@ const MAX_IN_VALUES: usize = 100;
 
 impl PgChanges {
     /// Checks a channel's bindings against the database and returns the subscriptions to
-    /// register, or the `system` error message. All or nothing, as in the original.
+    /// register, or why the first binding refused was refused. All or nothing, as in the
+    /// original.
     pub async fn prepare(
         &self,
         target: Arc<Target>,
         claims: &Claims,
         bindings: &[BindingSpec],
-    ) -> Result<Vec<(u32, Sub)>, String> {
+    ) -> Result<Vec<(u32, Sub)>, SubscribeError> {
         let cohort = Arc::new(Cohort {
             role: claims.role.clone(),
             claims: serde_json::to_string(&*claims.raw).unwrap_or_else(|_| "{}".into()),
@@ -37,7 +38,10 @@ impl PgChanges {
             let subs = self
                 .prepare_binding(&target, &cohort, b)
                 .await
-                .map_err(|e| e.message(b))?;
+                .map_err(|reason| SubscribeError {
+                    params: b.params_to_log(),
+                    reason,
+                })?;
             out.extend(subs);
         }
         Ok(out)
@@ -56,10 +60,7 @@ impl PgChanges {
             .map_err(|e| PrepareError::db(e.into()))?
             .get::<_, bool>(0);
         if !role_ok {
-            return Err(PrepareError::Exception(format!(
-                "ERROR 42704 (undefined_object) role {} does not exist",
-                filter::inspect(&cohort.role)
-            )));
+            return Err(PrepareError::UnknownRole(cohort.role.clone()));
         }
         let tables = client
             .query(
@@ -101,10 +102,7 @@ impl PgChanges {
             let mut filters = Vec::with_capacity(b.filters.len());
             for f in &b.filters {
                 let Some((type_oid, type_name)) = columns.get(&f.column) else {
-                    return Err(PrepareError::raise(format!(
-                        "invalid column for filter {}",
-                        f.column
-                    )));
+                    return Err(PrepareError::FilterColumn(f.column.clone()));
                 };
                 filters.push(
                     self.compile_filter(&client, f, *type_oid, type_name)
@@ -114,9 +112,7 @@ impl PgChanges {
             if let Some(select) = &b.select {
                 for c in select {
                     if !columns.contains_key(c) {
-                        return Err(PrepareError::raise(format!(
-                            "invalid column for select {c}"
-                        )));
+                        return Err(PrepareError::SelectColumn(c.clone()));
                     }
                 }
             }
@@ -154,10 +150,10 @@ impl PgChanges {
         let operand = match f.op {
             Op::Eq | Op::Neq | Op::Lt | Op::Lte | Op::Gt | Op::Gte | Op::IsDistinct => {
                 if matches!(f.op, Op::Lt | Op::Lte | Op::Gt | Op::Gte) && !kind.orderable() {
-                    return Err(PrepareError::raise(format!(
-                        "operator {} is not supported by walcast for column type {type_name}",
-                        f.op.as_str()
-                    )));
+                    return Err(PrepareError::NotOrderable {
+                        op: f.op,
+                        type_name: type_name.to_owned(),
+                    });
                 }
                 let sql = format!("SELECT ($1::text::{type_name})::text");
                 let row = client
@@ -173,23 +169,19 @@ impl PgChanges {
                     .await
                     .map_err(PrepareError::sql)?;
                 if rows.len() > MAX_IN_VALUES {
-                    return Err(PrepareError::raise(
-                        "too many values for `in` filter. Maximum 100".into(),
-                    ));
+                    return Err(PrepareError::TooManyInValues);
                 }
                 Operand::List(rows.iter().map(|r| r.get(0)).collect())
             }
             Op::Is => {
                 if !matches!(f.value.as_str(), "null" | "true" | "false" | "unknown") {
-                    return Err(PrepareError::raise(
-                        "invalid value for is filter: must be null, true, false, or unknown".into(),
-                    ));
+                    return Err(PrepareError::IsValue);
                 }
                 if f.value != "null" && kind != Kind::Bool {
-                    return Err(PrepareError::raise(format!(
-                        "is {} filter requires a boolean column, got {type_name}",
-                        f.value
-                    )));
+                    return Err(PrepareError::IsNeedsBoolean {
+                        value: f.value.clone(),
+                        type_name: type_name.to_owned(),
+                    });
                 }
                 Operand::Keyword(f.value.clone())
             }
@@ -208,10 +200,10 @@ impl PgChanges {
                     .map_err(PrepareError::sql)?
                     .get::<_, bool>(0);
                 if !ok {
-                    return Err(PrepareError::raise(format!(
-                        "operator {} requires a text-compatible column type, got {type_name}",
-                        f.op.as_str()
-                    )));
+                    return Err(PrepareError::PatternNeedsText {
+                        op: f.op,
+                        type_name: type_name.to_owned(),
+                    });
                 }
                 if matches!(f.op, Op::Match | Op::IMatch) {
                     if let Err(e) = client.query_one("SELECT '' ~ $1", &[&f.value]).await {
@@ -219,17 +211,17 @@ impl PgChanges {
                             .as_db_error()
                             .map(|d| d.message().to_owned())
                             .unwrap_or_else(|| e.to_string());
-                        return Err(PrepareError::raise(format!(
-                            "invalid regular expression for {} filter: {msg}",
-                            f.op.as_str()
-                        )));
+                        return Err(PrepareError::Regex {
+                            op: f.op,
+                            message: msg,
+                        });
                     }
                     let re = filter::compile_regex(&f.value, f.op == Op::IMatch).map_err(|e| {
-                            PrepareError::raise(format!(
-                                "invalid regular expression for {} filter: walcast cannot evaluate it: {e}",
-                                f.op.as_str()
-                            ))
-                        })?;
+                        PrepareError::RegexUnsupported {
+                            op: f.op,
+                            message: e.to_string(),
+                        }
+                    })?;
                     Operand::Regex(re)
                 } else {
                     Operand::Pattern(filter::LikePattern::new(&f.value, f.op == Op::ILike))
@@ -246,50 +238,104 @@ impl PgChanges {
     }
 }
 
-/// Why a binding could not go live.
-enum PrepareError {
+/// A channel's bindings refused by the database check: the refused binding's parameters (the
+/// original's log form) and why. Its `Display` is the whole `system` message, the original's
+/// "Unable to subscribe to changes with given parameters" text; the echoed parameters and the
+/// exception text (which can quote the value) are clipped to [`MAX_ECHO_BYTES`] each.
+#[derive(Debug, thiserror::Error)]
+#[error("Unable to subscribe to changes with given parameters. {}", self.body())]
+pub struct SubscribeError {
+    /// [`BindingSpec::params_to_log`] of the binding refused.
+    pub params: String,
+    pub reason: PrepareError,
+}
+
+impl SubscribeError {
+    fn body(&self) -> String {
+        let params = clip(&self.params, MAX_ECHO_BYTES);
+        match &self.reason {
+            PrepareError::NoTable => format!(
+                "Please check Realtime is enabled for the given connect parameters: [{params}]"
+            ),
+            e => format!(
+                "An exception happened so please check your connect parameters: [{params}]. Exception: {}",
+                clip(&e.to_string(), MAX_ECHO_BYTES)
+            ),
+        }
+    }
+
+    /// The SQLSTATE the message carries (`None` when it carries none).
+    pub fn code(&self) -> Option<&str> {
+        self.reason.code()
+    }
+}
+
+/// Why one binding could not go live. Its `Display` is the exception text of the original's
+/// message (`ERROR <SQLSTATE> (<condition>) <text>`; ERROR_CODES.md lists them).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// No table of the publication matches (the message then has no exception text).
+    #[error("no table of the publication matches")]
     NoTable,
-    /// The original's "An exception happened" message, with the database error text.
-    Exception(String),
+    #[error("ERROR 42704 (undefined_object) role {} does not exist", inspect(.0))]
+    UnknownRole(String),
+    /// No such column, or the role may not read it.
+    #[error("ERROR P0001 (raise_exception) invalid column for filter {0}")]
+    FilterColumn(String),
+    #[error("ERROR P0001 (raise_exception) invalid column for select {0}")]
+    SelectColumn(String),
+    /// walcast only: ordering on a type walcast cannot order.
+    #[error("ERROR P0001 (raise_exception) operator {} is not supported by walcast for column type {type_name}", .op.as_str())]
+    NotOrderable { op: Op, type_name: String },
+    #[error(
+        "ERROR P0001 (raise_exception) too many values for `in` filter. Maximum {MAX_IN_VALUES}"
+    )]
+    TooManyInValues,
+    #[error("ERROR P0001 (raise_exception) invalid value for is filter: must be null, true, false, or unknown")]
+    IsValue,
+    #[error("ERROR P0001 (raise_exception) is {value} filter requires a boolean column, got {type_name}")]
+    IsNeedsBoolean { value: String, type_name: String },
+    #[error("ERROR P0001 (raise_exception) operator {} requires a text-compatible column type, got {type_name}", .op.as_str())]
+    PatternNeedsText { op: Op, type_name: String },
+    /// PostgreSQL refused the regular expression; its message.
+    #[error("ERROR P0001 (raise_exception) invalid regular expression for {} filter: {message}", .op.as_str())]
+    Regex { op: Op, message: String },
+    /// walcast only: PostgreSQL takes it but walcast's engine cannot evaluate it.
+    #[error("ERROR P0001 (raise_exception) invalid regular expression for {} filter: walcast cannot evaluate it: {message}", .op.as_str())]
+    RegexUnsupported { op: Op, message: String },
+    /// The database refused a statement (a value that does not cast, ...).
+    #[error("ERROR {code} ({}) {message}", condition_name(code))]
+    Sql { code: String, message: String },
+    /// No answer from the database (connection, pool): the error's text.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl PrepareError {
-    fn raise(msg: String) -> Self {
-        PrepareError::Exception(format!("ERROR P0001 (raise_exception) {msg}"))
+    /// The SQLSTATE the message carries (`None` when it carries none).
+    pub fn code(&self) -> Option<&str> {
+        Some(match self {
+            PrepareError::NoTable | PrepareError::Unavailable(_) => return None,
+            PrepareError::UnknownRole(_) => "42704",
+            PrepareError::Sql { code, .. } => code,
+            _ => "P0001",
+        })
     }
 
     fn sql(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            Some(db) => PrepareError::Exception(format!(
-                "ERROR {} ({}) {}",
-                db.code().code(),
-                condition_name(db.code().code()),
-                db.message()
-            )),
-            None => PrepareError::Exception(e.to_string()),
+            Some(db) => PrepareError::Sql {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+            },
+            None => PrepareError::Unavailable(e.to_string()),
         }
     }
 
     fn db(e: DbError) -> Self {
         match e {
             DbError::Postgres(e) => Self::sql(e),
-            other => PrepareError::Exception(other.to_string()),
-        }
-    }
-
-    /// The original's message. The echoed parameters and the database's error text (which can
-    /// quote the value) are clipped to [`MAX_ECHO_BYTES`] each.
-    fn message(&self, b: &BindingSpec) -> String {
-        let params = b.params_to_log();
-        let params = clip(&params, MAX_ECHO_BYTES);
-        match self {
-            PrepareError::NoTable => format!(
-                "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{params}]"
-            ),
-            PrepareError::Exception(e) => format!(
-                "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{params}]. Exception: {}",
-                clip(e, MAX_ECHO_BYTES)
-            ),
+            other => PrepareError::Unavailable(other.to_string()),
         }
     }
 }
@@ -311,5 +357,138 @@ fn condition_name(code: &str) -> &'static str {
         "P0001" => "raise_exception",
         "0A000" => "feature_not_supported",
         _ => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PARAMS: &str = r#"event: *, schema: public, table: test, filters: [{"id", "eq", "x", false}], select: nil"#;
+
+    fn wire(reason: PrepareError) -> String {
+        SubscribeError {
+            params: PARAMS.into(),
+            reason,
+        }
+        .to_string()
+    }
+
+    fn exception(text: &str) -> String {
+        format!(
+            "Unable to subscribe to changes with given parameters. An exception happened so please check your connect parameters: [{PARAMS}]. Exception: {text}"
+        )
+    }
+
+    /// The wire strings of ERROR_CODES.md, one per variant.
+    #[test]
+    fn each_error_displays_its_wire_string() {
+        assert_eq!(
+            wire(PrepareError::NoTable),
+            format!("Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: [{PARAMS}]")
+        );
+        let cases = [
+            (
+                PrepareError::UnknownRole("nob\"ody".into()),
+                r#"ERROR 42704 (undefined_object) role "nob\"ody" does not exist"#,
+            ),
+            (
+                PrepareError::FilterColumn("nope".into()),
+                "ERROR P0001 (raise_exception) invalid column for filter nope",
+            ),
+            (
+                PrepareError::SelectColumn("nope".into()),
+                "ERROR P0001 (raise_exception) invalid column for select nope",
+            ),
+            (
+                PrepareError::NotOrderable {
+                    op: Op::Gt,
+                    type_name: "uuid".into(),
+                },
+                "ERROR P0001 (raise_exception) operator gt is not supported by walcast for column type uuid",
+            ),
+            (
+                PrepareError::TooManyInValues,
+                "ERROR P0001 (raise_exception) too many values for `in` filter. Maximum 100",
+            ),
+            (
+                PrepareError::IsValue,
+                "ERROR P0001 (raise_exception) invalid value for is filter: must be null, true, false, or unknown",
+            ),
+            (
+                PrepareError::IsNeedsBoolean {
+                    value: "true".into(),
+                    type_name: "integer".into(),
+                },
+                "ERROR P0001 (raise_exception) is true filter requires a boolean column, got integer",
+            ),
+            (
+                PrepareError::PatternNeedsText {
+                    op: Op::ILike,
+                    type_name: "integer".into(),
+                },
+                "ERROR P0001 (raise_exception) operator ilike requires a text-compatible column type, got integer",
+            ),
+            (
+                PrepareError::Regex {
+                    op: Op::Match,
+                    message: "invalid regular expression: parentheses () not balanced".into(),
+                },
+                "ERROR P0001 (raise_exception) invalid regular expression for match filter: invalid regular expression: parentheses () not balanced",
+            ),
+            (
+                PrepareError::RegexUnsupported {
+                    op: Op::IMatch,
+                    message: "look-around is not supported".into(),
+                },
+                "ERROR P0001 (raise_exception) invalid regular expression for imatch filter: walcast cannot evaluate it: look-around is not supported",
+            ),
+            (
+                PrepareError::Sql {
+                    code: "22P02".into(),
+                    message: r#"invalid input syntax for type integer: "abc""#.into(),
+                },
+                r#"ERROR 22P02 (invalid_text_representation) invalid input syntax for type integer: "abc""#,
+            ),
+            (
+                PrepareError::Sql {
+                    code: "XX999".into(),
+                    message: "odd".into(),
+                },
+                "ERROR XX999 (error) odd",
+            ),
+            (PrepareError::Unavailable("timed out".into()), "timed out"),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(wire(e), exception(text));
+        }
+    }
+
+    #[test]
+    fn codes_are_the_sqlstate_in_the_message() {
+        assert_eq!(PrepareError::NoTable.code(), None);
+        assert_eq!(PrepareError::UnknownRole("x".into()).code(), Some("42704"));
+        assert_eq!(PrepareError::TooManyInValues.code(), Some("P0001"));
+        let sql = PrepareError::Sql {
+            code: "22P02".into(),
+            message: "m".into(),
+        };
+        assert_eq!(sql.code(), Some("22P02"));
+        assert_eq!(PrepareError::Unavailable("x".into()).code(), None);
+    }
+
+    #[test]
+    fn echoed_parameters_and_exception_text_are_clipped_each() {
+        let e = SubscribeError {
+            params: "p".repeat(MAX_ECHO_BYTES + 5),
+            reason: PrepareError::FilterColumn("c".repeat(MAX_ECHO_BYTES)),
+        }
+        .to_string();
+        assert!(
+            e.contains("… (5 more bytes)]. Exception: ERROR P0001"),
+            "{e}"
+        );
+        assert!(e.ends_with(" more bytes)"), "{e}");
     }
 }

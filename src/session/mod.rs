@@ -1344,7 +1344,7 @@ impl Session {
         }
         let mut specs = Vec::with_capacity(raw.len());
         for b in raw {
-            match binding::parse(b, binding_id(b)) {
+            match binding::parse(b, binding_id(b)).map_err(|e| e.to_string()) {
                 Ok(spec) => specs.push(spec),
                 Err(message) => {
                     tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
@@ -1381,7 +1381,7 @@ impl Session {
         );
         let events = self.events.clone();
         let task = self.tasks.spawn(async move {
-            let result = pg.prepare(target, &claims, &specs).await;
+            let result = pg.prepare(target, &claims, &specs).await.map_err(|e| e.to_string());
             tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), ok = result.is_ok(), "postgres_changes prepared");
             let _ = events
                 .send(Box::new(SessionEvent::PgPrepared {

@@ -131,14 +131,32 @@ pub fn inspect(s: &str) -> String {
     out
 }
 
-fn inspect_list(items: &[&str]) -> String {
+fn inspect_list(items: &[String]) -> String {
     let parts: Vec<String> = items.iter().map(|s| inspect(s)).collect();
     format!("[{}]", parts.join(", "))
 }
 
-/// Parses a filter string. The error is the reason without the ``Error parsing `filter` params: ``
-/// prefix.
-pub fn parse(filter: &str) -> Result<Vec<ParsedFilter>, String> {
+/// Why a filter string does not parse. Its `Display` is the reason clients see after
+/// ``Error parsing `filter` params: `` (the original's text where it has one; ERROR_CODES.md).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// The parts that did not parse, as the original prints them: `["foo", "hey"]`.
+    #[error("{}", inspect_list(.0))]
+    Unparsed(Vec<String>),
+    #[error("filter must not contain empty segments (check for extra commas)")]
+    EmptySegment,
+    #[error("`in` filter value must be wrapped by parentheses")]
+    InNotParenthesized,
+    /// walcast only: an `in` list over [`MAX_IN_LIST_BYTES`].
+    #[error("`in` filter value too long. Maximum {MAX_IN_LIST_BYTES} bytes")]
+    InListTooLong,
+    /// walcast only: a like/ilike/match/imatch pattern over [`MAX_PATTERN_CHARS`].
+    #[error("pattern of `{}` filter too long. Maximum {MAX_PATTERN_CHARS} characters", .0.as_str())]
+    PatternTooLong(Op),
+}
+
+/// Parses a filter string.
+pub fn parse(filter: &str) -> Result<Vec<ParsedFilter>, FilterError> {
     let trimmed = filter.trim();
     if trimmed.is_empty() {
         return Ok(Vec::new());
@@ -202,33 +220,34 @@ fn split_top_level(s: &str) -> Vec<String> {
     out
 }
 
-fn parse_segment(segment: &str) -> Result<ParsedFilter, String> {
+fn parse_segment(segment: &str) -> Result<ParsedFilter, FilterError> {
     let trimmed = segment.trim();
     if trimmed.is_empty() {
-        return Err("filter must not contain empty segments (check for extra commas)".into());
+        return Err(FilterError::EmptySegment);
     }
     let Some((column, rest)) = trimmed.split_once('=') else {
-        return Err(inspect_list(&[trimmed]));
+        return Err(FilterError::Unparsed(vec![trimmed.to_owned()]));
     };
     let (negate, op_value) = match rest.strip_prefix("not.") {
         Some(r) => (true, r),
         None => (false, rest),
     };
     let Some((op_str, value)) = op_value.split_once('.') else {
-        return Err(inspect_list(&[op_value]));
+        return Err(FilterError::Unparsed(vec![op_value.to_owned()]));
     };
     let Some(op) = Op::parse(op_str) else {
-        return Err(inspect_list(&[op_str, value]));
+        return Err(FilterError::Unparsed(vec![
+            op_str.to_owned(),
+            value.to_owned(),
+        ]));
     };
     let value = if op == Op::In {
         let inner = value
             .strip_prefix('(')
             .and_then(|v| v.strip_suffix(')'))
-            .ok_or_else(|| "`in` filter value must be wrapped by parentheses".to_owned())?;
+            .ok_or(FilterError::InNotParenthesized)?;
         if inner.len() > MAX_IN_LIST_BYTES {
-            return Err(format!(
-                "`in` filter value too long. Maximum {MAX_IN_LIST_BYTES} bytes"
-            ));
+            return Err(FilterError::InListTooLong);
         }
         format!("{{{inner}}}")
     } else {
@@ -237,10 +256,7 @@ fn parse_segment(segment: &str) -> Result<ParsedFilter, String> {
     if matches!(op, Op::Like | Op::ILike | Op::Match | Op::IMatch)
         && value.chars().nth(MAX_PATTERN_CHARS).is_some()
     {
-        return Err(format!(
-            "pattern of `{}` filter too long. Maximum {MAX_PATTERN_CHARS} characters",
-            op.as_str()
-        ));
+        return Err(FilterError::PatternTooLong(op));
     }
     Ok(ParsedFilter {
         column: column.to_owned(),
@@ -421,16 +437,22 @@ mod tests {
 
     #[test]
     fn parse_errors_match_the_original() {
-        assert_eq!(parse("subject=foo.hey").unwrap_err(), r#"["foo", "hey"]"#);
-        assert_eq!(parse("undefined").unwrap_err(), r#"["undefined"]"#);
-        assert_eq!(parse("wrong").unwrap_err(), r#"["wrong"]"#);
-        assert_eq!(parse("id=eq").unwrap_err(), r#"["eq"]"#);
         assert_eq!(
-            parse("id=in.1,2").unwrap_err(),
+            parse("subject=foo.hey").unwrap_err().to_string(),
+            r#"["foo", "hey"]"#
+        );
+        assert_eq!(
+            parse("undefined").unwrap_err().to_string(),
+            r#"["undefined"]"#
+        );
+        assert_eq!(parse("wrong").unwrap_err().to_string(), r#"["wrong"]"#);
+        assert_eq!(parse("id=eq").unwrap_err().to_string(), r#"["eq"]"#);
+        assert_eq!(
+            parse("id=in.1,2").unwrap_err().to_string(),
             "`in` filter value must be wrapped by parentheses"
         );
         assert_eq!(
-            parse("id=eq.1,,id=eq.2").unwrap_err(),
+            parse("id=eq.1,,id=eq.2").unwrap_err().to_string(),
             "filter must not contain empty segments (check for extra commas)"
         );
     }
@@ -492,16 +514,48 @@ mod tests {
         assert_eq!(neq_negated.eval(Some("1")), Some(true));
     }
 
+    /// The wire strings of ERROR_CODES.md, one per variant.
+    #[test]
+    fn each_error_displays_its_wire_string() {
+        let cases = [
+            (
+                FilterError::Unparsed(vec!["foo".into(), "he\"y".into()]),
+                r#"["foo", "he\"y"]"#,
+            ),
+            (
+                FilterError::EmptySegment,
+                "filter must not contain empty segments (check for extra commas)",
+            ),
+            (
+                FilterError::InNotParenthesized,
+                "`in` filter value must be wrapped by parentheses",
+            ),
+            (
+                FilterError::InListTooLong,
+                "`in` filter value too long. Maximum 8192 bytes",
+            ),
+            (
+                FilterError::PatternTooLong(Op::ILike),
+                "pattern of `ilike` filter too long. Maximum 1024 characters",
+            ),
+        ];
+        for (e, wire) in cases {
+            assert_eq!(e.to_string(), wire);
+        }
+    }
+
     #[test]
     fn pattern_and_in_list_bounds() {
         let at = "a".repeat(MAX_PATTERN_CHARS);
         assert!(parse(&format!("c=like.{at}")).is_ok());
         assert_eq!(
-            parse(&format!("c=ilike.{at}b")).unwrap_err(),
+            parse(&format!("c=ilike.{at}b")).unwrap_err().to_string(),
             "pattern of `ilike` filter too long. Maximum 1024 characters"
         );
         assert_eq!(
-            parse(&format!("c=not.match.{at}b")).unwrap_err(),
+            parse(&format!("c=not.match.{at}b"))
+                .unwrap_err()
+                .to_string(),
             "pattern of `match` filter too long. Maximum 1024 characters"
         );
         // Characters, not bytes.
@@ -509,7 +563,7 @@ mod tests {
         let list = "x".repeat(MAX_IN_LIST_BYTES);
         assert!(parse(&format!("c=in.({list})")).is_ok());
         assert_eq!(
-            parse(&format!("c=in.({list}y)")).unwrap_err(),
+            parse(&format!("c=in.({list}y)")).unwrap_err().to_string(),
             "`in` filter value too long. Maximum 8192 bytes"
         );
     }
