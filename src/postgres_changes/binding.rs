@@ -3,11 +3,12 @@
 
 use serde_json::{Map, Value};
 
-use super::filter::{self, inspect, FilterError, ParsedFilter};
+use super::filter::{self, inspect, Cond, FilterError, ParsedFilter};
 use crate::error::{clip, MAX_ECHO_BYTES};
 
 /// Largest binding, in bytes of its JSON text (event, schema, table, filter, select).
-pub const MAX_BINDING_BYTES: usize = 16 * 1024;
+/// Room for an `in` list at its bound ([`filter::MAX_IN_LIST_BYTES`]) and the rest of the binding.
+pub const MAX_BINDING_BYTES: usize = 64 * 1024;
 /// Most postgres_changes bindings one channel may ask for.
 pub const MAX_BINDINGS_PER_CHANNEL: usize = 100;
 
@@ -90,14 +91,15 @@ pub struct BindingSpec {
     pub schema: String,
     /// `*` means every table.
     pub table: String,
-    pub filters: Vec<ParsedFilter>,
+    /// Conditions that must all hold.
+    pub filters: Vec<Cond<ParsedFilter>>,
     pub select: Option<Vec<String>>,
 }
 
 impl BindingSpec {
     /// The original's log form of the parameters, embedded in its error messages.
     pub fn params_to_log(&self) -> String {
-        let filters: Vec<String> = self.filters.iter().map(ParsedFilter::to_log).collect();
+        let filters: Vec<String> = self.filters.iter().map(Cond::to_log).collect();
         let select = match &self.select {
             None => "nil".to_owned(),
             Some(cols) => format!(
@@ -247,8 +249,8 @@ mod tests {
                 "Too many postgres_changes bindings: 101. Maximum 100 per channel",
             ),
             (
-                BindingError::TooLarge(20000),
-                "Binding too large: 20000 bytes. Maximum 16384 bytes of JSON per postgres_changes binding",
+                BindingError::TooLarge(70000),
+                "Binding too large: 70000 bytes. Maximum 65536 bytes of JSON per postgres_changes binding",
             ),
             (
                 BindingError::BadSelect,

@@ -11,12 +11,13 @@ use crate::db::DbError;
 use crate::error::{clip, MAX_ECHO_BYTES};
 
 use super::binding::BindingSpec;
-use super::filter::{self, inspect, Filter, Kind, Op, Operand};
+use super::filter::{self, inspect, Cond, Filter, Kind, Op, Operand};
 use super::registry::{Cohort, Sub, Target};
 use super::PgChanges;
 
-/// Most values an `in` filter may list.
-const MAX_IN_VALUES: usize = 100;
+/// Most values an `in` filter may list (the original's limit is 100, and its matching silently
+/// stops at 60-70 values).
+pub const MAX_IN_VALUES: usize = 1000;
 
 impl PgChanges {
     /// Checks a channel's bindings against the database and returns the subscriptions to
@@ -99,16 +100,29 @@ impl PgChanges {
                     )
                 })
                 .collect();
-            let mut filters = Vec::with_capacity(b.filters.len());
-            for f in &b.filters {
+            // Every filter, in trees too, depth first; then the trees rebuilt around them.
+            let mut compiled = Vec::new();
+            for f in b.filters.iter().flat_map(Cond::leaves) {
                 let Some((type_oid, type_name)) = columns.get(&f.column) else {
                     return Err(PrepareError::FilterColumn(f.column.clone()));
                 };
-                filters.push(
+                compiled.push(
                     self.compile_filter(&client, f, *type_oid, type_name)
                         .await?,
                 );
             }
+            let mut compiled = compiled.into_iter();
+            let filters = b
+                .filters
+                .iter()
+                .map(|c| {
+                    c.try_map(&mut |_| {
+                        compiled
+                            .next()
+                            .ok_or_else(|| PrepareError::Unavailable("filter tree mismatch".into()))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             if let Some(select) = &b.select {
                 for c in select {
                     if !columns.contains_key(c) {
@@ -409,7 +423,7 @@ mod tests {
             ),
             (
                 PrepareError::TooManyInValues,
-                "ERROR P0001 (raise_exception) too many values for `in` filter. Maximum 100",
+                "ERROR P0001 (raise_exception) too many values for `in` filter. Maximum 1000",
             ),
             (
                 PrepareError::IsValue,

@@ -5,15 +5,18 @@
 //!
 //! Syntax: `column=op.value`, optionally `column=not.op.value`; several joined by top-level
 //! commas are ANDed. Operators: eq, neq, lt, lte, gt, gte, in, like, ilike, is, match, imatch,
-//! isdistinct. `in` takes `(a,b,c)` (a PostgreSQL array literal inside), at most 100 values.
+//! isdistinct. `in` takes `(a,b,c)` (a PostgreSQL array literal inside), at most 1,000 values.
+//! PostgREST's `or=(...)`/`and=(...)` trees (walcast only) are parsed and evaluated in [`logic`].
 
 pub mod compare;
+pub mod logic;
 pub mod pattern;
 
 use std::cmp::Ordering;
 
 use compare::parse_bool;
 pub use compare::Kind;
+pub use logic::Cond;
 pub use pattern::{compile_regex, like, LikePattern};
 
 pub const OPS: &[&str] = &[
@@ -153,10 +156,13 @@ pub enum FilterError {
     /// walcast only: a like/ilike/match/imatch pattern over [`MAX_PATTERN_CHARS`].
     #[error("pattern of `{}` filter too long. Maximum {MAX_PATTERN_CHARS} characters", .0.as_str())]
     PatternTooLong(Op),
+    /// walcast only: `and`/`or` nested deeper than [`logic::MAX_DEPTH`].
+    #[error("`and`/`or` nested too deeply. Maximum {} levels", logic::MAX_DEPTH)]
+    TooDeep,
 }
 
-/// Parses a filter string.
-pub fn parse(filter: &str) -> Result<Vec<ParsedFilter>, FilterError> {
+/// Parses a filter string: its top-level conditions, all of which must hold.
+pub fn parse(filter: &str) -> Result<Vec<Cond<ParsedFilter>>, FilterError> {
     let trimmed = filter.trim();
     if trimmed.is_empty() {
         return Ok(Vec::new());
@@ -220,7 +226,7 @@ fn split_top_level(s: &str) -> Vec<String> {
     out
 }
 
-fn parse_segment(segment: &str) -> Result<ParsedFilter, FilterError> {
+fn parse_segment(segment: &str) -> Result<Cond<ParsedFilter>, FilterError> {
     let trimmed = segment.trim();
     if trimmed.is_empty() {
         return Err(FilterError::EmptySegment);
@@ -228,6 +234,14 @@ fn parse_segment(segment: &str) -> Result<ParsedFilter, FilterError> {
     let Some((column, rest)) = trimmed.split_once('=') else {
         return Err(FilterError::Unparsed(vec![trimmed.to_owned()]));
     };
+    if let Some(tree) = logic::parse_segment(column, rest)? {
+        return Ok(tree);
+    }
+    parse_op_value(column, rest).map(Cond::Leaf)
+}
+
+/// `[not.]op.value` of a filter on `column` (after `=` at the top level, after `.` in a tree).
+fn parse_op_value(column: &str, rest: &str) -> Result<ParsedFilter, FilterError> {
     let (negate, op_value) = match rest.strip_prefix("not.") {
         Some(r) => (true, r),
         None => (false, rest),
@@ -296,9 +310,9 @@ fn unquote(value: &str) -> String {
 /// below run in time linear in the value whatever the pattern, but a bound keeps the compiled
 /// form small and the error specific.
 pub const MAX_PATTERN_CHARS: usize = 1024;
-/// Longest `in` list, in bytes of the text between the parentheses (besides the original's
-/// limit of 100 values).
-pub const MAX_IN_LIST_BYTES: usize = 8192;
+/// Longest `in` list, in bytes of the text between the parentheses (besides the limit of 1,000
+/// values): room for 1,000 uuids (37,000 bytes) or quoted 40-character strings.
+pub const MAX_IN_LIST_BYTES: usize = 48 * 1024;
 
 /// The right-hand side of a compiled filter.
 #[derive(Clone, Debug)]
@@ -391,13 +405,13 @@ impl Filter {
 mod tests {
     use super::*;
 
-    fn f(column: &str, op: Op, value: &str, negate: bool) -> ParsedFilter {
-        ParsedFilter {
+    fn f(column: &str, op: Op, value: &str, negate: bool) -> Cond<ParsedFilter> {
+        Cond::Leaf(ParsedFilter {
             column: column.into(),
             op,
             value: value.into(),
             negate,
-        }
+        })
     }
 
     #[test]
@@ -532,7 +546,7 @@ mod tests {
             ),
             (
                 FilterError::InListTooLong,
-                "`in` filter value too long. Maximum 8192 bytes",
+                "`in` filter value too long. Maximum 49152 bytes",
             ),
             (
                 FilterError::PatternTooLong(Op::ILike),
@@ -564,7 +578,7 @@ mod tests {
         assert!(parse(&format!("c=in.({list})")).is_ok());
         assert_eq!(
             parse(&format!("c=in.({list}y)")).unwrap_err().to_string(),
-            "`in` filter value too long. Maximum 8192 bytes"
+            "`in` filter value too long. Maximum 49152 bytes"
         );
     }
 
