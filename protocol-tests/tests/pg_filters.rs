@@ -187,6 +187,36 @@ async fn or_trees_and_thousand_value_in_lists_deliver_exactly_the_matching_rows(
     }
 }
 
+/// `eq` filters on a boolean column: the value is normalised to `true`/`false` at join while
+/// the stream sends `t`/`f`, and the equality index must see them as equal.
+#[tokio::test]
+async fn boolean_equality_filters_match() {
+    let (_db, server, sql) = setup().await;
+    let filters = [
+        "flag=eq.true",             // 0
+        "flag=eq.f",                // 1
+        "flag=neq.true",            // 2
+        "flag=in.(true)",           // 3
+        "or=(flag.eq.true,n.eq.5)", // 4
+    ];
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    subscribe_all(&mut c, &filters).await;
+    let (_, reply) = c.join("realtime:all", json!({"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"items"}]}})).await;
+    assert_eq!(reply.payload()["status"], "ok");
+    c.recv_until("system", |f| f.event() == "system").await;
+    for (row, want) in [
+        (
+            "INSERT INTO items (n, flag) VALUES (1, true)",
+            vec![0, 3, 4],
+        ),
+        ("INSERT INTO items (n, flag) VALUES (1, false)", vec![1, 2]),
+    ] {
+        let mut seen = who_sees(&mut c, &sql, row).await;
+        seen.sort();
+        assert_eq!(seen, want, "{row}");
+    }
+}
+
 async fn subscription_error(server: &Server, binding: Value) -> String {
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     let (_, reply) = c

@@ -39,6 +39,8 @@ impl Kind {
             Kind::Int => text.trim().parse::<i64>().ok().map(|v| v.to_string()),
             Kind::Numeric => normalize_decimal(text),
             Kind::Float => None,
+            // `true` from the join's cast, `t` from the stream.
+            Kind::Bool => parse_bool(text).map(|b| b.to_string()),
             Kind::BpChar => Some(text.trim_end_matches(' ').to_owned()),
             Kind::CiText => Some(text.to_lowercase()),
             _ => Some(text.to_owned()),
@@ -257,6 +259,27 @@ fn parse_timestamp(s: &str) -> Option<i128> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn equality_keys_agree_with_compare() {
+        let cases: [(Kind, &str, &str); 6] = [
+            (Kind::Bool, "t", "true"),
+            (Kind::Bool, "f", "false"),
+            (Kind::Int, "01", "1"),
+            (Kind::Numeric, "1.50", "1.5"),
+            (Kind::BpChar, "ab  ", "ab"),
+            (Kind::CiText, "AB", "ab"),
+        ];
+        for (kind, a, b) in cases {
+            assert_eq!(
+                kind.compare(a, b),
+                Some(Ordering::Equal),
+                "{kind:?} {a} {b}"
+            );
+            assert_eq!(kind.index_key(a), kind.index_key(b), "{kind:?} {a} {b}");
+        }
+        assert_ne!(Kind::Bool.index_key("t"), Kind::Bool.index_key("false"));
+    }
+
     use super::super::tests::filt;
     use super::super::Op;
     use super::*;
