@@ -185,7 +185,7 @@ impl PgChanges {
                 if rows.len() > MAX_IN_VALUES {
                     return Err(PrepareError::TooManyInValues);
                 }
-                Operand::List(rows.iter().map(|r| r.get(0)).collect())
+                Operand::in_list(&kind, rows.iter().map(|r| r.get(0)).collect())
             }
             Op::Is => {
                 if !matches!(f.value.as_str(), "null" | "true" | "false" | "unknown") {
