@@ -280,7 +280,7 @@ mod tests {
         assert_ne!(Kind::Bool.index_key("t"), Kind::Bool.index_key("false"));
     }
 
-    use super::super::tests::filt;
+    use super::super::eval::tests::filt;
     use super::super::Op;
     use super::*;
 
