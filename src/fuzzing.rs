@@ -53,7 +53,13 @@ pub fn frames(data: &[u8]) {
 /// Filter and binding parsing, LIKE matching and typed comparisons.
 pub fn filter(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let _ = filter::parse(&text);
+    // Logic trees too: evaluation and the log form never panic.
+    if let Ok(conds) = filter::parse(&text) {
+        for c in &conds {
+            let _ = c.eval(&mut |f| (!f.value.is_empty()).then_some(f.negate));
+            let _ = c.to_log();
+        }
+    }
     if let Ok(serde_json::Value::Object(map)) = serde_json::from_str::<serde_json::Value>(&text) {
         let _ = binding::parse(&map, 1);
     }

@@ -43,11 +43,11 @@ async fn filter_values_past_their_bounds_are_refused_with_specific_errors() {
 
     // At the bounds: subscribed.
     let pattern = format!("%{}", "a".repeat(1023));
-    // 100 values (the original's maximum), 8,191 bytes with their commas.
-    let mut values = vec!["x".repeat(81); 99];
-    values.push("x".repeat(73));
+    // 1,000 values (the maximum), 49,151 bytes with their commas.
+    let mut values = vec!["x".repeat(48); 999];
+    values.push("x".repeat(200));
     let list = values.join(",");
-    assert_eq!(list.len(), 8191);
+    assert_eq!(list.len(), 49_151);
     let at_bounds = subscribe(
         &mut c,
         "realtime:at",
@@ -59,7 +59,7 @@ async fn filter_values_past_their_bounds_are_refused_with_specific_errors() {
     .await;
     assert_eq!(at_bounds["status"], "ok", "{at_bounds}");
 
-    let big = binding(&format!("body=eq.{}", "v".repeat(20_000)));
+    let big = binding(&format!("body=eq.{}", "v".repeat(70_000)));
     let cases: Vec<(Vec<Value>, String)> = vec![
         (
             vec![binding(&format!("body=like.{pattern}b"))],
@@ -71,11 +71,11 @@ async fn filter_values_past_their_bounds_are_refused_with_specific_errors() {
         ),
         (
             vec![binding(&format!("body=in.({list}yy)"))],
-            "Error parsing `filter` params: `in` filter value too long. Maximum 8192 bytes".into(),
+            "Error parsing `filter` params: `in` filter value too long. Maximum 49152 bytes".into(),
         ),
         (
             vec![big.clone()],
-            format!("Binding too large: {} bytes. Maximum 16384 bytes of JSON per postgres_changes binding", big.to_string().len()),
+            format!("Binding too large: {} bytes. Maximum 65536 bytes of JSON per postgres_changes binding", big.to_string().len()),
         ),
         (
             (0..101).map(|i| binding(&format!("id=eq.{i}"))).collect(),

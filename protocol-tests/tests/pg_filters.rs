@@ -137,6 +137,86 @@ async fn every_operator_with_type_semantics() {
     }
 }
 
+/// PostgREST's `or`/`and` trees and 1,000-value `in` lists, over the real stream: each channel
+/// gets exactly the rows its whole condition holds for (walcast only; the original refuses `or`
+/// and stops matching `in` lists at 60-70 values).
+#[tokio::test]
+async fn or_trees_and_thousand_value_in_lists_deliver_exactly_the_matching_rows() {
+    let (_db, server, sql) = setup().await;
+    let evens: Vec<String> = (0..1000).map(|i| (i * 2).to_string()).collect();
+    let uuids: Vec<String> = (0..1000)
+        .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
+        .collect();
+    let in_evens = format!("n=in.({})", evens.join(","));
+    let in_uuids = format!("uid=in.({})", uuids.join(","));
+    assert!(in_uuids.len() > 37_000, "1,000 uuids fit the bounds");
+    let filters = [
+        "or=(n.eq.1,name.eq.x)",                                   // 0
+        "n=gt.0,or=(name.like.a%,and(flag.is.true,price.gte.10))", // 1: AND of a filter and a tree
+        "not.or=(n.eq.1,n.eq.2)",                                  // 2
+        r#"or=(n.in.(5,6),name.eq."x,y")"#,                        // 3: list and quoted value
+        "or=(name.is.null,not.and(n.gte.0,n.lte.100))",            // 4
+        in_evens.as_str(),                                         // 5
+        in_uuids.as_str(),                                         // 6
+    ];
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    subscribe_all(&mut c, &filters).await;
+    let (_, reply) = c.join("realtime:all", json!({"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"items"}]}})).await;
+    assert_eq!(reply.payload()["status"], "ok");
+    c.recv_until("system", |f| f.event() == "system").await;
+
+    let cases: [(&str, Vec<usize>); 9] = [
+        ("INSERT INTO items (n, name) VALUES (1, 'q')", vec![0]),
+        ("INSERT INTO items (n, name) VALUES (3, 'x')", vec![0, 2]),
+        ("INSERT INTO items (n, name) VALUES (2, 'abc')", vec![1, 5]),
+        ("INSERT INTO items (n, name, flag, price) VALUES (7, 'q', true, 10)", vec![1, 2]),
+        ("INSERT INTO items (n, name, flag, price) VALUES (7, 'q', true, 9.99)", vec![2]),
+        ("INSERT INTO items (n, name) VALUES (6, 'x,y')", vec![2, 3, 5]),
+        // NULL name: `or(n.eq.1, name.eq.x)` is unknown, not true.
+        ("INSERT INTO items (n) VALUES (1998)", vec![2, 4, 5]),
+        ("INSERT INTO items (n, name) VALUES (2000, 'q')", vec![2, 4]),
+        (
+            "INSERT INTO items (n, name, uid) VALUES (1999, 'q', '00000000-0000-0000-0000-000000000999')",
+            vec![2, 4, 6],
+        ),
+    ];
+    for (row, want) in cases {
+        let mut seen = who_sees(&mut c, &sql, row).await;
+        seen.sort();
+        assert_eq!(seen, want, "{row}");
+    }
+}
+
+/// `eq` filters on a boolean column: the value is normalised to `true`/`false` at join while
+/// the stream sends `t`/`f`, and the equality index must see them as equal.
+#[tokio::test]
+async fn boolean_equality_filters_match() {
+    let (_db, server, sql) = setup().await;
+    let filters = [
+        "flag=eq.true",             // 0
+        "flag=eq.f",                // 1
+        "flag=neq.true",            // 2
+        "flag=in.(true)",           // 3
+        "or=(flag.eq.true,n.eq.5)", // 4
+    ];
+    let mut c = server.connect(Vsn::V2, &token("anon")).await;
+    subscribe_all(&mut c, &filters).await;
+    let (_, reply) = c.join("realtime:all", json!({"config":{"postgres_changes":[{"event":"INSERT","schema":"public","table":"items"}]}})).await;
+    assert_eq!(reply.payload()["status"], "ok");
+    c.recv_until("system", |f| f.event() == "system").await;
+    for (row, want) in [
+        (
+            "INSERT INTO items (n, flag) VALUES (1, true)",
+            vec![0, 3, 4],
+        ),
+        ("INSERT INTO items (n, flag) VALUES (1, false)", vec![1, 2]),
+    ] {
+        let mut seen = who_sees(&mut c, &sql, row).await;
+        seen.sort();
+        assert_eq!(seen, want, "{row}");
+    }
+}
+
 async fn subscription_error(server: &Server, binding: Value) -> String {
     let mut c = server.connect(Vsn::V2, &token("anon")).await;
     let (_, reply) = c
@@ -194,14 +274,32 @@ async fn errors_carry_the_original_messages() {
             "{binding}"
         );
     }
-    let many: Vec<String> = (0..101).map(|i| i.to_string()).collect();
+    // 1,001 values: a clear error, never a silent non-match.
+    let many: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
     let filter = format!("n=in.({})", many.join(","));
     let msg = subscription_error(&server, b(&filter)).await;
     assert!(
         msg.ends_with(
-            "Exception: ERROR P0001 (raise_exception) too many values for `in` filter. Maximum 100"
+            "Exception: ERROR P0001 (raise_exception) too many values for `in` filter. Maximum 1000"
         ),
         "{msg}"
+    );
+    // A bad leaf inside an `or` gets the same errors as a top-level filter.
+    assert_eq!(
+        subscription_error(&server, b("or=(n.eq.1,name.foo.x)")).await,
+        r#"Error parsing `filter` params: ["foo", "x"]"#
+    );
+    assert_eq!(
+        subscription_error(&server, b("or=(n.eq.1,nope.eq.2)")).await,
+        exception(
+            r#"or({"n", "eq", "1", false}, {"nope", "eq", "2", false})"#,
+            "ERROR P0001 (raise_exception) invalid column for filter nope"
+        )
+    );
+    assert!(
+        subscription_error(&server, b("or=(n.eq.1,and(n.eq.abc))"))
+            .await
+            .ends_with(r#"Exception: ERROR 22P02 (invalid_text_representation) invalid input syntax for type integer: "abc""#)
     );
 }
 

@@ -3,19 +3,42 @@
 
 use serde_json::{Map, Value};
 
-use super::filter::{self, inspect, ParsedFilter};
+use super::filter::{self, inspect, Cond, FilterError, ParsedFilter};
 use crate::error::{clip, MAX_ECHO_BYTES};
 
 /// Largest binding, in bytes of its JSON text (event, schema, table, filter, select).
-pub const MAX_BINDING_BYTES: usize = 16 * 1024;
+/// Room for an `in` list at its bound ([`filter::MAX_IN_LIST_BYTES`]) and the rest of the binding.
+pub const MAX_BINDING_BYTES: usize = 64 * 1024;
 /// Most postgres_changes bindings one channel may ask for.
 pub const MAX_BINDINGS_PER_CHANNEL: usize = 100;
 
+/// Why a channel's postgres_changes bindings are refused before the database is asked. Its
+/// `Display` is the whole `system` message (the original's text where it has one; what the
+/// client sent is echoed clipped to [`MAX_ECHO_BYTES`]; ERROR_CODES.md lists them).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// walcast only: more than [`MAX_BINDINGS_PER_CHANNEL`] bindings.
+    #[error(
+        "Too many postgres_changes bindings: {0}. Maximum {MAX_BINDINGS_PER_CHANNEL} per channel"
+    )]
+    TooMany(usize),
+    /// walcast only: a binding over [`MAX_BINDING_BYTES`] of JSON; nothing of it is echoed.
+    #[error("Binding too large: {0} bytes. Maximum {MAX_BINDING_BYTES} bytes of JSON per postgres_changes binding")]
+    TooLarge(usize),
+    #[error("Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]")]
+    BadSelect,
+    #[error("Error parsing `filter` params: {}", clip(&.0.to_string(), MAX_ECHO_BYTES))]
+    Filter(#[from] FilterError),
+    /// Neither schema nor table; carries the binding as Elixir prints a map.
+    #[error("No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}", clip(.0, MAX_ECHO_BYTES))]
+    NoParams(String),
+    #[error("Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.")]
+    WildcardSelect,
+}
+
 /// The error for a channel with too many bindings (the `system` message).
 pub fn too_many_bindings(n: usize) -> String {
-    format!(
-        "Too many postgres_changes bindings: {n}. Maximum {MAX_BINDINGS_PER_CHANNEL} per channel"
-    )
+    BindingError::TooMany(n).to_string()
 }
 
 /// Bytes of `v` as JSON text, counted without building the text.
@@ -68,14 +91,15 @@ pub struct BindingSpec {
     pub schema: String,
     /// `*` means every table.
     pub table: String,
-    pub filters: Vec<ParsedFilter>,
+    /// Conditions that must all hold.
+    pub filters: Vec<Cond<ParsedFilter>>,
     pub select: Option<Vec<String>>,
 }
 
 impl BindingSpec {
     /// The original's log form of the parameters, embedded in its error messages.
     pub fn params_to_log(&self) -> String {
-        let filters: Vec<String> = self.filters.iter().map(ParsedFilter::to_log).collect();
+        let filters: Vec<String> = self.filters.iter().map(Cond::to_log).collect();
         let select = match &self.select {
             None => "nil".to_owned(),
             Some(cols) => format!(
@@ -97,14 +121,12 @@ impl BindingSpec {
     }
 }
 
-/// Parses one binding. The error is the full `system` message.
-pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
+/// Parses one binding.
+pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, BindingError> {
     let size = json_len(raw);
     if size > MAX_BINDING_BYTES {
         // Nothing of it is echoed: it is what is too large.
-        return Err(format!(
-            "Binding too large: {size} bytes. Maximum {MAX_BINDING_BYTES} bytes of JSON per postgres_changes binding"
-        ));
+        return Err(BindingError::TooLarge(size));
     }
     let action = match raw.get("event") {
         Some(Value::String(e)) => match e.to_ascii_uppercase().as_str() {
@@ -118,15 +140,13 @@ pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
     let select = match raw.get("select") {
         None | Some(Value::Null) => None,
         Some(Value::Array(cols)) => {
-            let cols: Vec<String> = cols.iter().filter_map(|c| c.as_str().map(str::to_owned)).collect();
+            let cols: Vec<String> = cols
+                .iter()
+                .filter_map(|c| c.as_str().map(str::to_owned))
+                .collect();
             (!cols.is_empty()).then_some(cols)
         }
-        Some(_) => {
-            return Err(
-                "Error parsing `select` params: expected a list of column name strings, e.g. select: [\"col1\", \"col2\"]"
-                    .to_owned(),
-            )
-        }
+        Some(_) => return Err(BindingError::BadSelect),
     };
     let text = |k: &str| match raw.get(k) {
         Some(Value::String(s)) => Some(s.clone()),
@@ -136,25 +156,20 @@ pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, String> {
     let has_filter = matches!(raw.get("filter"), Some(v) if !v.is_null());
     let (schema, table, filters) = match (text("schema"), text("table"), text("filter")) {
         (Some(schema), Some(table), Some(filter)) => {
-            let filters = filter::parse(&filter)
-                .map_err(|e| format!("Error parsing `filter` params: {}", clip(&e, MAX_ECHO_BYTES)))?;
+            let filters = filter::parse(&filter)?;
             (schema, table, filters)
         }
         (Some(schema), Some(table), None) if !has_filter => (schema, table, Vec::new()),
-        (Some(schema), None, None) if !raw.contains_key("table") && !has_filter => (schema, "*".to_owned(), Vec::new()),
-        (None, Some(table), None) if !raw.contains_key("schema") && !has_filter => ("public".to_owned(), table, Vec::new()),
-        _ => {
-            return Err(format!(
-                "No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: {}",
-                clip(&inspect_map(raw), MAX_ECHO_BYTES)
-            ))
+        (Some(schema), None, None) if !raw.contains_key("table") && !has_filter => {
+            (schema, "*".to_owned(), Vec::new())
         }
+        (None, Some(table), None) if !raw.contains_key("schema") && !has_filter => {
+            ("public".to_owned(), table, Vec::new())
+        }
+        _ => return Err(BindingError::NoParams(inspect_map(raw))),
     };
     if select.is_some() && (schema == "*" || table == "*") {
-        return Err(
-            "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name."
-                .to_owned(),
-        );
+        return Err(BindingError::WildcardSelect);
     }
     Ok(BindingSpec {
         id,
@@ -191,7 +206,7 @@ mod tests {
     use serde_json::json;
 
     fn p(v: Value) -> Result<BindingSpec, String> {
-        parse(v.as_object().unwrap(), 1)
+        parse(v.as_object().unwrap(), 1).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -223,6 +238,46 @@ mod tests {
         assert!(p(json!({"schema":"public","select":["id"]}))
             .unwrap_err()
             .starts_with("Column selection is not supported"));
+    }
+
+    /// The wire strings of ERROR_CODES.md, one per variant.
+    #[test]
+    fn each_error_displays_its_wire_string() {
+        let cases = [
+            (
+                BindingError::TooMany(101),
+                "Too many postgres_changes bindings: 101. Maximum 100 per channel",
+            ),
+            (
+                BindingError::TooLarge(70000),
+                "Binding too large: 70000 bytes. Maximum 65536 bytes of JSON per postgres_changes binding",
+            ),
+            (
+                BindingError::BadSelect,
+                r#"Error parsing `select` params: expected a list of column name strings, e.g. select: ["col1", "col2"]"#,
+            ),
+            (
+                BindingError::Filter(FilterError::Unparsed(vec!["wrong".into()])),
+                r#"Error parsing `filter` params: ["wrong"]"#,
+            ),
+            (
+                BindingError::NoParams(r#"%{"event" => "*"}"#.into()),
+                r#"No subscription params provided. Please provide at least a `schema` or `table` to subscribe to: %{"event" => "*"}"#,
+            ),
+            (
+                BindingError::WildcardSelect,
+                "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.",
+            ),
+        ];
+        for (e, wire) in cases {
+            assert_eq!(e.to_string(), wire);
+        }
+        // What the client sent is clipped, the rest of the message is not.
+        let long = BindingError::NoParams("x".repeat(MAX_ECHO_BYTES + 10)).to_string();
+        assert!(long.ends_with("… (10 more bytes)"), "{long}");
+        let long = BindingError::Filter(FilterError::Unparsed(vec!["y".repeat(2000)])).to_string();
+        assert!(long.starts_with("Error parsing `filter` params: [\"yyy"));
+        assert!(long.ends_with(" more bytes)"), "{long}");
     }
 
     #[test]

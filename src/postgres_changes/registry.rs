@@ -11,7 +11,7 @@ use crate::channels::ChannelId;
 use crate::protocol::Vsn;
 
 use super::binding::Action;
-use super::filter::{Filter, Kind, Op, Operand};
+use super::filter::{Cond, Filter, Kind, Op, Operand};
 
 /// Where a channel's events go.
 pub struct Target {
@@ -47,7 +47,8 @@ pub struct Sub {
     pub target: Arc<Target>,
     pub binding_id: u32,
     pub action: Action,
-    pub filters: Vec<Filter>,
+    /// Conditions that must all hold.
+    pub filters: Vec<Cond<Filter>>,
     /// `select`: only these columns (plus the primary key) are sent.
     pub select: Option<Arc<Vec<String>>>,
     pub cohort: Arc<Cohort>,
@@ -76,6 +77,10 @@ impl TableSubs {
         let key = sub
             .filters
             .iter()
+            .filter_map(|c| match c {
+                Cond::Leaf(f) => Some(f),
+                Cond::Tree { .. } => None,
+            })
             .find_map(|f| match (&f.op, f.negate, &f.operand) {
                 (Op::Eq, false, Operand::Value(Some(v))) => f
                     .kind
@@ -184,11 +189,13 @@ impl Registry {
             if !sub.action.admits(action) {
                 return;
             }
-            let visible = sub.filters.iter().all(|f| match row(&f.column) {
-                Cell::Missing => false,
-                Cell::Null => f.eval(None) == Some(true),
-                Cell::Value(v) => f.eval(Some(v)) == Some(true),
-            });
+            // A value not in the row image is unknown: it never makes a condition true alone.
+            let mut leaf = |f: &Filter| match row(&f.column) {
+                Cell::Missing => None,
+                Cell::Null => f.eval(None),
+                Cell::Value(v) => f.eval(Some(v)),
+            };
+            let visible = sub.filters.iter().all(|c| c.eval(&mut leaf) == Some(true));
             if visible {
                 out.push(sub.clone());
             }
@@ -236,7 +243,7 @@ mod tests {
             }),
             binding_id: 1,
             action: Action::Insert,
-            filters,
+            filters: filters.into_iter().map(Cond::Leaf).collect(),
             select: None,
             cohort: Arc::new(Cohort {
                 role: "anon".into(),
@@ -290,5 +297,43 @@ mod tests {
         r.remove(b);
         r.remove(c);
         assert_eq!(r.size(), (0, 0));
+    }
+
+    #[test]
+    fn or_trees_match_on_any_branch_and_never_on_an_unknown_value() {
+        let r = Registry::new();
+        let a = ChannelId::next();
+        // conv=eq.1 AND or=(conv.eq.1,other.eq.5): indexed by its top-level equality only.
+        let mut s = sub(a, vec![eq("conv", "1")]);
+        s.filters.push(Cond::Tree {
+            any: true,
+            negate: false,
+            of: vec![Cond::Leaf(eq("n", "1")), Cond::Leaf(eq("other", "5"))],
+        });
+        r.replace(a, vec![(7, s)]);
+        let row = |n: Cell<'static>, other: Cell<'static>| {
+            move |col: &str| match col {
+                "conv" => Cell::Value("1"),
+                "n" => clone_cell(&n),
+                "other" => clone_cell(&other),
+                _ => Cell::Missing,
+            }
+        };
+        let hit = |n, other| r.matches(7, Action::Insert, &row(n, other)).len();
+        assert_eq!(hit(Cell::Value("1"), Cell::Value("9")), 1);
+        assert_eq!(hit(Cell::Value("2"), Cell::Value("5")), 1);
+        assert_eq!(hit(Cell::Value("2"), Cell::Value("9")), 0);
+        // Unknown (absent from the row image) or NULL: the other branch decides alone.
+        assert_eq!(hit(Cell::Missing, Cell::Value("5")), 1);
+        assert_eq!(hit(Cell::Missing, Cell::Null), 0);
+        assert_eq!(hit(Cell::Null, Cell::Value("9")), 0);
+    }
+
+    fn clone_cell(c: &Cell<'static>) -> Cell<'static> {
+        match c {
+            Cell::Missing => Cell::Missing,
+            Cell::Null => Cell::Null,
+            Cell::Value(v) => Cell::Value(v),
+        }
     }
 }

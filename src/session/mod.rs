@@ -101,7 +101,7 @@ enum SessionEvent {
         topic: String,
         channel: ChannelId,
         generation: u64,
-        result: Result<Vec<(u32, Sub)>, String>,
+        result: Result<Vec<(u32, Sub)>, crate::postgres_changes::SubscribeError>,
     },
     /// A private join's read policy (and replay) checked.
     PrivateJoin {

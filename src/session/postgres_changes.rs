@@ -13,8 +13,8 @@ use super::channel::Channel;
 use super::{Session, SessionEvent};
 use crate::channels::ChannelId;
 use crate::error::{clip, MAX_ECHO_BYTES};
-use crate::postgres_changes::binding;
 use crate::postgres_changes::registry::{Sub, Target};
+use crate::postgres_changes::{binding, SubscribeError};
 
 impl Session {
     /// Parses a channel's bindings and starts checking them against the database. Errors that
@@ -36,7 +36,7 @@ impl Session {
         if raw.len() > binding::MAX_BINDINGS_PER_CHANNEL {
             let message = binding::too_many_bindings(raw.len());
             tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
-            self.push_system(channel, "postgres_changes", "error", &message);
+            self.push_system(channel, "postgres_changes", "error", &message.to_string());
             return;
         }
         let mut specs = Vec::with_capacity(raw.len());
@@ -45,7 +45,7 @@ impl Session {
                 Ok(spec) => specs.push(spec),
                 Err(message) => {
                     tracing::info!(topic = %clip(&channel.key.topic, MAX_ECHO_BYTES), %message, "postgres_changes subscription refused");
-                    self.push_system(channel, "postgres_changes", "error", &message);
+                    self.push_system(channel, "postgres_changes", "error", &message.to_string());
                     return;
                 }
             }
@@ -98,7 +98,7 @@ impl Session {
         topic: String,
         channel: ChannelId,
         generation: u64,
-        result: Result<Vec<(u32, Sub)>, String>,
+        result: Result<Vec<(u32, Sub)>, SubscribeError>,
     ) {
         let Some(ch) = self.channels.get_mut(&topic) else {
             return;
@@ -134,7 +134,7 @@ impl Session {
                 if let Some(pg) = &self.ctx.pg {
                     pg.registry.remove(channel);
                 }
-                self.push_system(ch, "postgres_changes", "error", &message);
+                self.push_system(ch, "postgres_changes", "error", &message.to_string());
             }
         }
     }

@@ -1,0 +1,405 @@
+//! Delivery of a batch of matched changes: the row checks it needs (one request per table and
+//! claims cohort, each change gated by its own key), the payload built once per audience, one
+//! message per channel, in commit order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use crate::protocol::encode;
+
+use super::authorize::RlsRequest;
+use super::binding::Action;
+use super::dispatch::now_since_2000_micros;
+use super::payload::{self, Change};
+use super::registry::{Cohort, Sub, Target};
+use super::PgChanges;
+
+impl PgChanges {
+    /// Authorizes a batch of matched changes and delivers them in order. Whether a subscriber
+    /// gets a change depends on that change and that subscriber only, never on what else is in
+    /// the batch: the batch only shares the database round trip.
+    pub(super) async fn deliver(&self, pending: Vec<(Change, Vec<Arc<Sub>>)>) {
+        // 1. Each (change, subscriber)'s gate, and the (table, cohort) checks they need.
+        let mut bypass: HashMap<String, bool> = HashMap::new();
+        for (change, subs) in &pending {
+            if needs_row_check(change) {
+                for s in subs {
+                    let role = &s.cohort.role;
+                    if !bypass.contains_key(role) {
+                        let b = self.authorizer.bypasses_rls(role).await;
+                        bypass.insert(role.clone(), b);
+                    }
+                }
+            }
+        }
+        let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
+        let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
+
+        // 2. Deliver, change by change, one message per channel.
+        for ((change, subs), gates) in pending.iter().zip(&plan.gates) {
+            let t = &change.table;
+            let mut per_channel: HashMap<
+                crate::channels::ChannelId,
+                (Arc<Target>, Vec<&Arc<Sub>>),
+            > = HashMap::new();
+            for (s, gate) in subs.iter().zip(gates) {
+                let open = match gate {
+                    Gate::Open => true,
+                    Gate::Withheld => false,
+                    Gate::Check(idx, pk) => visible.get(*idx).is_some_and(|v| v.contains(pk)),
+                };
+                if !open {
+                    continue;
+                }
+                per_channel
+                    .entry(s.target.channel)
+                    .or_insert_with(|| (s.target.clone(), Vec::new()))
+                    .1
+                    .push(s);
+            }
+            let mut data_cache: HashMap<(String, Option<Vec<String>>), Arc<str>> = HashMap::new();
+            for (_, (target, subs)) in per_channel {
+                let role = subs[0].cohort.role.clone();
+                let select: Option<Vec<String>> = if subs.iter().any(|s| s.select.is_none()) {
+                    None
+                } else {
+                    let mut cols: Vec<String> = subs
+                        .iter()
+                        .flat_map(|s| s.select.as_deref().cloned().unwrap_or_default())
+                        .collect();
+                    cols.sort();
+                    cols.dedup();
+                    Some(cols)
+                };
+                let key = (role.clone(), select.clone());
+                let data = match data_cache.get(&key) {
+                    Some(d) => d.clone(),
+                    None => {
+                        let selectable = self.authorizer.selectable(&role, t.oid).await;
+                        let d: Arc<str> = Arc::from(payload::build_data(
+                            change,
+                            &selectable,
+                            select.as_deref(),
+                            self.max_record_bytes,
+                        ));
+                        data_cache.insert(key, d.clone());
+                        d
+                    }
+                };
+                let mut ids: Vec<u32> = subs.iter().map(|s| s.binding_id).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
+                let body = format!("{{\"ids\":{ids_json},\"data\":{data}}}");
+                let Ok(raw) = RawValue::from_string(body) else {
+                    tracing::error!("built an invalid postgres_changes payload; dropped");
+                    continue;
+                };
+                let frame = encode::fastlane(target.vsn, &target.topic, "postgres_changes", &raw);
+                if target.outbound.push(frame).is_err() {
+                    tracing::debug!(topic = %target.topic, "postgres_changes not queued: socket closing");
+                } else {
+                    metrics::counter!(crate::telemetry::MESSAGES_OUT, "kind" => "postgres_changes")
+                        .increment(1);
+                }
+            }
+            let latency = now_since_2000_micros()
+                .saturating_sub(change.commit_ts)
+                .max(0) as f64
+                / 1e6;
+            metrics::histogram!(crate::telemetry::DELIVERY_LATENCY_SECONDS).record(latency);
+        }
+    }
+}
+
+/// What one subscriber's delivery of one change waits on.
+#[derive(Debug, PartialEq)]
+enum Gate {
+    /// No row check: no RLS on the table, a DELETE (sent as its key only), or a role that
+    /// bypasses RLS.
+    Open,
+    /// Visible if request `.0` of the batch answers key `.1`.
+    Check(usize, Vec<String>),
+    /// Under RLS but the row's key is not in the change: it cannot be checked, so it is not sent.
+    Withheld,
+}
+
+/// The row checks a batch needs: one request per (table, cohort) with every key asked about,
+/// the transactions to wait for, and a gate per (change, subscriber) that names its own key.
+struct CheckPlan {
+    requests: Vec<RlsRequest>,
+    xids: Vec<u32>,
+    gates: Vec<Vec<Gate>>,
+}
+
+/// Whether a change's subscribers are checked row by row: RLS tables, but not DELETEs (sent as
+/// their key only) and not tables without a primary key (they get the original's "no primary
+/// key" error payload, which carries no row).
+fn needs_row_check(change: &Change) -> bool {
+    change.table.rls && change.table.has_pk && change.action != Action::Delete
+}
+
+fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> bool) -> CheckPlan {
+    let mut need: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
+    let mut requests: Vec<RlsRequest> = Vec::new();
+    let mut xids: Vec<u32> = Vec::new();
+    let mut gates = Vec::with_capacity(pending.len());
+    for (change, subs) in pending {
+        let t = &change.table;
+        let checked = needs_row_check(change);
+        let pk = if checked { change.pk_values() } else { None };
+        let mut withheld = false;
+        let change_gates: Vec<Gate> = subs
+            .iter()
+            .map(|s| {
+                if !checked || bypasses(&s.cohort.role) {
+                    return Gate::Open;
+                }
+                let Some(pk) = &pk else {
+                    withheld = true;
+                    return Gate::Withheld;
+                };
+                let idx = *need.entry((t.oid, s.cohort.clone())).or_insert_with(|| {
+                    requests.push(RlsRequest {
+                        table: t.clone(),
+                        cohort: s.cohort.clone(),
+                        pks: Vec::new(),
+                    });
+                    requests.len() - 1
+                });
+                if !requests[idx].pks.contains(pk) {
+                    requests[idx].pks.push(pk.clone());
+                }
+                if !xids.contains(&change.xid) {
+                    xids.push(change.xid);
+                }
+                Gate::Check(idx, pk.clone())
+            })
+            .collect();
+        if withheld {
+            metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "no_key")
+                .increment(1);
+            tracing::warn!(
+                table = %format!("{}.{}", t.schema, t.name),
+                action = change.action.as_str(),
+                "change withheld from row-level-security subscribers: its primary key is not in \
+                 the change (unchanged out-of-line value and no old key), so it cannot be checked"
+            );
+        }
+        gates.push(change_gates);
+    }
+    xids.sort_unstable();
+    CheckPlan {
+        requests,
+        xids,
+        gates,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::catalog::{self, TableInfo};
+    use super::super::payload::{Row, RowCell};
+    use super::*;
+    use crate::channels::outbound::Outbound;
+    use crate::channels::ChannelId;
+    use crate::protocol::Vsn;
+    use crate::replication::values::Conv;
+    use bytes::Bytes;
+
+    fn table(oid: u32, rls: bool) -> Arc<TableInfo> {
+        let col = |name: &str, pk: bool| catalog::ColumnInfo {
+            name: name.into(),
+            type_oid: 25,
+            typname: "text".into(),
+            conv: Conv::Text,
+            key: pk,
+            pk,
+        };
+        Arc::new(TableInfo {
+            oid,
+            schema: "public".into(),
+            name: format!("t{oid}"),
+            replica_identity: b'd',
+            columns: vec![col("id", true), col("body", false)],
+            rls,
+            has_pk: true,
+            pk: vec![("id".into(), "text".into())],
+            stored_broadcasts: false,
+        })
+    }
+
+    fn cohort(role: &str, sub: &str) -> Arc<Cohort> {
+        Arc::new(Cohort {
+            role: role.into(),
+            claims: format!("{{\"sub\":\"{sub}\"}}"),
+            sub: sub.into(),
+        })
+    }
+
+    fn sub(action: Action, cohort: &Arc<Cohort>) -> Arc<Sub> {
+        Arc::new(Sub {
+            target: Arc::new(Target {
+                channel: ChannelId::next(),
+                vsn: Vsn::V2,
+                topic: Arc::from("realtime:t"),
+                outbound: Arc::new(Outbound::new(1 << 20)),
+            }),
+            binding_id: 1,
+            action,
+            filters: Vec::new(),
+            select: None,
+            cohort: cohort.clone(),
+        })
+    }
+
+    fn text(v: &str) -> RowCell {
+        RowCell::Text(Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn change(t: &Arc<TableInfo>, action: Action, new: Option<Row>, old: Option<Row>) -> Change {
+        Change {
+            table: t.clone(),
+            action,
+            new,
+            old,
+            commit_ts: 0,
+            xid: 7,
+        }
+    }
+
+    /// Every gate of one change, computed alone and inside a batch with `neighbours`.
+    fn alone_and_in_batch(
+        target: (Change, Vec<Arc<Sub>>),
+        neighbours: Vec<(Change, Vec<Arc<Sub>>)>,
+    ) -> (Vec<Gate>, Vec<Gate>) {
+        let alone = plan_checks(std::slice::from_ref(&target), |_| false);
+        let mut batch = neighbours;
+        batch.push(target);
+        let mut together = plan_checks(&batch, |_| false);
+        let last = together.gates.pop().unwrap_or_default();
+        let mut first = alone.gates.into_iter().next().unwrap_or_default();
+        // Request indexes differ between the two plans; compare keys and verdict kinds.
+        let strip = |g: Gate| match g {
+            Gate::Check(_, pk) => Gate::Check(0, pk),
+            g => g,
+        };
+        first = first.into_iter().map(strip).collect();
+        (first, last.into_iter().map(strip).collect())
+    }
+
+    #[test]
+    fn a_delete_is_not_gated_by_the_checks_its_batch_neighbours_need() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let channel_subs = [sub(Action::Insert, &alice), sub(Action::Delete, &alice)];
+        let insert = change(&t, Action::Insert, Some(vec![text("1"), text("x")]), None);
+        let update = change(&t, Action::Update, Some(vec![text("3"), text("y")]), None);
+        let delete = change(
+            &t,
+            Action::Delete,
+            None,
+            Some(vec![text("2"), RowCell::Missing]),
+        );
+        let (alone, together) = alone_and_in_batch(
+            (delete, vec![channel_subs[1].clone()]),
+            vec![
+                (insert, vec![channel_subs[0].clone()]),
+                (update, vec![channel_subs[0].clone()]),
+            ],
+        );
+        assert_eq!(alone, vec![Gate::Open]);
+        assert_eq!(together, alone, "a DELETE's fate depends on its neighbours");
+    }
+
+    #[test]
+    fn each_change_is_checked_by_its_own_key_whatever_shares_the_batch() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Insert, &alice);
+        let mine = change(&t, Action::Insert, Some(vec![text("k1"), text("x")]), None);
+        let other = change(&t, Action::Insert, Some(vec![text("k2"), text("y")]), None);
+        let (alone, together) =
+            alone_and_in_batch((mine, vec![s.clone()]), vec![(other, vec![s.clone()])]);
+        assert_eq!(alone, vec![Gate::Check(0, vec!["k1".into()])]);
+        assert_eq!(together, alone);
+        // The shared request asks about both keys once each.
+        let batch = vec![
+            (
+                change(&t, Action::Insert, Some(vec![text("k1"), text("x")]), None),
+                vec![s.clone()],
+            ),
+            (
+                change(&t, Action::Update, Some(vec![text("k2"), text("y")]), None),
+                vec![s.clone()],
+            ),
+            (
+                change(&t, Action::Update, Some(vec![text("k1"), text("z")]), None),
+                vec![s],
+            ),
+        ];
+        let plan = plan_checks(&batch, |_| false);
+        assert_eq!(plan.requests.len(), 1);
+        assert_eq!(
+            plan.requests[0].pks,
+            vec![vec!["k1".to_owned()], vec!["k2".to_owned()]]
+        );
+        assert_eq!(plan.xids, vec![7]);
+    }
+
+    #[test]
+    fn an_unchanged_out_of_line_key_is_taken_from_the_old_key_or_withheld() {
+        let t = table(1, true);
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Update, &alice);
+        // The key is unchanged TOAST in the new row; PostgreSQL logged the old key.
+        let with_old_key = change(
+            &t,
+            Action::Update,
+            Some(vec![RowCell::Missing, text("new body")]),
+            Some(vec![text("long-key"), RowCell::Missing]),
+        );
+        let plan = plan_checks(&[(with_old_key, vec![s.clone()])], |_| false);
+        assert_eq!(
+            plan.gates,
+            vec![vec![Gate::Check(0, vec!["long-key".into()])]]
+        );
+        // No key anywhere: never delivered unchecked, whatever the batch.
+        let no_key = || {
+            change(
+                &t,
+                Action::Update,
+                Some(vec![RowCell::Missing, text("b")]),
+                None,
+            )
+        };
+        let (alone, together) = alone_and_in_batch(
+            (no_key(), vec![s.clone()]),
+            vec![(
+                change(&t, Action::Insert, Some(vec![text("k"), text("b")]), None),
+                vec![s.clone()],
+            )],
+        );
+        assert_eq!(alone, vec![Gate::Withheld]);
+        assert_eq!(together, alone);
+        // Without RLS, or for a role that bypasses it, there is nothing to check.
+        let open = table(2, false);
+        let plan = plan_checks(
+            &[(
+                change(
+                    &open,
+                    Action::Update,
+                    Some(vec![RowCell::Missing, text("b")]),
+                    None,
+                ),
+                vec![s.clone()],
+            )],
+            |_| false,
+        );
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+        let plan = plan_checks(&[(no_key(), vec![s])], |role| role == "authenticated");
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+    }
+}

@@ -1,0 +1,348 @@
+//! The dispatcher: the task that consumes the replication events. It keeps the transaction
+//! state (exactly once across reconnects), gathers events into batches (whole transactions when
+//! they fit), turns tuples into rows, matches them against the registry, hands matched changes
+//! to [`PgChanges::deliver`](super::deliver) in commit order, routes `realtime.messages` rows to
+//! [`db_broadcast`](super::db_broadcast), and acknowledges each delivered commit.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::replication::pgoutput::{Datum, OldKind, OldTuple, Tuple};
+use crate::replication::{Event, Status};
+
+use super::binding::Action;
+use super::catalog::TableInfo;
+use super::db_broadcast::broadcast_stored;
+use super::payload::{Change, Row, RowCell};
+use super::registry::{Cell, Sub};
+use super::PgChanges;
+
+/// How many decoded events the dispatcher takes at once before authorizing and delivering.
+const MAX_BATCH_EVENTS: usize = 1024;
+
+impl PgChanges {
+    /// Runs the dispatcher until the event queue closes. Rows inserted into
+    /// `realtime.messages` (broadcast from the database) go to `channels`.
+    pub async fn dispatch(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Event>,
+        status: Arc<Status>,
+        channels: crate::channels::Channels,
+        max_payload_bytes: usize,
+    ) {
+        let mut tables: HashMap<u32, Arc<TableInfo>> = HashMap::new();
+        // realtime.messages, or its daily partitions (pgoutput names the partition a row went to).
+        let mut messages_oids: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        let mut commit_ts: i64 = 0;
+        let mut xid: u32 = 0;
+        let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
+        // Exactly once across reconnects: PostgreSQL streams again everything after the last
+        // confirmed commit, which may include what was already delivered. Commits arrive in
+        // commit-LSN order, so a transaction whose commit LSN is below the last delivered
+        // commit's end was delivered whole; one cut off mid-way is streamed again from its
+        // start, and its changes up to the last one handled are skipped.
+        let mut txn = TxnState::default();
+        // Whether the batch being collected ends inside a transaction.
+        let mut in_txn = false;
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            // Take what is already waiting (batches form by themselves under load), and the
+            // rest of a transaction begun in the batch: PostgreSQL sends a transaction whole at
+            // its commit, so its remaining events are moments away, and its rows are then
+            // checked together whatever the stream's timing.
+            loop {
+                if let Some(ev) = batch.last() {
+                    match ev {
+                        Event::Begin { .. } => in_txn = true,
+                        Event::Commit { .. } => in_txn = false,
+                        _ => {}
+                    }
+                }
+                if batch.len() >= MAX_BATCH_EVENTS {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(ev) => batch.push(ev),
+                    Err(mpsc::error::TryRecvError::Empty) if in_txn => match rx.recv().await {
+                        Some(ev) => batch.push(ev),
+                        None => break,
+                    },
+                    Err(_) => break,
+                }
+            }
+            let mut pending: Vec<(Change, Vec<Arc<Sub>>)> = Vec::new();
+            let mut last_commit = None;
+            for ev in batch.drain(..) {
+                tracing::trace!(event = ?ev, "change event");
+                if matches!(
+                    ev,
+                    Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. }
+                ) {
+                    metrics::counter!(crate::telemetry::DECODED_CHANGES).increment(1);
+                }
+                match ev {
+                    Event::Relation(rel) => {
+                        let mut backoff = Duration::from_millis(100);
+                        let info = loop {
+                            match self.catalog.table_from_relation(&rel).await {
+                                Ok(t) => break t,
+                                // Shutting down: the stream is gone, nothing more is delivered,
+                                // and the slot has not been confirmed past this point.
+                                Err(_) if rx.is_closed() => return,
+                                Err(e) => {
+                                    // Without the table's key and RLS flag nothing can be sent
+                                    // safely: wait (the stream waits too) and try again.
+                                    tracing::warn!(error = %e, table = %rel.name, retry_ms = backoff.as_millis() as u64, "cannot describe table; retrying");
+                                    tokio::time::sleep(backoff).await;
+                                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                                }
+                            }
+                        };
+                        if info.stored_broadcasts {
+                            messages_oids.insert(rel.oid);
+                        } else {
+                            messages_oids.remove(&rel.oid);
+                        }
+                        self.authorizer.forget_table(rel.oid);
+                        tables.insert(rel.oid, Arc::new(info));
+                    }
+                    Event::Begin {
+                        commit_ts: ts,
+                        final_lsn,
+                        xid: x,
+                    } => {
+                        commit_ts = ts;
+                        xid = x;
+                        let delivered = status
+                            .acked
+                            .load(Ordering::Relaxed)
+                            .max(last_commit.unwrap_or(0));
+                        txn.begin(final_lsn, delivered);
+                    }
+                    Event::Commit { end_lsn } => {
+                        if !txn.skip_all {
+                            last_commit = Some(end_lsn);
+                        }
+                        txn.commit();
+                    }
+                    Event::Message { .. } => {}
+                    Event::Insert { relation, new, lsn }
+                        if messages_oids.contains(&relation) && txn.take(lsn) =>
+                    {
+                        // Keep commit order: what was matched before this goes out first.
+                        if !pending.is_empty() {
+                            self.deliver(std::mem::take(&mut pending)).await;
+                        }
+                        if let Some(table) = tables.get(&relation) {
+                            broadcast_stored(table, &new, &channels, max_payload_bytes);
+                        }
+                        self.match_change(
+                            &tables,
+                            relation,
+                            Action::Insert,
+                            Some(new),
+                            None,
+                            (commit_ts, xid),
+                            &mut pending,
+                        );
+                    }
+                    Event::Insert { relation, new, lsn } if txn.take(lsn) => self.match_change(
+                        &tables,
+                        relation,
+                        Action::Insert,
+                        Some(new),
+                        None,
+                        (commit_ts, xid),
+                        &mut pending,
+                    ),
+                    Event::Update {
+                        relation,
+                        old,
+                        new,
+                        lsn,
+                    } if txn.take(lsn) => self.match_change(
+                        &tables,
+                        relation,
+                        Action::Update,
+                        Some(new),
+                        old,
+                        (commit_ts, xid),
+                        &mut pending,
+                    ),
+                    Event::Delete { relation, old, lsn } if txn.take(lsn) => self.match_change(
+                        &tables,
+                        relation,
+                        Action::Delete,
+                        None,
+                        Some(old),
+                        (commit_ts, xid),
+                        &mut pending,
+                    ),
+                    Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
+                }
+            }
+            if !pending.is_empty() {
+                self.deliver(pending).await;
+            }
+            if let Some(lsn) = last_commit {
+                status.acked.fetch_max(lsn, Ordering::Relaxed);
+                // How old the newest delivered commit was when it went out.
+                let age = now_since_2000_micros().saturating_sub(commit_ts).max(0) as f64 / 1e6;
+                metrics::gauge!(crate::telemetry::REPLICATION_LAG_SECONDS).set(age);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn match_change(
+        &self,
+        tables: &HashMap<u32, Arc<TableInfo>>,
+        relation: u32,
+        action: Action,
+        new: Option<Tuple>,
+        old: Option<OldTuple>,
+        (commit_ts, xid): (i64, u32),
+        pending: &mut Vec<(Change, Vec<Arc<Sub>>)>,
+    ) {
+        if !self.registry.watches(relation) {
+            return;
+        }
+        let Some(table) = tables.get(&relation) else {
+            tracing::warn!(relation, "change for a relation never described: skipped");
+            return;
+        };
+        let change = Change {
+            table: table.clone(),
+            action,
+            new: new.map(|t| tuple_row(&t)),
+            old: old.map(|o| old_row(&o, table)),
+            commit_ts,
+            xid,
+        };
+        if change.filter_row().is_none() {
+            return;
+        }
+        // An unchanged TOAST value is the old image's value when the old image carries it.
+        let lookup = |col: &str| match table.column_index(col).and_then(|i| change.current_cell(i))
+        {
+            None | Some(RowCell::Missing) => Cell::Missing,
+            Some(RowCell::Null) => Cell::Null,
+            Some(cell @ RowCell::Text(_)) => match cell.text() {
+                Some(t) => Cell::Value(t),
+                None => Cell::Missing,
+            },
+        };
+        let subs = self.registry.matches(relation, action, &lookup);
+        if !subs.is_empty() {
+            pending.push((change, subs));
+        }
+    }
+}
+
+/// Microseconds since 2000-01-01 (PostgreSQL's epoch), now.
+pub(super) fn now_since_2000_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+        - 946_684_800_000_000
+}
+
+/// Where the dispatcher is in the transaction stream (see `dispatch`).
+#[derive(Default)]
+struct TxnState {
+    /// The commit LSN of the transaction being received, until its Commit.
+    open: Option<u64>,
+    /// The last change LSN handled in the open transaction.
+    handled_upto: u64,
+    /// Changes at or below this LSN were handled before a reconnect.
+    skip_upto: u64,
+    /// The whole transaction was delivered before.
+    skip_all: bool,
+}
+
+impl TxnState {
+    fn begin(&mut self, final_lsn: u64, delivered_commit_end: u64) {
+        self.skip_all = final_lsn < delivered_commit_end;
+        self.skip_upto = if self.open == Some(final_lsn) {
+            self.handled_upto
+        } else {
+            0
+        };
+        if self.skip_all || self.skip_upto > 0 {
+            tracing::info!(
+                final_lsn,
+                skip_all = self.skip_all,
+                "transaction streamed again after a reconnect: skipping what was delivered"
+            );
+        }
+        if self.open != Some(final_lsn) {
+            self.handled_upto = 0;
+        }
+        self.open = Some(final_lsn);
+    }
+
+    /// Whether a change at `lsn` is new.
+    fn take(&mut self, lsn: u64) -> bool {
+        if self.skip_all || lsn <= self.skip_upto {
+            return false;
+        }
+        self.handled_upto = self.handled_upto.max(lsn);
+        true
+    }
+
+    fn commit(&mut self) {
+        *self = TxnState::default();
+    }
+}
+
+fn tuple_row(t: &Tuple) -> Row {
+    t.iter().map(datum_cell).collect()
+}
+
+fn datum_cell(d: &Datum) -> RowCell {
+    match d {
+        Datum::Null => RowCell::Null,
+        Datum::UnchangedToast => RowCell::Missing,
+        Datum::Text(b) | Datum::Binary(b) => RowCell::Text(b.clone()),
+    }
+}
+
+/// A key-only old row carries NULLs for non-key columns: those are absent, not NULL.
+fn old_row(o: &OldTuple, table: &TableInfo) -> Row {
+    o.tuple
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match o.kind {
+            OldKind::Key if !table.columns.get(i).is_some_and(|c| c.key) => RowCell::Missing,
+            _ => datum_cell(d),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_streamed_again_is_not_delivered_twice() {
+        let mut t = TxnState::default();
+        t.begin(100, 50);
+        assert!(t.take(60) && t.take(70));
+        // The stream broke before the commit; the transaction comes again from its start.
+        t.begin(100, 50);
+        assert!(!t.take(60) && !t.take(70));
+        assert!(t.take(80));
+        t.commit();
+        // A transaction whose commit precedes what was already delivered is skipped whole.
+        t.begin(90, 120);
+        assert!(!t.take(95));
+        t.commit();
+        t.begin(130, 120);
+        assert!(t.take(125));
+    }
+}
