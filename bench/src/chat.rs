@@ -1,15 +1,19 @@
 //! Live chat load on postgres_changes, with or without RLS.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::chart;
 use crate::harness::{
-    now_us, percentile, save_results, start_walcast_with, ws_connect, BenchDb, SECRET,
+    cpu_seconds, now_us, percentile, save_results, start_walcast_with, ws_connect, BenchDb, SECRET,
 };
+use crate::rls::{self, Check, Policy, Reference};
 
 struct ChatRun {
     rate: u64,
@@ -22,6 +26,10 @@ struct ChatRun {
     p95: f64,
     p99: f64,
     max: f64,
+    /// CPU seconds used during the run by walcast, and by the PostgreSQL backends serving its
+    /// connections (pool and walsender).
+    walcast_cpu: f64,
+    pg_cpu: f64,
 }
 
 impl ChatRun {
@@ -31,8 +39,95 @@ impl ChatRun {
 
     fn json(&self) -> Value {
         json!({"commits_per_sec": self.rate, "commits": self.commits, "delivered_per_sec": self.delivered_per_sec(),
-            "p50_ms": self.p50, "p95_ms": self.p95, "p99_ms": self.p99, "max_ms": self.max, "lost": self.lost, "duplicated": self.duplicated})
+            "p50_ms": self.p50, "p95_ms": self.p95, "p99_ms": self.p99, "max_ms": self.max, "lost": self.lost, "duplicated": self.duplicated,
+            "walcast_cpu_cores": self.walcast_cpu / self.seconds, "pg_cpu_cores": self.pg_cpu / self.seconds,
+            "pg_cpu_us_per_delivery": self.pg_us_per_delivery()})
     }
+
+    /// CPU time of walcast's PostgreSQL backends per delivery, in microseconds.
+    fn pg_us_per_delivery(&self) -> f64 {
+        self.pg_cpu * 1e6 / self.delivered.max(1) as f64
+    }
+}
+
+/// CPU seconds so far of walcast and of each PostgreSQL backend serving it.
+struct Cpu {
+    walcast: f64,
+    backends: HashMap<i32, f64>,
+}
+
+impl Cpu {
+    async fn sample(sql: &tokio_postgres::Client, walcast_pid: u32) -> anyhow::Result<Self> {
+        let rows = sql
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'walcast%'",
+                &[],
+            )
+            .await?;
+        let backends = rows
+            .iter()
+            .filter_map(|r| {
+                let pid: i32 = r.get(0);
+                let cpu = cpu_seconds(u32::try_from(pid).ok()?).ok()?;
+                Some((pid, cpu))
+            })
+            .collect();
+        Ok(Self {
+            walcast: cpu_seconds(walcast_pid)?,
+            backends,
+        })
+    }
+
+    /// (walcast, its backends) CPU seconds between `before` and this sample; a backend that
+    /// started in between counts from zero, one that ended in between is missed.
+    fn since(&self, before: &Cpu) -> (f64, f64) {
+        let pg = self
+            .backends
+            .iter()
+            .map(|(pid, cpu)| cpu - before.backends.get(pid).copied().unwrap_or(0.0))
+            .sum();
+        (self.walcast - before.walcast, pg)
+    }
+}
+
+/// Reference 1 from one connection and from 2 x cores, and reference 2.
+type References = (Reference, Reference, Reference);
+
+/// Both references on the run's own database, walcast stopped, over the rows the run wrote:
+/// each row checked for each subscriber of its conversation.
+async fn references(
+    db_url: &str,
+    a: &ChatArgs,
+    policy: Policy,
+    inserted: &[(i64, usize)],
+) -> anyhow::Result<References> {
+    let policy = Some(policy);
+    let exp = walcast::auth::now_secs() + 3600;
+    let rows = &inserted[..inserted.len().min(20_000)];
+    let mut checks = Vec::new();
+    let mut changes = Vec::new();
+    for &(id, conv) in rows {
+        let mut claims = Vec::new();
+        for s in (conv..a.subscribers).step_by(a.conversations.max(1)) {
+            let c = rls::claims(policy, s, a.conversations, exp);
+            let text = c.to_string();
+            checks.push(Check {
+                id,
+                claims: text.clone(),
+                sub: rls::user(s),
+            });
+            claims.push(text);
+        }
+        changes.push((id, claims));
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let checks = Arc::new(checks);
+    let one = rls::direct(db_url, 1, a.reference_seconds, checks.clone()).await?;
+    let many = rls::direct(db_url, 2 * cores, a.reference_seconds, checks).await?;
+    let original = rls::original(db_url, a.reference_seconds, &changes).await?;
+    Ok((one, many, original))
 }
 
 /// The run that delivered the most per second with its p99 within 100 ms and nothing lost
@@ -46,12 +141,23 @@ fn sustainable(runs: &[ChatRun]) -> Option<&ChatRun> {
 fn print_chat_table(title: &str, runs: &[ChatRun]) {
     println!("\n{title}");
     println!(
-        "{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6}",
-        "commit/s", "commits", "delivered/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "lost", "dup"
+        "{:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>6} {:>6} {:>9} {:>9} {:>9}",
+        "commit/s",
+        "commits",
+        "delivered/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "lost",
+        "dup",
+        "walc CPU",
+        "PG CPU",
+        "PG us/dlv"
     );
     for r in runs {
         println!(
-            "{:>8} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>6}",
+            "{:>8} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>6} {:>9.2} {:>9.2} {:>9.1}",
             r.rate,
             r.commits,
             r.delivered_per_sec(),
@@ -60,7 +166,10 @@ fn print_chat_table(title: &str, runs: &[ChatRun]) {
             r.p99,
             r.max,
             r.lost,
-            r.duplicated
+            r.duplicated,
+            r.walcast_cpu / r.seconds,
+            r.pg_cpu / r.seconds,
+            r.pg_us_per_delivery()
         );
     }
     match sustainable(runs) {
@@ -113,89 +222,197 @@ fn chat_panel(title: &str, runs: &[ChatRun], reference: Option<&[ChatRun]>) -> c
     })
 }
 
-pub async fn chat(
-    subscribers: usize,
-    conversations: usize,
-    rates: Vec<u64>,
-    seconds: u64,
-    writers: usize,
-    rls: bool,
-) -> anyhow::Result<()> {
+pub struct ChatArgs {
+    pub subscribers: usize,
+    pub conversations: usize,
+    pub rates: Vec<u64>,
+    pub seconds: u64,
+    pub writers: usize,
+    /// The policies to run, one after the other (empty: no RLS).
+    pub policies: Vec<Policy>,
+    /// Seconds per reference measurement (RLS only).
+    pub reference_seconds: f64,
+}
+
+/// One policy's load and its two references (issue #13).
+struct PolicyRun {
+    policy: Policy,
+    runs: Vec<ChatRun>,
+    /// Reference 1 from one connection and from 2 x cores connections.
+    direct_one: Reference,
+    direct_many: Reference,
+    /// Reference 2: the original's method.
+    original: Reference,
+}
+
+fn best(runs: &[ChatRun]) -> f64 {
+    sustainable(runs)
+        .map(|r| r.delivered_per_sec())
+        .unwrap_or(0.0)
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+impl PolicyRun {
+    fn json(&self, plain: &[ChatRun]) -> Value {
+        let sustained = best(&self.runs);
+        json!({
+            "policy": self.policy.name(), "describes": self.policy.describe(),
+            "runs": self.runs.iter().map(ChatRun::json).collect::<Vec<_>>(),
+            "highest_rate_p99_under_100ms": sustainable(&self.runs).map(|r| r.rate),
+            "sustainable_deliveries_per_sec": sustained,
+            "rls_to_plain_ratio": ratio(sustained, best(plain)),
+            "reference_direct_1": self.direct_one.json(),
+            "reference_direct_n": self.direct_many.json(),
+            "reference_original": self.original.json(),
+            "walcast_to_direct_n": ratio(sustained, self.direct_many.per_sec()),
+            "walcast_to_original": ratio(sustained, self.original.per_sec()),
+        })
+    }
+
+    fn print(&self, plain: &[ChatRun]) {
+        print_chat_table(
+            &format!(
+                "with RLS, policy {} ({}), one distinct user per subscriber",
+                self.policy.name(),
+                self.policy.describe()
+            ),
+            &self.runs,
+        );
+        let sustained = best(&self.runs);
+        println!(
+            "{:<58} {:>10} {:>14} {:>7}",
+            "reference", "checks/s", "PG CPU us/chk", "denied"
+        );
+        for (name, r) in [
+            ("(1) direct, 1 connection", &self.direct_one),
+            (
+                &*format!(
+                    "(1) direct, {} connections (PostgreSQL's capacity)",
+                    self.direct_many.connections
+                ),
+                &self.direct_many,
+            ),
+            (
+                "(2) original's method (apply_rls: per change, per claims)",
+                &self.original,
+            ),
+        ] {
+            println!(
+                "{:<58} {:>10.0} {:>14.1} {:>7}",
+                name,
+                r.per_sec(),
+                r.pg_us_per_check(),
+                r.denied
+            );
+        }
+        println!(
+            "sustainable authorized deliveries/s {sustained:.0}: / no RLS {:.2}, / reference 1 {:.2}, / reference 2 {:.2}",
+            ratio(sustained, best(plain)),
+            ratio(sustained, self.direct_many.per_sec()),
+            ratio(sustained, self.original.per_sec()),
+        );
+    }
+}
+
+pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
+    let ChatArgs {
+        subscribers,
+        conversations,
+        ref rates,
+        seconds,
+        writers,
+        ref policies,
+        reference_seconds,
+    } = a;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
     println!("chat: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers, {seconds} s per rate");
     println!("(loader, walcast and PostgreSQL share this {cores}-core machine; latency = writer send -> subscriber receipt)");
     // With RLS, the same load without it runs first, in the same command: the figure is a ratio.
-    let plain = chat_runs(subscribers, conversations, &rates, seconds, writers, false).await?;
+    let (plain, _) = chat_runs(&a, None).await?;
     print_chat_table("without RLS", &plain);
-    let secured = if rls {
-        let runs = chat_runs(subscribers, conversations, &rates, seconds, writers, true).await?;
-        print_chat_table(
-            "with RLS (participants policy, one distinct user per subscriber)",
-            &runs,
-        );
-        Some(runs)
-    } else {
-        None
-    };
-    let best = |runs: &[ChatRun]| {
-        sustainable(runs)
-            .map(|r| r.delivered_per_sec())
-            .unwrap_or(0.0)
-    };
-    let ratio = secured.as_deref().map(|s| {
-        if best(&plain) > 0.0 {
-            best(s) / best(&plain)
-        } else {
-            0.0
+    let mut secured = Vec::new();
+    for &policy in policies {
+        let (runs, refs) = chat_runs(&a, Some(policy)).await?;
+        let (direct_one, direct_many, original) = refs.context("references")?;
+        for r in [&direct_one, &direct_many, &original] {
+            // Every check asked is one the policy allows: a denial means the shape's schema
+            // or the emulation is wrong, and its figures would measure something else.
+            anyhow::ensure!(
+                r.denied == 0,
+                "policy {}: {} of {} reference checks denied",
+                policy.name(),
+                r.denied,
+                r.checks
+            );
         }
-    });
-    if let Some(ratio) = ratio {
-        println!("\nsustainable deliveries/s (p99 <= 100 ms, nothing lost): RLS {:.0}, no RLS {:.0}, ratio {ratio:.2}",
-            secured.as_deref().map(best).unwrap_or(0.0), best(&plain));
+        let run = PolicyRun {
+            policy,
+            runs,
+            direct_one,
+            direct_many,
+            original,
+        };
+        run.print(&plain);
+        secured.push(run);
     }
     let mut out = json!({
-        "scenario": if rls { "chat_rls" } else { "chat" }, "subscribers": subscribers, "conversations": conversations, "writers": writers,
-        "seconds_per_rate": seconds, "cores": cores,
+        "scenario": if policies.is_empty() { "chat" } else { "chat_rls" }, "subscribers": subscribers, "conversations": conversations, "writers": writers,
+        "seconds_per_rate": seconds, "reference_seconds": reference_seconds, "cores": cores,
         "note": "loader, walcast and PostgreSQL share the machine",
         "runs": plain.iter().map(ChatRun::json).collect::<Vec<_>>(),
         "highest_rate_p99_under_100ms": sustainable(&plain).map(|r| r.rate),
     });
-    let panel = match &secured {
-        Some(s) => {
-            out["reference_without_rls"] = out["runs"].take();
-            out["runs"] = json!(s.iter().map(ChatRun::json).collect::<Vec<_>>());
-            out["highest_rate_p99_under_100ms"] = json!(sustainable(s).map(|r| r.rate));
-            out["reference_highest_rate_p99_under_100ms"] =
-                json!(sustainable(&plain).map(|r| r.rate));
-            out["rls_to_plain_ratio"] = json!(ratio);
-            chat_panel(&format!("postgres_changes with RLS, {subscribers} users in {conversations} conversations (no RLS dashed)"), s, Some(&plain))
-        }
-        None => chat_panel(
+    let mut panels = Vec::new();
+    if secured.is_empty() {
+        panels.push(chat_panel(
             &format!(
                 "postgres_changes, {subscribers} subscribers in {conversations} conversations"
             ),
             &plain,
             None,
-        ),
+        ));
+    } else {
+        out["reference_without_rls"] = out["runs"].take();
+        out["reference_highest_rate_p99_under_100ms"] = out["highest_rate_p99_under_100ms"].take();
+        out["policies"] = json!(secured.iter().map(|p| p.json(&plain)).collect::<Vec<_>>());
+        for p in &secured {
+            panels.push(chat_panel(&format!("postgres_changes with RLS (policy {}), {subscribers} users in {conversations} conversations (no RLS dashed)", p.policy.name()), &p.runs, Some(&plain)));
+        }
+    }
+    let name = match policies.as_slice() {
+        [] => "chat".to_string(),
+        [Policy::Participants] => "chat_rls".to_string(),
+        [one] => format!("chat_rls_{}", one.name()),
+        _ => "chat_rls_policies".to_string(),
     };
-    let name = if rls { "chat_rls" } else { "chat" };
-    save_results(name, &out, &[panel])?;
+    let _ = rates;
+    save_results(&name, &out, &panels)?;
     Ok(())
 }
 
 /// One chat load: its own cluster and walcast, every rate in turn.
 async fn chat_runs(
-    subscribers: usize,
-    conversations: usize,
-    rates: &[u64],
-    seconds: u64,
-    writers: usize,
-    rls: bool,
-) -> anyhow::Result<Vec<ChatRun>> {
+    a: &ChatArgs,
+    policy: Option<Policy>,
+) -> anyhow::Result<(Vec<ChatRun>, Option<References>)> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
+    let (subscribers, conversations, rates, seconds, writers) = (
+        a.subscribers,
+        a.conversations,
+        a.rates.as_slice(),
+        a.seconds,
+        a.writers,
+    );
     let db = BenchDb::start("chat")?;
     async {
         let db_url = db.url();
@@ -208,37 +425,18 @@ async fn chat_runs(
              ALTER PUBLICATION supabase_realtime ADD TABLE chat;",
         )
         .await?;
-        let user = |s: usize| format!("00000000-0000-4000-8000-{s:012}");
-        if rls {
-            sql.batch_execute(
-                "CREATE TABLE participants (conversation_id int NOT NULL, user_id uuid NOT NULL, PRIMARY KEY (conversation_id, user_id));
-                 GRANT SELECT ON participants TO authenticated;
-                 ALTER TABLE chat ENABLE ROW LEVEL SECURITY;
-                 CREATE POLICY participants_read ON chat FOR SELECT TO authenticated
-                   USING (EXISTS (SELECT 1 FROM participants p
-                                   WHERE p.conversation_id = chat.conversation_id AND p.user_id = auth.uid()));",
-            )
-            .await?;
-            for s in 0..subscribers {
-                sql.execute(
-                    "INSERT INTO participants VALUES ($1, $2::text::uuid)",
-                    &[&((s % conversations) as i32), &user(s)],
-                )
-                .await?;
-            }
+        if let Some(policy) = policy {
+            rls::setup(&sql, policy, subscribers, conversations).await?;
         }
+        let exp = walcast::auth::now_secs() + 3600;
         let token_for = |s: usize| {
-            let claims = if rls {
-                json!({"role": "authenticated", "sub": user(s), "exp": walcast::auth::now_secs() + 3600})
-            } else {
-                json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600})
-            };
             jsonwebtoken::encode(
                 &jsonwebtoken::Header::default(),
-                &claims,
+                &rls::claims(policy, s, conversations, exp),
                 &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
             )
         };
+        let walcast_pid = w.child.id().context("walcast pid")?;
         // Received: (subscriber, id) → count; latencies in ms.
         let received: Arc<Mutex<HashMap<(usize, i64), u32>>> = Arc::new(Mutex::new(HashMap::new()));
         let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
@@ -281,6 +479,7 @@ async fn chat_runs(
         }
 
         let mut runs = Vec::new();
+        let mut all_inserted: Vec<(i64, usize)> = Vec::new();
         for &rate in rates {
             received.lock().unwrap().clear();
             latencies.lock().unwrap().clear();
@@ -288,6 +487,7 @@ async fn chat_runs(
             let total = (rate * seconds) as usize;
             let per_writer = total / writers;
             let interval = Duration::from_secs_f64(writers as f64 / rate as f64);
+            let cpu_start = Cpu::sample(&sql, walcast_pid).await?;
             let started = Instant::now();
             let mut tasks = Vec::new();
             for wi in 0..writers {
@@ -322,6 +522,7 @@ async fn chat_runs(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let seconds_taken = started.elapsed().as_secs_f64();
+            let (walcast_cpu, pg_cpu) = Cpu::sample(&sql, walcast_pid).await?.since(&cpu_start);
             let got = received.lock().unwrap().clone();
             let mut lost = 0;
             let mut duplicated = 0;
@@ -352,10 +553,18 @@ async fn chat_runs(
                 p95: pct(0.95),
                 p99: pct(0.99),
                 max: l.last().copied().unwrap_or(f64::NAN),
+                walcast_cpu,
+                pg_cpu,
             });
+            all_inserted.extend(inserted.lock().unwrap().iter().copied());
         }
         let _ = w.child.kill().await;
-        Ok::<_, anyhow::Error>(runs)
+        let _ = w.child.wait().await;
+        let refs = match policy {
+            Some(p) => Some(references(&db_url, a, p, &all_inserted).await?),
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((runs, refs))
     }
     .await
 }

@@ -16,6 +16,7 @@ mod fanout;
 mod harness;
 mod idle;
 mod joins;
+mod rls;
 mod stall;
 
 #[derive(Parser)]
@@ -61,10 +62,23 @@ enum Scenario {
         /// Writer connections.
         #[arg(long, default_value_t = 8)]
         writers: usize,
-        /// Row level security on: a policy through a participants table, one distinct user per
-        /// subscriber.
+        /// Row level security on, one distinct user per subscriber; the same load without RLS
+        /// runs first, and each policy is followed by its two references (PostgreSQL's own
+        /// capacity for the same checks, and the original's per-change method).
         #[arg(long)]
         rls: bool,
+        /// The read policy (or several, comma-separated, run one after the other) with --rls.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            requires = "rls",
+            default_value = "participants"
+        )]
+        policy: Vec<rls::Policy>,
+        /// Seconds each reference runs (with --rls).
+        #[arg(long, default_value_t = 3.0)]
+        reference_seconds: f64,
     },
     /// Broadcast fan-out against nats-server (Debian package), same subscribers, payloads and
     /// publish rates: one topic with S subscribers, and many topics with a few each.
@@ -137,7 +151,20 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             writers,
             rls,
-        } => chat::chat(subscribers, conversations, rates, seconds, writers, rls).await,
+            policy,
+            reference_seconds,
+        } => {
+            chat::chat(chat::ChatArgs {
+                subscribers,
+                conversations,
+                rates,
+                seconds,
+                writers,
+                policies: if rls { policy } else { Vec::new() },
+                reference_seconds,
+            })
+            .await
+        }
         Scenario::Idle { sockets } => idle::idle(sockets).await,
         Scenario::Fanout {
             subscribers,
