@@ -271,6 +271,7 @@ impl PolicyRun {
             "reference_direct_1": self.direct_one.json(),
             "reference_direct_n": self.direct_many.json(),
             "reference_original": self.original.json(),
+            "pg_cpu_bound_checks_per_sec": cpu_bound(&self.direct_many),
             "walcast_to_direct_n": ratio(sustained, self.direct_many.per_sec()),
             "walcast_to_original": ratio(sustained, self.original.per_sec()),
         })
@@ -313,11 +314,33 @@ impl PolicyRun {
             );
         }
         println!(
+            "PostgreSQL CPU per check (reference 1): {:.1} us, so at most {:.0} checks/s if PostgreSQL had all {} cores",
+            self.direct_many.pg_us_per_check(),
+            cpu_bound(&self.direct_many),
+            cores()
+        );
+        println!(
             "sustainable authorized deliveries/s {sustained:.0}: / no RLS {:.2}, / reference 1 {:.2}, / reference 2 {:.2}",
             ratio(sustained, best(plain)),
             ratio(sustained, self.direct_many.per_sec()),
             ratio(sustained, self.original.per_sec()),
         );
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Checks per second PostgreSQL could answer with every core at `r`'s CPU time per check.
+fn cpu_bound(r: &Reference) -> f64 {
+    let us = r.pg_us_per_check();
+    if us > 0.0 {
+        cores() as f64 * 1e6 / us
+    } else {
+        0.0
     }
 }
 
