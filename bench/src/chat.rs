@@ -90,8 +90,9 @@ impl Cpu {
     }
 }
 
-/// Reference 1 from one connection and from 2 x cores, and reference 2.
-type References = (Reference, Reference, Reference);
+/// Reference 1 from one connection and from 2 x cores (walcast's generic plan), from 2 x cores
+/// with PostgreSQL's own plan per key, and reference 2.
+type References = (Reference, Reference, Reference, Reference);
 
 /// Both references on the run's own database, walcast stopped, over the rows the run wrote:
 /// each row checked for each subscriber of its conversation.
@@ -124,10 +125,11 @@ async fn references(
         .map(|n| n.get())
         .unwrap_or(1);
     let checks = Arc::new(checks);
-    let one = rls::direct(db_url, 1, a.reference_seconds, checks.clone()).await?;
-    let many = rls::direct(db_url, 2 * cores, a.reference_seconds, checks).await?;
+    let one = rls::direct(db_url, 1, true, a.reference_seconds, checks.clone()).await?;
+    let many = rls::direct(db_url, 2 * cores, true, a.reference_seconds, checks.clone()).await?;
+    let custom = rls::direct(db_url, 2 * cores, false, a.reference_seconds, checks).await?;
     let original = rls::original(db_url, a.reference_seconds, &changes).await?;
-    Ok((one, many, original))
+    Ok((one, many, custom, original))
 }
 
 /// The run that delivered the most per second with its p99 within 100 ms and nothing lost
@@ -241,6 +243,8 @@ struct PolicyRun {
     /// Reference 1 from one connection and from 2 x cores connections.
     direct_one: Reference,
     direct_many: Reference,
+    /// Reference 1 from 2 x cores connections with PostgreSQL's own plan per key.
+    direct_custom: Reference,
     /// Reference 2: the original's method.
     original: Reference,
 }
@@ -270,6 +274,7 @@ impl PolicyRun {
             "rls_to_plain_ratio": ratio(sustained, best(plain)),
             "reference_direct_1": self.direct_one.json(),
             "reference_direct_n": self.direct_many.json(),
+            "reference_direct_n_custom_plan": self.direct_custom.json(),
             "reference_original": self.original.json(),
             "pg_cpu_bound_checks_per_sec": cpu_bound(&self.direct_many),
             "walcast_to_direct_n": ratio(sustained, self.direct_many.per_sec()),
@@ -299,6 +304,13 @@ impl PolicyRun {
                     self.direct_many.connections
                 ),
                 &self.direct_many,
+            ),
+            (
+                &*format!(
+                    "(1') direct, {} connections, PostgreSQL's own plan per key",
+                    self.direct_custom.connections
+                ),
+                &self.direct_custom,
             ),
             (
                 "(2) original's method (apply_rls: per change, per claims)",
@@ -365,8 +377,8 @@ pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
     let mut secured = Vec::new();
     for &policy in policies {
         let (runs, refs) = chat_runs(&a, Some(policy)).await?;
-        let (direct_one, direct_many, original) = refs.context("references")?;
-        for r in [&direct_one, &direct_many, &original] {
+        let (direct_one, direct_many, direct_custom, original) = refs.context("references")?;
+        for r in [&direct_one, &direct_many, &direct_custom, &original] {
             // Every check asked is one the policy allows: a denial means the shape's schema
             // or the emulation is wrong, and its figures would measure something else.
             anyhow::ensure!(
@@ -382,6 +394,7 @@ pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
             runs,
             direct_one,
             direct_many,
+            direct_custom,
             original,
         };
         run.print(&plain);

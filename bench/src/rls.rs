@@ -6,6 +6,8 @@
 //!    and the claims (`set_config`, as walcast does) and run the same key lookup walcast
 //!    prepares (`SELECT array_agg(id::text) FROM public.chat WHERE id = ANY($1)`, generic plan),
 //!    pipelined, as fast as the server answers. Nothing batched: one (claims, row) per lookup.
+//!    Run with walcast's forced generic plan, and once more with PostgreSQL's own choice of
+//!    plan per key (a custom plan), which shows what the plan choice costs.
 //! 2. `original`: supabase/realtime's method (`realtime.apply_rls`): changes taken one at a
 //!    time on one connection; for each change a `walrus_rls_stmt` prepared for that row
 //!    (`select exists(select 1 from <table> where <pk> = <literal>)`), then for each subscriber
@@ -214,6 +216,8 @@ pub struct Check {
 /// A reference's result.
 pub struct Reference {
     pub connections: usize,
+    /// Reference 1 with walcast's generic plan (false: PostgreSQL's choice per key).
+    pub generic_plan: bool,
     pub checks: usize,
     pub seconds: f64,
     /// Checks that said "not visible" (every check asked is one the policy allows).
@@ -232,7 +236,7 @@ impl Reference {
     }
 
     pub fn json(&self) -> Value {
-        json!({"connections": self.connections, "checks": self.checks, "seconds": self.seconds,
+        json!({"connections": self.connections, "generic_plan": self.generic_plan, "checks": self.checks, "seconds": self.seconds,
             "checks_per_sec": self.per_sec(), "denied": self.denied,
             "pg_cpu_seconds": self.pg_cpu, "pg_cpu_us_per_check": self.pg_us_per_check()})
     }
@@ -257,6 +261,7 @@ const DEPTH: usize = 8;
 pub async fn direct(
     db_url: &str,
     connections: usize,
+    generic_plan: bool,
     seconds: f64,
     checks: Arc<Vec<Check>>,
 ) -> anyhow::Result<Reference> {
@@ -265,9 +270,12 @@ pub async fn direct(
     let mut pids = Vec::new();
     for _ in 0..connections {
         let (c, pid) = connect(db_url).await?;
-        // walcast's lookups run with a generic plan, made once per connection.
-        c.batch_execute("SET plan_cache_mode = force_generic_plan")
-            .await?;
+        // walcast's lookups run with a generic plan, made once per connection; without
+        // `generic_plan` PostgreSQL chooses (a custom plan for the key it is given).
+        if generic_plan {
+            c.batch_execute("SET plan_cache_mode = force_generic_plan")
+                .await?;
+        }
         clients.push(c);
         pids.push(pid);
     }
@@ -340,6 +348,7 @@ pub async fn direct(
     drop(keep);
     Ok(Reference {
         connections,
+        generic_plan,
         checks: done,
         seconds,
         denied,
@@ -380,6 +389,7 @@ pub async fn original(
     let pg_cpu = cpu_of(&[pid]) - cpu_before;
     Ok(Reference {
         connections: 1,
+        generic_plan: false,
         checks: done,
         seconds,
         denied,
