@@ -417,8 +417,19 @@ pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
             None,
         ));
     } else {
-        out["reference_without_rls"] = out["runs"].take();
-        out["reference_highest_rate_p99_under_100ms"] = out["highest_rate_p99_under_100ms"].take();
+        if let Some(o) = out.as_object_mut() {
+            for (from, to) in [
+                ("runs", "reference_without_rls"),
+                (
+                    "highest_rate_p99_under_100ms",
+                    "reference_highest_rate_p99_under_100ms",
+                ),
+            ] {
+                if let Some(v) = o.remove(from) {
+                    o.insert(to.to_string(), v);
+                }
+            }
+        }
         out["policies"] = json!(secured.iter().map(|p| p.json(&plain)).collect::<Vec<_>>());
         for p in &secured {
             panels.push(chat_panel(&format!("postgres_changes with RLS (policy {}), {subscribers} users in {conversations} conversations (no RLS dashed)", p.policy.name()), &p.runs, Some(&plain)));
