@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{anon_token, cpu_seconds, now_us, start_walcast_alone};
+use crate::harness::{anon_token, cpu_seconds, now_us, start_walcast_alone};
 
 pub struct FanoutArgs {
     pub subscribers: usize,
@@ -82,7 +82,7 @@ trait Target {
 struct Walcast {
     port: u16,
     token: String,
-    publisher: Option<crate::Ws>,
+    publisher: Option<crate::harness::Ws>,
 }
 
 impl Target for Walcast {
@@ -92,7 +92,7 @@ impl Target for Walcast {
         lat: Latencies,
         done: Arc<AtomicBool>,
     ) -> anyhow::Result<()> {
-        let mut ws = crate::ws_connect(self.port, &self.token).await?;
+        let mut ws = crate::harness::ws_connect(self.port, &self.token).await?;
         let join = json!(["1", "1", format!("realtime:{topic}"), "phx_join",
             {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -121,7 +121,7 @@ impl Target for Walcast {
     }
 
     async fn prepare(&mut self, topics: &[String]) -> anyhow::Result<()> {
-        let mut ws = crate::ws_connect(self.port, &self.token).await?;
+        let mut ws = crate::harness::ws_connect(self.port, &self.token).await?;
         // A client may only broadcast on channels it joined.
         for (i, topic) in topics.iter().enumerate() {
             let r = (i + 1).to_string();
@@ -293,7 +293,7 @@ async fn measure<T: Target>(
     let loader_cpu_s = cpu_seconds(std::process::id())? - loader_cpu;
     let mut l = lat.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
     l.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| crate::percentile(&l, p).unwrap_or(0.0);
+    let pct = |p: f64| crate::harness::percentile(&l, p).unwrap_or(0.0);
     Ok(Point {
         rate,
         delivered_per_sec: l.len() as f64 / elapsed,
@@ -347,7 +347,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         let mut rows: Vec<(u64, Point, Point)> = Vec::new();
         for &rate in rates.iter() {
             // Fresh servers per point, so one point's backlog cannot spill into the next.
-            let crate::Walcast { child: mut w, port } = start_walcast_alone(&[
+            let crate::harness::Walcast { child: mut w, port } = start_walcast_alone(&[
                 ("RLIMIT_NOFILE", &nofile),
                 // The publisher joins every topic.
                 ("TENANT_MAX_CHANNELS_PER_CLIENT", "100000"),
@@ -450,7 +450,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     }
     let out = json!({"scenario": "fanout", "subscribers": a.subscribers, "seconds": a.seconds,
         "p99_bound_ms": a.p99_bound_ms, "note": "loader, walcast and nats-server share the machine", "shapes": report});
-    crate::save_results("fanout", &out, &panels)?;
+    crate::harness::save_results("fanout", &out, &panels)?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{anon_token, now_us, rss_bytes, start_walcast_alone, Walcast};
+use crate::harness::{anon_token, now_us, rss_bytes, start_walcast_alone, Walcast};
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
@@ -47,7 +47,8 @@ async fn connect(port: u16, tok: &str, recv_buffer: Option<u32>) -> anyhow::Resu
         .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
         .await?;
     stream.set_nodelay(true)?;
-    let (mut ws, _) = tokio_tungstenite::client_async(crate::socket_url(port, tok), stream).await?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async(crate::harness::socket_url(port, tok), stream).await?;
     let join = json!(["1", "1", "realtime:busy", "phx_join",
         {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"enabled": false}, "private": false}}]);
     ws.send(Message::Text(join.to_string().into())).await?;
@@ -174,7 +175,7 @@ async fn one_run(a: &StallArgs, stalled: usize, reading: bool) -> anyhow::Result
     }
 
     lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| crate::percentile(&lat, p).unwrap_or(0.0);
+    let pct = |p: f64| crate::harness::percentile(&lat, p).unwrap_or(0.0);
     Ok(Run {
         stalled,
         rss_start,
@@ -269,7 +270,7 @@ pub async fn stall(a: StallArgs) -> anyhow::Result<()> {
             ),
         ],
     };
-    crate::save_results(
+    crate::harness::save_results(
         "stall",
         &out,
         &[

@@ -71,13 +71,46 @@ fn chat() {
     run("chat", &SMALL_CHAT, "chat.json");
 }
 
+/// The smallest chat load under RLS with `policy`, its references at 0.2 s each.
+fn chat_rls_policy(policy: &str, output: &str) {
+    run(
+        "chat",
+        &[
+            &SMALL_CHAT[..],
+            &["--rls", "--policy", policy, "--reference-seconds", "0.2"],
+        ]
+        .concat(),
+        output,
+    );
+}
+
 #[test]
 fn chat_rls() {
     run(
         "chat",
-        &[&SMALL_CHAT[..], &["--rls"]].concat(),
+        &[&SMALL_CHAT[..], &["--rls", "--reference-seconds", "0.2"]].concat(),
         "chat_rls.json",
     );
+}
+
+#[test]
+fn chat_rls_seed() {
+    chat_rls_policy("seed", "chat_rls_seed.json");
+}
+
+#[test]
+fn chat_rls_seed_fast() {
+    chat_rls_policy("seed-fast", "chat_rls_seed-fast.json");
+}
+
+#[test]
+fn chat_rls_claims() {
+    chat_rls_policy("claims", "chat_rls_claims.json");
+}
+
+#[test]
+fn chat_rls_definer() {
+    chat_rls_policy("definer", "chat_rls_definer.json");
 }
 
 #[test]
