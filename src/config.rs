@@ -1,6 +1,9 @@
 //! Typed settings. Every setting is a flag and an environment variable; the environment names are
 //! supabase/realtime's wherever it has one, so the image is a drop-in replacement. Defaults live
 //! here as consts and are listed, with their meaning, in `config/walcast.env` and `CONFIG.md`.
+//!
+//! One file on purpose (about 800 lines): it is the list of settings, each a clap argument with its
+//! environment name, default and doc, and their validation; splitting it would scatter that list.
 #![warn(missing_docs)]
 
 use std::net::IpAddr;

@@ -37,7 +37,7 @@ const GRID: Rgb888 = Rgb888::new(0xe4, 0xe4, 0xe4);
 const BOUND: Rgb888 = Rgb888::new(0x99, 0x99, 0x99);
 
 /// One line: its legend name and its points (x, y).
-pub struct Series {
+pub(crate) struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
     /// Dashed: the reference (nats-server, pg_recvlogical, the run without RLS...).
@@ -46,7 +46,7 @@ pub struct Series {
     pub colour: usize,
 }
 
-pub struct LineChart {
+pub(crate) struct LineChart {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
@@ -58,7 +58,7 @@ pub struct LineChart {
 }
 
 /// Bars grouped by category; one bar per series in each group.
-pub struct BarChart {
+pub(crate) struct BarChart {
     pub title: String,
     pub y_label: String,
     pub categories: Vec<String>,
@@ -66,13 +66,13 @@ pub struct BarChart {
     pub series: Vec<(String, Vec<f64>, bool)>,
 }
 
-pub enum Panel {
+pub(crate) enum Panel {
     Line(LineChart),
     Bars(BarChart),
 }
 
 /// Writes the panels one above the other into a PNG at `path`.
-pub fn write_png(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
+pub(crate) fn write_png(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
     let mut canvas = Canvas::new(PANEL_W, PANEL_H * panels.len().max(1) as u32);
     for (i, panel) in panels.iter().enumerate() {
         let area = Rectangle::new(
@@ -193,7 +193,7 @@ fn linear_ticks(lo: f64, hi: f64) -> Vec<f64> {
 }
 
 /// "2.4M", "400k", "35", "0.5": short labels for counts and rates.
-pub fn short_number(v: f64) -> String {
+pub(crate) fn short_number(v: f64) -> String {
     let trim = |s: String| {
         if s.contains('.') {
             s.trim_end_matches('0').trim_end_matches('.').to_string()

@@ -1,4 +1,7 @@
 //! Live chat load on postgres_changes, with or without RLS.
+//!
+//! One scenario, one file (about 620 lines): the writers, the subscribers, the latency and loss
+//! accounting and the table; the RLS policy shapes and their references are in `rls.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -224,7 +227,7 @@ fn chat_panel(title: &str, runs: &[ChatRun], reference: Option<&[ChatRun]>) -> c
     })
 }
 
-pub struct ChatArgs {
+pub(crate) struct ChatArgs {
     pub subscribers: usize,
     pub conversations: usize,
     pub rates: Vec<u64>,
@@ -356,7 +359,7 @@ fn cpu_bound(r: &Reference) -> f64 {
     }
 }
 
-pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
+pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
     let ChatArgs {
         subscribers,
         conversations,

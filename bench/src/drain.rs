@@ -17,7 +17,7 @@ fn pg_bin() -> anyhow::Result<PathBuf> {
     Ok(walcast::dev::find_binaries()?)
 }
 
-pub async fn drain(n: usize) -> anyhow::Result<()> {
+pub(crate) async fn drain(n: usize) -> anyhow::Result<()> {
     let db = BenchDb::start("drain")?;
     async {
         let db_url = db.url();

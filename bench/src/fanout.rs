@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{anon_token, cpu_seconds, now_us, start_walcast_alone};
 
-pub struct FanoutArgs {
+pub(crate) struct FanoutArgs {
     pub subscribers: usize,
     pub topics_for_many: usize,
     pub rates: Vec<u64>,
@@ -312,7 +312,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
+pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())

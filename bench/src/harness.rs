@@ -11,34 +11,34 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::chart;
 
-pub const SECRET: &str = "walcast-bench-secret-with-at-least-32-characters";
+pub(crate) const SECRET: &str = "walcast-bench-secret-with-at-least-32-characters";
 
-pub fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// The nearest-rank percentile `p` (0..1) of sorted values; None when there are none.
-pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
+pub(crate) fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     let last = sorted.len().checked_sub(1)?;
     Some(sorted[((sorted.len() as f64 * p) as usize).min(last)])
 }
 
 /// A PostgreSQL of the scenario's own (walcast's dev-cluster code) in a temporary directory;
 /// stopped and removed when dropped, however the scenario ends.
-pub struct BenchDb {
+pub(crate) struct BenchDb {
     pub cluster: walcast::dev::DevCluster,
     dir: PathBuf,
 }
 
 impl BenchDb {
-    pub fn start(scenario: &str) -> anyhow::Result<Self> {
+    pub(crate) fn start(scenario: &str) -> anyhow::Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("walcast-bench-{scenario}-{}", std::process::id()));
         let cluster = walcast::dev::DevCluster::start(&dir)?;
         Ok(Self { cluster, dir })
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/postgres",
             self.cluster.port
@@ -54,7 +54,11 @@ impl Drop for BenchDb {
 }
 
 /// Writes a scenario's results: `<name>.json` and the chart `<name>.png`.
-pub fn save_results(name: &str, results: &Value, panels: &[chart::Panel]) -> anyhow::Result<()> {
+pub(crate) fn save_results(
+    name: &str,
+    results: &Value,
+    panels: &[chart::Panel],
+) -> anyhow::Result<()> {
     let path = results_path(&format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
     println!("written: {}", path.display());
@@ -66,7 +70,7 @@ pub fn save_results(name: &str, results: &Value, panels: &[chart::Panel]) -> any
 
 /// Where a scenario's JSON and chart go: `bench/results/`, or `WALCAST_BENCH_RESULTS` (the smoke test
 /// writes elsewhere so it never replaces published figures).
-pub fn results_path(name: &str) -> PathBuf {
+pub(crate) fn results_path(name: &str) -> PathBuf {
     let dir = std::env::var_os("WALCAST_BENCH_RESULTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("bench/results"));
@@ -74,23 +78,23 @@ pub fn results_path(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-pub type Ws =
+pub(crate) type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The socket URL of a walcast on `port` for a client with `token`, speaking vsn 2.0.0.
-pub fn socket_url(port: u16, token: &str) -> String {
+pub(crate) fn socket_url(port: u16, token: &str) -> String {
     format!("ws://127.0.0.1:{port}/realtime/v1/websocket?apikey={token}&vsn=2.0.0")
 }
 
 /// A vsn 2.0.0 client of the walcast on `port`, with Nagle off like a browser's and like the NATS
 /// clients: the loader must not add its own delay to the latencies it measures.
-pub async fn ws_connect(port: u16, token: &str) -> anyhow::Result<Ws> {
+pub(crate) async fn ws_connect(port: u16, token: &str) -> anyhow::Result<Ws> {
     let (ws, _) =
         tokio_tungstenite::connect_async_with_config(socket_url(port, token), None, true).await?;
     Ok(ws)
 }
 
-pub fn token(sub: &str) -> String {
+pub(crate) fn token(sub: &str) -> String {
     let exp = walcast::auth::now_secs() + 3600;
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -100,16 +104,16 @@ pub fn token(sub: &str) -> String {
     .expect("sign")
 }
 
-pub struct Walcast {
+pub(crate) struct Walcast {
     pub child: tokio::process::Child,
     pub port: u16,
 }
 
-pub async fn start_walcast(db_url: &str, pool: usize) -> anyhow::Result<Walcast> {
+pub(crate) async fn start_walcast(db_url: &str, pool: usize) -> anyhow::Result<Walcast> {
     start_walcast_with(db_url, pool, &[]).await
 }
 
-pub async fn start_walcast_with(
+pub(crate) async fn start_walcast_with(
     db_url: &str,
     pool: usize,
     env: &[(&str, &str)],
@@ -121,7 +125,7 @@ pub async fn start_walcast_with(
 }
 
 /// A token for the `anon` role, valid for an hour.
-pub fn anon_token() -> String {
+pub(crate) fn anon_token() -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &json!({"role": "anon", "exp": walcast::auth::now_secs() + 3600}),
@@ -132,7 +136,7 @@ pub fn anon_token() -> String {
 
 /// Starts the walcast under test (`WALCAST_BIN`, else the release build) with `env`; without
 /// `DATABASE_URL` in it, postgres_changes is off (sockets, broadcast, presence only).
-pub async fn start_walcast_alone(env: &[(&str, &str)]) -> anyhow::Result<Walcast> {
+pub(crate) async fn start_walcast_alone(env: &[(&str, &str)]) -> anyhow::Result<Walcast> {
     let bin = std::env::var("WALCAST_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace().join("target/release/walcast"));
@@ -168,7 +172,7 @@ pub async fn start_walcast_alone(env: &[(&str, &str)]) -> anyhow::Result<Walcast
     Ok(Walcast { child, port })
 }
 
-pub fn unsafe_is_root() -> bool {
+pub(crate) fn unsafe_is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()
@@ -178,7 +182,7 @@ pub fn unsafe_is_root() -> bool {
 
 /// CPU time (user + system) a process has used so far, in seconds. Linux reports it in clock
 /// ticks of 1/100 s (USER_HZ, 100 on every Linux architecture walcast builds for).
-pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces; fields after its closing parenthesis are plain.
     let rest = stat.rsplit_once(')').context("malformed stat")?.1;
@@ -189,7 +193,7 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
-pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
         .lines()
@@ -202,7 +206,7 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-pub fn now_us() -> i64 {
+pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)

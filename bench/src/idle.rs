@@ -12,7 +12,7 @@ use crate::harness::{
     anon_token, rss_bytes, save_results, start_walcast_alone, ws_connect, Walcast,
 };
 
-pub async fn idle(n: usize) -> anyhow::Result<()> {
+pub(crate) async fn idle(n: usize) -> anyhow::Result<()> {
     // No database: an idle socket's cost is the socket, its session and its channel.
     let nofile = (n + 1000).to_string();
     let Walcast { mut child, port } = start_walcast_alone(&[("RLIMIT_NOFILE", &nofile)]).await?;

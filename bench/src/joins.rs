@@ -83,7 +83,7 @@ async fn run_joins(
     })
 }
 
-pub async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Result<()> {
+pub(crate) async fn joins(sockets: usize, per_socket: usize, members: usize) -> anyhow::Result<()> {
     let db = BenchDb::start("joins")?;
     async {
         let db_url = db.url();

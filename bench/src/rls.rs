@@ -27,7 +27,7 @@ use crate::harness::cpu_seconds;
 
 /// The read policy on the chat table (`--policy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Policy {
+pub(crate) enum Policy {
     /// `EXISTS` on a participants table keyed by (conversation_id, user_id).
     Participants,
     /// The support-chat seed's shape: a message is visible if its conversation belongs to the
@@ -45,7 +45,7 @@ pub enum Policy {
 }
 
 impl Policy {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Policy::Participants => "participants",
             Policy::Seed => "seed",
@@ -55,7 +55,7 @@ impl Policy {
         }
     }
 
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Policy::Participants => "EXISTS on participants (conversation_id, user_id)",
             Policy::Seed => "seed: conversation owner OR is_agent(), conversations under RLS",
@@ -154,14 +154,14 @@ $fn$;
 ";
 
 /// Subscriber `s`'s user id.
-pub fn user(s: usize) -> String {
+pub(crate) fn user(s: usize) -> String {
     format!("00000000-0000-4000-8000-{s:012}")
 }
 
 /// Subscriber `s`'s JWT claims: one distinct user each, in conversation `s % conversations`.
 /// In the seed's shapes the first subscriber of each conversation is its customer (owner), the
 /// others are agents.
-pub fn claims(policy: Option<Policy>, s: usize, conversations: usize, exp: i64) -> Value {
+pub(crate) fn claims(policy: Option<Policy>, s: usize, conversations: usize, exp: i64) -> Value {
     match policy {
         None => json!({"role": "anon", "exp": exp}),
         Some(Policy::Claims) => {
@@ -172,7 +172,7 @@ pub fn claims(policy: Option<Policy>, s: usize, conversations: usize, exp: i64) 
 }
 
 /// Creates the tables, users and `policy` on a database whose `chat` table exists.
-pub async fn setup(
+pub(crate) async fn setup(
     sql: &tokio_postgres::Client,
     policy: Policy,
     subscribers: usize,
@@ -207,14 +207,14 @@ pub async fn setup(
 }
 
 /// One authorization question: may the user with these claims see row `id`?
-pub struct Check {
+pub(crate) struct Check {
     pub id: i64,
     pub claims: String,
     pub sub: String,
 }
 
 /// A reference's result.
-pub struct Reference {
+pub(crate) struct Reference {
     pub connections: usize,
     /// Reference 1 with walcast's generic plan (false: PostgreSQL's choice per key).
     pub generic_plan: bool,
@@ -227,15 +227,15 @@ pub struct Reference {
 }
 
 impl Reference {
-    pub fn per_sec(&self) -> f64 {
+    pub(crate) fn per_sec(&self) -> f64 {
         self.checks as f64 / self.seconds
     }
 
-    pub fn pg_us_per_check(&self) -> f64 {
+    pub(crate) fn pg_us_per_check(&self) -> f64 {
         self.pg_cpu * 1e6 / self.checks.max(1) as f64
     }
 
-    pub fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         json!({"connections": self.connections, "generic_plan": self.generic_plan, "checks": self.checks, "seconds": self.seconds,
             "checks_per_sec": self.per_sec(), "denied": self.denied,
             "pg_cpu_seconds": self.pg_cpu, "pg_cpu_us_per_check": self.pg_us_per_check()})
@@ -258,7 +258,7 @@ const DEPTH: usize = 8;
 
 /// Reference 1: the same role/claims settings and key lookup as walcast's, one (claims, row)
 /// per lookup, from `connections` connections, pipelined, for `seconds`.
-pub async fn direct(
+pub(crate) async fn direct(
     db_url: &str,
     connections: usize,
     generic_plan: bool,
@@ -358,7 +358,7 @@ pub async fn direct(
 
 /// Reference 2: the original's method. `changes` are (row id, the claims of each subscriber
 /// the row goes to); one change at a time, one connection, for `seconds`.
-pub async fn original(
+pub(crate) async fn original(
     db_url: &str,
     seconds: f64,
     changes: &[(i64, Vec<String>)],

@@ -16,7 +16,7 @@ use crate::harness::{anon_token, now_us, rss_bytes, start_walcast_alone, Walcast
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-pub struct StallArgs {
+pub(crate) struct StallArgs {
     pub stalled: usize,
     pub healthy: usize,
     pub rate: u64,
@@ -190,7 +190,7 @@ async fn one_run(a: &StallArgs, stalled: usize, reading: bool) -> anyhow::Result
     })
 }
 
-pub async fn stall(a: StallArgs) -> anyhow::Result<()> {
+pub(crate) async fn stall(a: StallArgs) -> anyhow::Result<()> {
     let alone = one_run(&a, 0, true).await?;
     let reference = one_run(&a, a.stalled, true).await?;
     let run = one_run(&a, a.stalled, false).await?;

@@ -3,6 +3,9 @@
 //! are for a frame (or a close) with a deadline, and "nothing arrived" is proven with a
 //! heartbeat barrier (a socket's frames are delivered in order, so once the heartbeat reply is
 //! read, anything queued before it has been read too).
+//!
+//! One file on purpose (about 740 lines): the server handle and the raw client are the test
+//! vocabulary every test file imports; PostgreSQL helpers are in `pg.rs`.
 
 pub mod pg;
 

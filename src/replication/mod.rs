@@ -6,6 +6,10 @@
 //! in standby status updates. A restart therefore resumes from the last delivered commit. When
 //! the dispatcher cannot keep up, the queue fills and reading from PostgreSQL pauses (the WAL
 //! waits in the slot) instead of buffering without limit.
+//!
+//! The slot's life (create, replace, what it holds back, WAL watch) is in [`slot`]; the wire
+//! connection in [`conn`]; decoding in [`pgoutput`] and [`values`]. This file is the stream loop
+//! and its status, one cohesive thing (about 610 lines).
 
 pub mod conn;
 pub mod pgoutput;
