@@ -110,8 +110,10 @@ fn run(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
 fn init_tracing(args: &ServeArgs) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("walcast={}", args.log_filter())));
+    // Colours only on a terminal: a log file or a collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Json => builder.json().init(),
@@ -120,6 +122,8 @@ fn init_tracing(args: &ServeArgs) {
 }
 
 async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
+    // Before anything that takes time: from here on a signal means a graceful stop.
+    let shutdown = shutdown_signal().context("cannot install the signal handlers")?;
     let mut settings = args.settings()?;
     let mut database = args.database()?;
     if let Some(cluster) = dev.as_ref().and_then(|d| d.cluster) {
@@ -177,14 +181,7 @@ async fn serve(args: ServeArgs, dev: Option<Dev<'_>>) -> anyhow::Result<()> {
         walcast::dev::load_example(&db.pg.pool, dir).await?;
         settings.example_dir = Some(dir.clone());
     }
-    let app = walcast::app::run(
-        listener,
-        settings,
-        verifier,
-        operator,
-        database,
-        shutdown_signal(),
-    );
+    let app = walcast::app::run(listener, settings, verifier, operator, database, shutdown);
     println!("walcast listening on http://{addr}");
     if let Some(secret) = dev_secret {
         print_dev_keys(addr, &secret, db_url.as_deref())?;
@@ -233,25 +230,27 @@ fn raise_nofile(limit: u64) {
     tracing::info!(limit = rl.rlim_cur, "open-file limit");
 }
 
-/// SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM or Ctrl-C (SIGINT). The handlers are installed when this is called, not when the
+/// future is first polled: a signal that comes right after start-up still stops walcast
+/// gracefully instead of killing it with the default action.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 

@@ -93,3 +93,37 @@ async fn a_database_restart_loses_nothing_and_duplicates_nothing() {
     let _ = cluster.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A graceful stop awaits every background task (replication first, then the dispatcher that
+/// drains its queue, then the periodic jobs) instead of aborting them, and none overstays.
+#[tokio::test]
+async fn a_graceful_stop_awaits_every_background_task() {
+    let db = pg::TestDb::create("task_stop").await;
+    let log = std::env::temp_dir().join(format!("walcast-task-stop-{}.log", std::process::id()));
+    let env = db.env();
+    let all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut server = Server::start_logging_to(&all, &log).await;
+    server.terminate();
+    let status = server.wait_exit(std::time::Duration::from_secs(15)).await;
+    assert!(status.success(), "walcast exited with {status}");
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let _ = std::fs::remove_file(&log);
+    let mut last = 0;
+    for task in [
+        "replication",
+        "replication readiness",
+        "dispatcher",
+        "slot watch",
+        "janitor",
+        "rate limits",
+    ] {
+        let line = format!("stopped task=\"{task}\"");
+        let at = text
+            .find(&line)
+            .unwrap_or_else(|| panic!("no {line:?} in the log:\n{text}"));
+        assert!(at >= last, "{task} stopped out of order:\n{text}");
+        last = at;
+    }
+    assert!(!text.contains("did not stop in time"), "{text}");
+    assert!(!text.contains("task failed"), "{text}");
+}
