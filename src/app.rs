@@ -340,12 +340,10 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     );
     // One connection open before the first change, so that it is not delivered later for it.
     drop(delivery.get().await?);
-    let pg = Arc::new(PgChanges::new(
-        pool,
-        delivery,
-        db.publication.clone(),
-        db.max_record_bytes,
-    ));
+    let pg = Arc::new(
+        PgChanges::new(pool, delivery, db.publication.clone(), db.max_record_bytes)
+            .with_catchup(db.catchup.clone()),
+    );
     pg.catalog.load_types().await?;
     Ok((pg, start))
 }
