@@ -283,3 +283,39 @@ async fn a_rejoin_before_the_old_socket_is_noticed_resumes_from_it() {
         .await;
     drop(old);
 }
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_positions_and_the_rejoin_gets_what_was_committed_meanwhile() {
+    let (db, mut server, sql) = setup("catchup_restart", &[]).await;
+    let mut c = alice_sees_one(&server, &sql).await;
+    server.terminate(); // SIGTERM: sockets closed with 1012, positions saved
+    assert_eq!(c.closed().await.map(|(code, _)| code), Some(1012));
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(15))
+        .await
+        .success());
+    insert(&sql, 1, 2).await;
+    insert(&sql, 1, 3).await;
+    let lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    // No grace period: the backlog streams before the client is back (without catch-up it would
+    // be gone for it, with a "restart" gap notice).
+    let server = Server::start_with_db(&db, &[]).await;
+    protocol_tests::pg::wait_slot_confirmed(&sql, &format!("s_{}", db.name), &lsn).await;
+    let mut c = server.connect(Vsn::V2, &alice()).await;
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    assert_eq!(next_k(&mut c).await, 2);
+    assert_eq!(next_k(&mut c).await, 3);
+    insert(&sql, 1, 4).await;
+    assert_eq!(next_k(&mut c).await, 4);
+    let rest = c.barrier().await;
+    assert!(
+        rest.iter()
+            .all(|f| f.event() != "postgres_changes" && f.event() != "system"),
+        "no duplicate and no gap notice: {rest:?}"
+    );
+}

@@ -87,6 +87,23 @@ struct Ring {
 /// Who a subscriber was and what it subscribed to (see [`identity_key`]).
 pub type Key = Arc<str>;
 
+/// A remembered position: where, since when, and whether changes before it were lost (a
+/// position saved by a shutdown that had not received everything delivered before it).
+#[derive(Clone, Copy)]
+struct Remembered {
+    pos: u64,
+    at: Instant,
+    gap: bool,
+}
+
+/// Where a rejoin resumes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub from: u64,
+    /// Changes before `from` were lost already (told to the rejoin).
+    pub gap: bool,
+}
+
 /// Channels live under each key, with their socket's position.
 type Live = HashMap<Key, Vec<(ChannelId, Arc<AtomicU64>)>>;
 
@@ -97,7 +114,7 @@ pub struct History {
     delivered: AtomicU64,
     /// Serializes the dispatcher's batches with catch-ups.
     turn: tokio::sync::Mutex<()>,
-    remembered: Mutex<HashMap<Key, (u64, Instant)>>,
+    remembered: Mutex<HashMap<Key, Remembered>>,
     /// Channels live now, by key, with their socket's position: a rejoin that arrives before
     /// walcast has noticed the old socket is gone (a network blip) resumes from it.
     live: Mutex<Live>,
@@ -162,15 +179,17 @@ impl History {
 
     /// A channel joined under `key`: where it resumes from (a remembered position, else the
     /// earliest position of a live channel with the same key), and it is now live under it.
-    pub fn join(&self, key: &Key, channel: ChannelId, position: Arc<AtomicU64>) -> Option<u64> {
+    pub fn join(&self, key: &Key, channel: ChannelId, position: Arc<AtomicU64>) -> Option<Resume> {
         if !self.enabled() {
             return None;
         }
         let remembered = self.take(key);
         let mut live = self.lock_live();
         let others = live.entry(key.clone()).or_default();
-        let from =
-            remembered.or_else(|| others.iter().map(|(_, p)| p.load(Ordering::SeqCst)).min());
+        let from = remembered.or_else(|| {
+            let from = others.iter().map(|(_, p)| p.load(Ordering::SeqCst)).min()?;
+            Some(Resume { from, gap: false })
+        });
         others.push((channel, position));
         from
     }
@@ -197,7 +216,7 @@ impl History {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (u64, Instant)>> {
+    fn lock_remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Remembered>> {
         self.remembered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -263,31 +282,52 @@ impl History {
 
     /// Remembers where a subscriber stood when its socket went away without a leave.
     pub fn remember(&self, key: Key, position: u64) {
+        self.insert(key, position, Instant::now(), false);
+    }
+
+    /// A position saved by the last graceful shutdown: everything this process streams is new
+    /// to it; `complete` false when it had also missed changes before the shutdown.
+    pub fn restore(&self, key: Key, complete: bool, left: Duration) {
+        let at = Instant::now()
+            .checked_sub(self.cfg.window.saturating_sub(left))
+            .unwrap_or_else(Instant::now);
+        self.insert(key, 0, at, !complete);
+    }
+
+    fn insert(&self, key: Key, pos: u64, at: Instant, gap: bool) {
         if !self.enabled() {
             return;
         }
         let now = Instant::now();
         let mut r = self.lock_remembered();
         let window = self.cfg.window;
-        r.retain(|_, (_, at)| now.duration_since(*at) <= window);
+        r.retain(|_, e| now.duration_since(e.at) <= window);
         if r.len() >= self.cfg.max_remembered && !r.contains_key(&key) {
             // Bounded: the oldest position goes.
-            if let Some(oldest) = r
-                .iter()
-                .min_by_key(|(_, (_, at))| *at)
-                .map(|(k, _)| k.clone())
-            {
+            if let Some(oldest) = r.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
                 r.remove(&oldest);
             }
         }
         // Two sockets of one user on the same topic: the earlier position covers both.
-        let pos = r.get(&key).map_or(position, |(p, _)| (*p).min(position));
-        r.insert(key, (pos, now));
+        let entry = match r.get(&key) {
+            Some(e) if e.pos <= pos => Remembered {
+                at,
+                gap: e.gap || gap,
+                ..*e
+            },
+            Some(e) => Remembered {
+                pos,
+                at,
+                gap: e.gap || gap,
+            },
+            None => Remembered { pos, at, gap },
+        };
+        r.insert(key, entry);
         metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
     }
 
     /// The remembered position for `key` if it is within the window (and forgets it).
-    pub fn take(&self, key: &Key) -> Option<u64> {
+    pub fn take(&self, key: &Key) -> Option<Resume> {
         if !self.enabled() {
             return None;
         }
@@ -295,8 +335,11 @@ impl History {
         let found = r.remove(key);
         metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
         found
-            .filter(|(_, at)| at.elapsed() <= self.cfg.window)
-            .map(|(p, _)| p)
+            .filter(|e| e.at.elapsed() <= self.cfg.window)
+            .map(|e| Resume {
+                from: e.pos,
+                gap: e.gap,
+            })
     }
 
     /// Whether everything after `position` is still in the history.
@@ -304,14 +347,19 @@ impl History {
         self.lock_ring().evicted_upto <= position
     }
 
-    /// Every remembered position still within the window, with its age (for a graceful
-    /// restart).
-    pub fn remembered(&self) -> Vec<(Key, u64, Duration)> {
+    /// Every remembered position still within the window: (key, position, age, changes
+    /// before it already lost).
+    pub fn remembered(&self) -> Vec<(Key, u64, Duration, bool)> {
         let r = self.lock_remembered();
         r.iter()
-            .filter(|(_, (_, at))| at.elapsed() <= self.cfg.window)
-            .map(|(k, (p, at))| (k.clone(), *p, at.elapsed()))
+            .filter(|(_, e)| e.at.elapsed() <= self.cfg.window)
+            .map(|(k, e)| (k.clone(), e.pos, e.at.elapsed(), e.gap))
             .collect()
+    }
+
+    /// `CATCHUP_WINDOW_MS`.
+    pub fn window(&self) -> Duration {
+        self.cfg.window
     }
 }
 
@@ -445,7 +493,14 @@ mod tests {
         let k: Key = Arc::from("k");
         h.remember(k.clone(), 7);
         h.remember(k.clone(), 9);
-        assert_eq!(h.take(&k), Some(7), "the earlier position covers both");
+        assert_eq!(
+            h.take(&k),
+            Some(Resume {
+                from: 7,
+                gap: false
+            }),
+            "the earlier position covers both"
+        );
         assert_eq!(h.take(&k), None);
         h.remember(k.clone(), 3);
         std::thread::sleep(Duration::from_millis(60));

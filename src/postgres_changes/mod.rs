@@ -18,6 +18,7 @@
 pub mod authorize;
 pub mod binding;
 pub mod catalog;
+pub mod catchup_store;
 pub mod db_broadcast;
 pub mod deliver;
 pub mod dispatch;

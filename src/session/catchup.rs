@@ -39,10 +39,12 @@ impl Session {
             pg.history.leave(key, channel.id);
         }
         channel.catchup_key = identity_key(&channel.claims.raw, &channel.key.topic, raw);
-        channel.catchup_from = channel.catchup_key.as_ref().and_then(|k| {
+        let resume = channel.catchup_key.as_ref().and_then(|k| {
             pg.history
                 .join(k, channel.id, self.inbound_position.clone())
         });
+        channel.catchup_from = resume.map(|r| r.from);
+        channel.catchup_lost = resume.is_some_and(|r| r.gap);
     }
 
     /// A channel is gone: it is no longer live under its key.
@@ -81,9 +83,12 @@ impl Session {
         let Some(mut ch) = self.channels.remove(&topic) else {
             return false;
         };
-        if !pg.history.covers(from) {
+        if ch.catchup_lost || !pg.history.covers(from) {
             self.tell_catchup_gap(&mut ch);
         }
+        // A lost slot is a gap the history cannot cover either.
+        let gap = self.ctx.replication.as_ref().and_then(|s| s.gap_for_join());
+        let slot_lost = gap.filter(|g| g.reason == crate::replication::GapReason::SlotLost);
         let (id, generation, alive) = (ch.id, ch.pg_generation, ch.catchup_alive.clone());
         let events = self.events.clone();
         let task = self.tasks.spawn(async move {
@@ -100,7 +105,10 @@ impl Session {
         });
         ch.pg_job.started(task);
         let topic = ch.key.topic.to_string();
-        self.channels.insert(topic, ch);
+        self.channels.insert(topic.clone(), ch);
+        if let Some(gap) = slot_lost {
+            self.tell_gap(&topic, &gap);
+        }
         true
     }
 
@@ -171,7 +179,13 @@ impl Session {
         if ch.pg_bindings.is_empty() {
             return;
         }
-        let at = self.inbound_position.load(Ordering::SeqCst);
+        // Closed by a graceful shutdown: the socket was flushed before its close frame, so
+        // everything delivered counts as received (RELIABILITY.md states this).
+        let at = if *self.ctx.shutdown.borrow() {
+            pg.history.delivered()
+        } else {
+            self.inbound_position.load(Ordering::SeqCst)
+        };
         // A rejoin whose replay had not finished stands where it stood before.
         let pos = ch.catchup_from.map_or(at, |f| f.min(at));
         pg.history.remember(Arc::clone(key), pos);

@@ -64,6 +64,8 @@ pub(super) struct Channel {
     pub(super) catchup_from: Option<u64>,
     /// False once the channel is gone (a running replay then removes what it installed).
     pub(super) catchup_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// A rejoin whose remembered position had lost changes already (saved by a shutdown).
+    pub(super) catchup_lost: bool,
     /// The rejoin was told that part of what it missed is gone.
     pub(super) catchup_gap_told: bool,
 }

@@ -355,6 +355,7 @@ impl Session {
             catchup_key: None,
             catchup_from: None,
             catchup_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            catchup_lost: false,
             catchup_gap_told: false,
         };
 
