@@ -93,7 +93,7 @@ async function insert(room, n) {
 
 conformance(
   t,
-  { features: ['catchup', 'rls'], needs: ['db', 'sign'], title: 'a socket killed mid-stream: supabase-js reconnects and rejoins by itself and receives every row committed while it was down, in order, then live' },
+  { features: ['catchup', 'rls'], needs: ['db', 'sign', 'walcast'], title: 'a socket killed mid-stream: supabase-js reconnects and rejoins by itself and receives every row committed while it was down, in order, then live' },
   async (vsn) => {
     const user = randomUUID()
     const room = (nextRoom += 2)
@@ -127,7 +127,7 @@ conformance(
 
 conformance(
   t,
-  { features: ['catchup', 'rls'], needs: ['db', 'sign'], title: 'a user who lost access to rows while its socket was down does not receive them on its rejoin' },
+  { features: ['catchup', 'rls'], needs: ['db', 'sign', 'walcast'], title: 'a user who lost access to rows while its socket was down does not receive them on its rejoin' },
   async (vsn) => {
     const user = randomUUID()
     const room = (nextRoom += 2)
@@ -155,7 +155,7 @@ conformance(
 
 conformance(
   t,
-  { features: ['catchup', 'rls'], needs: ['db', 'sign', 'control'], title: 'across a graceful walcast restart: supabase-js reconnects to the new process and its rejoin receives every row committed while walcast was down, in order, then live' },
+  { features: ['catchup', 'rls'], needs: ['db', 'sign', 'control', 'walcast'], title: 'across a graceful walcast restart: supabase-js reconnects to the new process and its rejoin receives every row committed while walcast was down, in order, then live' },
   async (vsn) => {
     const user = randomUUID()
     const room = (nextRoom += 2)
