@@ -319,3 +319,54 @@ async fn a_graceful_restart_keeps_positions_and_the_rejoin_gets_what_was_committ
         "no duplicate and no gap notice: {rest:?}"
     );
 }
+
+#[tokio::test]
+async fn rejoins_waiting_together_are_served_together_each_exactly() {
+    // A storm after a blip: while one replay is held in its row check, four more rejoins queue;
+    // they are served in one turn, each with its own position, once each, in order.
+    let (db, server, sql) = setup("catchup_storm", &[]).await;
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    let tok = |u: &str| sign(json!({"role": "authenticated", "sub": u, "exp": now() + 3600}));
+    let mut olds = Vec::new();
+    for u in users {
+        sql.execute("INSERT INTO members VALUES (1, $1)", &[&u])
+            .await
+            .expect("member");
+        let mut c = server.connect(Vsn::V2, &tok(u)).await;
+        subscribe(&mut c).await;
+        olds.push(c);
+    }
+    insert(&sql, 1, 1).await;
+    for c in &mut olds {
+        assert_eq!(next_k(c).await, 1);
+        c.barrier().await;
+    }
+    drop(olds);
+    insert(&sql, 1, 2).await;
+    insert(&sql, 1, 3).await;
+    let mut lock = db.client().await;
+    let tx = lock.transaction().await.expect("begin");
+    tx.batch_execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock gate");
+    let mut news = Vec::new();
+    for u in users {
+        let mut c = server.connect(Vsn::V2, &tok(u)).await;
+        let sys = subscribe(&mut c).await;
+        assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+        news.push(c);
+    }
+    insert(&sql, 1, 4).await;
+    tx.commit().await.expect("release gate");
+    for c in &mut news {
+        for k in 2..=4 {
+            assert_eq!(next_k(c).await, k);
+        }
+    }
+    insert(&sql, 1, 5).await;
+    for c in &mut news {
+        assert_eq!(next_k(c).await, 5);
+        c.assert_no_more("postgres_changes", "a rejoined client")
+            .await;
+    }
+}

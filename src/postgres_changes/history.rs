@@ -118,6 +118,17 @@ pub struct History {
     /// Channels live now, by key, with their socket's position: a rejoin that arrives before
     /// walcast has noticed the old socket is gone (a network blip) resumes from it.
     live: Mutex<Live>,
+    /// Rejoins waiting for a turn (bounded by the channels: one per rejoining channel).
+    waiting: Mutex<Vec<CatchupRequest>>,
+}
+
+/// A rejoin waiting for its turn.
+struct CatchupRequest {
+    channel: ChannelId,
+    subs: Vec<(u32, Sub)>,
+    from: u64,
+    alive: Arc<AtomicBool>,
+    done: tokio::sync::oneshot::Sender<Outcome>,
 }
 
 /// What a catch-up did.
@@ -170,7 +181,12 @@ impl History {
             turn: tokio::sync::Mutex::new(()),
             remembered: Mutex::default(),
             live: Mutex::default(),
+            waiting: Mutex::default(),
         }
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<CatchupRequest>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, Live> {
@@ -387,47 +403,93 @@ impl PgChanges {
     /// holds after `from`, in commit order, each change filtered and authorized again like a
     /// live one. Runs between two of the dispatcher's batches: what the replay does not hold is
     /// matched live. `alive` turns false when the channel goes; its subscriptions are then
-    /// removed again.
+    /// removed again. Rejoins waiting at once (a storm after a blip) are served together: one
+    /// pass over the history and one delivery for all of them.
     pub async fn catch_up(
         &self,
         channel: ChannelId,
         subs: Vec<(u32, Sub)>,
         from: u64,
-        alive: &AtomicBool,
+        alive: Arc<AtomicBool>,
     ) -> Outcome {
-        let _turn = self.history.turn.lock().await;
-        let (entries, gap) = {
-            let ring = self.history.lock_ring();
-            let entries: Vec<(u32, Change)> = ring
-                .entries
-                .iter()
-                .filter(|e| e.seq > from)
-                .map(|e| (e.relation, e.change.clone()))
-                .collect();
-            (entries, ring.evicted_upto > from)
-        };
-        self.registry.replace(channel, subs);
-        if !alive.load(Ordering::SeqCst) {
-            self.registry.remove(channel);
-            return Outcome::default();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.history.lock_waiting().push(CatchupRequest {
+            channel,
+            subs,
+            from,
+            alive,
+            done: tx,
+        });
+        tokio::select! {
+            biased;
+            // Served in another rejoin's turn.
+            done = &mut rx => return done.unwrap_or_default(),
+            _turn = self.history.turn.lock() => {
+                let requests = std::mem::take(&mut *self.history.lock_waiting());
+                if !requests.is_empty() {
+                    self.serve_catch_ups(requests).await;
+                }
+            }
         }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Serves waiting rejoins, during a turn.
+    async fn serve_catch_ups(&self, requests: Vec<CatchupRequest>) {
+        let mut from_of: HashMap<ChannelId, u64> = HashMap::new();
+        let mut done = Vec::new();
+        let evicted_upto = self.history.lock_ring().evicted_upto;
+        for r in requests {
+            self.registry.replace(r.channel, r.subs);
+            if r.alive.load(Ordering::SeqCst) {
+                from_of.insert(r.channel, r.from);
+                done.push((r.channel, evicted_upto > r.from, r.done));
+            } else {
+                self.registry.remove(r.channel);
+                let _ = r.done.send(Outcome::default());
+            }
+        }
+        let Some(min_from) = from_of.values().copied().min() else {
+            return;
+        };
+        let entries: Vec<(u64, u32, Change)> = {
+            let ring = self.history.lock_ring();
+            ring.entries
+                .iter()
+                .filter(|e| e.seq > min_from)
+                .map(|e| (e.seq, e.relation, e.change.clone()))
+                .collect()
+        };
         let mut pending = Vec::new();
-        for (relation, change) in entries {
+        let mut replayed: HashMap<ChannelId, usize> = HashMap::new();
+        for (seq, relation, change) in entries {
             let subs: Vec<Arc<Sub>> = self
                 .matches_now(relation, &change)
                 .into_iter()
-                .filter(|s| s.target.channel == channel)
+                .filter(|s| from_of.get(&s.target.channel).is_some_and(|f| *f < seq))
                 .collect();
-            if !subs.is_empty() {
-                pending.push((change, subs));
+            if subs.is_empty() {
+                continue;
             }
+            let mut channels: Vec<ChannelId> = subs.iter().map(|s| s.target.channel).collect();
+            channels.sort_unstable();
+            channels.dedup();
+            for c in channels {
+                *replayed.entry(c).or_default() += 1;
+            }
+            pending.push((change, subs));
         }
-        let replayed = pending.len();
-        metrics::counter!(telemetry::CATCHUP_REPLAYED_CHANGES).increment(replayed as u64);
+        metrics::counter!(telemetry::CATCHUP_REPLAYED_CHANGES)
+            .increment(replayed.values().sum::<usize>() as u64);
         if !pending.is_empty() {
             self.deliver(pending).await;
         }
-        Outcome { replayed, gap }
+        for (channel, gap, tx) in done {
+            let _ = tx.send(Outcome {
+                replayed: replayed.get(&channel).copied().unwrap_or(0),
+                gap,
+            });
+        }
     }
 
     /// The live subscriptions a change matches.

@@ -92,7 +92,7 @@ impl Session {
         let (id, generation, alive) = (ch.id, ch.pg_generation, ch.catchup_alive.clone());
         let events = self.events.clone();
         let task = self.tasks.spawn(async move {
-            let outcome = pg.catch_up(id, subs, from, &alive).await;
+            let outcome = pg.catch_up(id, subs, from, alive).await;
             tracing::debug!(topic = %clip(&topic, MAX_ECHO_BYTES), replayed = outcome.replayed, gap = outcome.gap, "caught up");
             let _ = events
                 .send(Box::new(SessionEvent::PgCaughtUp {
