@@ -33,6 +33,8 @@ pub const DEFAULT_MAX_REMEMBERED: usize = 100_000;
 
 /// Bookkeeping charged per retained change on top of its values.
 const ENTRY_OVERHEAD: usize = 160;
+/// How often expired remembered positions are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Charged per column value.
 const CELL_OVERHEAD: usize = 24;
 
@@ -118,6 +120,8 @@ pub struct History {
     /// Channels live now, by key, with their socket's position: a rejoin that arrives before
     /// walcast has noticed the old socket is gone (a network blip) resumes from it.
     live: Mutex<Live>,
+    /// When expired positions were last swept.
+    swept: Mutex<Instant>,
     /// Rejoins waiting for a turn (bounded by the channels: one per rejoining channel).
     waiting: Mutex<Vec<CatchupRequest>>,
 }
@@ -182,6 +186,7 @@ impl History {
             remembered: Mutex::default(),
             live: Mutex::default(),
             waiting: Mutex::default(),
+            swept: Mutex::new(Instant::now()),
         }
     }
 
@@ -317,7 +322,16 @@ impl History {
         let now = Instant::now();
         let mut r = self.lock_remembered();
         let window = self.cfg.window;
-        r.retain(|_, e| now.duration_since(e.at) <= window);
+        // Expired positions are swept at most once a second (a disconnect storm must not scan
+        // the whole map each time), and whenever the map is full.
+        let full = r.len() >= self.cfg.max_remembered && !r.contains_key(&key);
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if full || now.duration_since(*swept) >= SWEEP_EVERY {
+                r.retain(|_, e| now.duration_since(e.at) <= window);
+                *swept = now;
+            }
+        }
         if r.len() >= self.cfg.max_remembered && !r.contains_key(&key) {
             // Bounded: the oldest position goes.
             if let Some(oldest) = r.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
