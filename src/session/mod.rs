@@ -18,6 +18,7 @@
 //! - `broadcast.rs`: client broadcasts and the write-policy gate of private channels;
 //! - `presence.rs`: presence track/untrack;
 //! - `tokens.rs`: `access_token` pushes, read-policy refresh and token expiry;
+//! - `catchup.rs`: catch-up on rejoin (who a channel is, where it resumes from, the replay);
 //! - `postgres_changes.rs`: the glue to the change stream (postgres_changes bindings, gap
 //!   notices, system messages, `replication_ready` waits);
 //! - `writer.rs`: the writer task and frame sizes.
