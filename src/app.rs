@@ -164,6 +164,8 @@ pub async fn run(
         alive: alive_tx,
         limits,
     });
+    // Catch-up positions are saved once the sockets are closed and the dispatcher has stopped.
+    let pg_at_exit = ctx.pg.clone();
     let router = server::router(ctx.clone());
     drop(ctx);
 
@@ -208,6 +210,9 @@ pub async fn run(
     // The replication task confirms what was delivered and ends by itself, then the dispatcher
     // drains its queue; the periodic jobs stop at the signal.
     tasks.join(TASK_STOP_WAIT).await;
+    if let Some(pg) = pg_at_exit {
+        pg.save_positions().await;
+    }
     Ok(served?)
 }
 
@@ -340,12 +345,11 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     );
     // One connection open before the first change, so that it is not delivered later for it.
     drop(delivery.get().await?);
-    let pg = Arc::new(PgChanges::new(
-        pool,
-        delivery,
-        db.publication.clone(),
-        db.max_record_bytes,
-    ));
+    let pg = Arc::new(
+        PgChanges::new(pool, delivery, db.publication.clone(), db.max_record_bytes)
+            .with_catchup(db.catchup.clone()),
+    );
     pg.catalog.load_types().await?;
+    pg.load_positions().await;
     Ok((pg, start))
 }

@@ -358,6 +358,25 @@ pub struct ServeArgs {
     #[arg(long, env = "GAP_NOTICE_MS", default_value_t = 300_000)]
     pub gap_notice_ms: u64,
 
+    /// How long walcast remembers where a postgres_changes subscriber stood when its socket
+    /// went away without a leave, so that the same user rejoining the same topic with the same
+    /// bindings gets what it missed (milliseconds; 0 turns catch-up off).
+    #[arg(long, env = "CATCHUP_WINDOW_MS", default_value_t = crate::postgres_changes::history::DEFAULT_WINDOW_MS)]
+    pub catchup_window_ms: u64,
+
+    /// The catch-up history of recent decoded changes is bounded to this many bytes (0 turns
+    /// catch-up off).
+    #[arg(long, env = "CATCHUP_HISTORY_BYTES", default_value_t = crate::postgres_changes::history::DEFAULT_HISTORY_BYTES)]
+    pub catchup_history_bytes: usize,
+
+    /// Changes older than this leave the catch-up history (milliseconds).
+    #[arg(long, env = "CATCHUP_HISTORY_AGE_MS", default_value_t = crate::postgres_changes::history::DEFAULT_HISTORY_AGE_MS)]
+    pub catchup_history_age_ms: u64,
+
+    /// How many subscriber positions are remembered at once (the oldest go first).
+    #[arg(long, env = "CATCHUP_MAX_REMEMBERED", default_value_t = crate::postgres_changes::history::DEFAULT_MAX_REMEMBERED)]
+    pub catchup_max_remembered: usize,
+
     /// How long a join with `config.broadcast.replication_ready` waits for the change stream
     /// to pass its join before the channel is shut down (milliseconds).
     #[arg(long, env = "REPLICATION_READY_TIMEOUT_MS", default_value_t = DEFAULT_REPLICATION_READY_TIMEOUT_MS)]
@@ -493,6 +512,9 @@ pub struct DatabaseSettings {
     pub startup_grace: std::time::Duration,
     /// `GAP_NOTICE_MS`.
     pub gap_notice: std::time::Duration,
+    /// `CATCHUP_WINDOW_MS`, `CATCHUP_HISTORY_BYTES`, `CATCHUP_HISTORY_AGE_MS`,
+    /// `CATCHUP_MAX_REMEMBERED`.
+    pub catchup: crate::postgres_changes::history::CatchupConfig,
     /// `REPLICATION_READY_TIMEOUT_MS`.
     pub replication_ready_timeout: std::time::Duration,
     /// `SLOT_WAL_WARN_BYTES`.
@@ -691,6 +713,12 @@ impl ServeArgs {
             after_connect: self.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(self.startup_grace_ms),
             gap_notice: std::time::Duration::from_millis(self.gap_notice_ms),
+            catchup: crate::postgres_changes::history::CatchupConfig {
+                window: std::time::Duration::from_millis(self.catchup_window_ms),
+                history_bytes: self.catchup_history_bytes,
+                history_age: std::time::Duration::from_millis(self.catchup_history_age_ms),
+                max_remembered: self.catchup_max_remembered.max(1),
+            },
             replication_ready_timeout: std::time::Duration::from_millis(
                 self.replication_ready_timeout_ms,
             ),

@@ -45,7 +45,8 @@ pub const REPLICATION_CONNECTED: &str = "walcast_replication_connected";
 /// WAL the database keeps for walcast's slot (current WAL position minus the slot's
 /// restart_lsn), in bytes (gauge).
 pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
-/// Gaps in the change stream told to channels, by `reason` = restart | slot_lost (counter).
+/// Gaps in the change stream told to channels, by `reason` = restart | slot_lost |
+/// catchup_history (counter).
 pub const REPLICATION_GAPS: &str = "walcast_replication_gaps_total";
 /// Row changes decoded from the stream (counter; its rate is changes per second).
 pub const DECODED_CHANGES: &str = "walcast_decoded_changes_total";
@@ -58,6 +59,18 @@ pub const DELIVERY_LATENCY_SECONDS: &str = "walcast_delivery_latency_seconds";
 /// Changes withheld from subscribers because they could not be authorized, by `reason` =
 /// no_key | policy_error (counter; one per change and reason, not per subscriber).
 pub const CHANGES_WITHHELD: &str = "walcast_changes_withheld_total";
+/// Decoded changes retained for catch-up on rejoin (gauge).
+pub const CATCHUP_HISTORY_CHANGES: &str = "walcast_catchup_history_changes";
+/// Bytes charged to the changes retained for catch-up (gauge).
+pub const CATCHUP_HISTORY_BYTES: &str = "walcast_catchup_history_bytes";
+/// Changes that left the catch-up history, by `reason` = bytes | age (counter).
+pub const CATCHUP_HISTORY_EVICTED: &str = "walcast_catchup_history_evicted_total";
+/// Positions of subscribers that went away without a leave, remembered now (gauge).
+pub const CATCHUP_REMEMBERED: &str = "walcast_catchup_remembered";
+/// Rejoins that resumed from a remembered position, by `result` = complete | gap (counter).
+pub const CATCHUP_REJOINS: &str = "walcast_catchup_rejoins_total";
+/// Changes replayed to rejoined channels, before their own row checks (counter).
+pub const CATCHUP_REPLAYED_CHANGES: &str = "walcast_catchup_replayed_changes_total";
 
 /// Every metric name, for the docs test.
 pub const ALL: &[&str] = &[
@@ -82,6 +95,12 @@ pub const ALL: &[&str] = &[
     AUTHZ_COHORTS,
     DELIVERY_LATENCY_SECONDS,
     CHANGES_WITHHELD,
+    CATCHUP_HISTORY_CHANGES,
+    CATCHUP_HISTORY_BYTES,
+    CATCHUP_HISTORY_EVICTED,
+    CATCHUP_REMEMBERED,
+    CATCHUP_REJOINS,
+    CATCHUP_REPLAYED_CHANGES,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -169,6 +188,25 @@ fn describe() {
         DELIVERY_LATENCY_SECONDS,
         Unit::Seconds,
         "Commit to queued for subscribers"
+    );
+    describe_gauge!(CATCHUP_HISTORY_CHANGES, "Changes retained for catch-up");
+    describe_gauge!(
+        CATCHUP_HISTORY_BYTES,
+        Unit::Bytes,
+        "Bytes charged to the catch-up history"
+    );
+    describe_counter!(
+        CATCHUP_HISTORY_EVICTED,
+        "Changes evicted from the catch-up history"
+    );
+    describe_gauge!(CATCHUP_REMEMBERED, "Remembered subscriber positions");
+    describe_counter!(
+        CATCHUP_REJOINS,
+        "Rejoins resumed from a remembered position"
+    );
+    describe_counter!(
+        CATCHUP_REPLAYED_CHANGES,
+        "Changes replayed to rejoined channels"
     );
 }
 

@@ -9,6 +9,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod catchup;
 mod chart;
 mod chat;
 mod drain;
@@ -125,6 +126,20 @@ enum Scenario {
         #[arg(long, default_value_t = 1024 * 1024)]
         queue_bytes: usize,
     },
+    /// Catch-up on rejoin: server memory per 10,000 changes retained in the history (against
+    /// catch-up off), and R clients that went away rejoining at once and receiving what they
+    /// missed (against a plain join).
+    Catchup {
+        #[arg(long, default_value_t = 10_000)]
+        retained: usize,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        /// Changes each client misses.
+        #[arg(long, default_value_t = 10)]
+        missed: usize,
+    },
     /// Joins per second: private channels whose read policy queries a membership table, against
     /// public channels (no policy) in the same run.
     Joins {
@@ -199,6 +214,20 @@ async fn main() -> anyhow::Result<()> {
                 seconds,
                 payload,
                 queue_bytes,
+            })
+            .await
+        }
+        Scenario::Catchup {
+            retained,
+            clients,
+            rooms,
+            missed,
+        } => {
+            catchup::catchup(catchup::CatchupArgs {
+                retained,
+                clients,
+                rooms,
+                missed,
             })
             .await
         }

@@ -171,3 +171,21 @@ fn fanout() {
         "fanout.json",
     );
 }
+
+#[test]
+fn catchup() {
+    run(
+        "catchup",
+        &[
+            "--retained",
+            "200",
+            "--clients",
+            "10",
+            "--rooms",
+            "2",
+            "--missed",
+            "3",
+        ],
+        "catchup.json",
+    );
+}

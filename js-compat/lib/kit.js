@@ -21,6 +21,8 @@ const NEEDS = {
   db: () => (EXTERNAL && !process.env.DATABASE_URL ? 'needs DATABASE_URL to write rows (external deployment without it)' : null),
   // start, stop or reconfigure the server
   control: () => (EXTERNAL ? 'needs control of the server (start it with other settings, restart it): not possible against an external deployment' : null),
+  // a walcast extension the original does not have (catch-up on rejoin)
+  walcast: () => (EXTERNAL && !process.env.WALCAST_EXTENSIONS ? 'a walcast extension (set WALCAST_EXTENSIONS=1 to check it against a walcast deployment)' : null),
 }
 
 export function skipReason(needs) {

@@ -74,6 +74,8 @@ impl PgChanges {
                     Err(_) => break,
                 }
             }
+            // Catch-ups run between batches (see `history`).
+            let _turn = self.history.turn().await;
             let mut pending: Vec<(Change, Vec<Arc<Sub>>)> = Vec::new();
             let mut last_commit = None;
             for ev in batch.drain(..) {
@@ -208,7 +210,8 @@ impl PgChanges {
         (commit_ts, xid): (i64, u32),
         pending: &mut Vec<(Change, Vec<Arc<Sub>>)>,
     ) {
-        if !self.registry.watches(relation) {
+        let record = self.history.enabled();
+        if !record && !self.registry.watches(relation) {
             return;
         }
         let Some(table) = tables.get(&relation) else {
@@ -225,6 +228,9 @@ impl PgChanges {
         };
         if change.filter_row().is_none() {
             return;
+        }
+        if record {
+            self.history.record(relation, &change);
         }
         // An unchanged TOAST value is the old image's value when the old image carries it.
         let lookup = |col: &str| match table.column_index(col).and_then(|i| change.current_cell(i))

@@ -11,15 +11,19 @@
 //!   decoding rows and matching them; [`deliver`] authorizes a batch in one round trip
 //!   ([`authorize`]), builds each payload once per audience ([`payload`]) and delivers in commit
 //!   order, then the commit is acknowledged so the slot can advance;
+//! - [`history`] keeps recent changes and the positions of subscribers that went away, for
+//!   catch-up on rejoin;
 //! - [`db_broadcast`] fans rows inserted into `realtime.messages` out as broadcasts.
 
 pub mod authorize;
 pub mod binding;
 pub mod catalog;
+pub mod catchup_store;
 pub mod db_broadcast;
 pub mod deliver;
 pub mod dispatch;
 pub mod filter;
+pub mod history;
 pub mod payload;
 pub mod prepare;
 pub mod registry;
@@ -47,6 +51,8 @@ pub struct PgChanges {
     pub authorizer: Authorizer,
     pub publication: String,
     pub max_record_bytes: usize,
+    /// Recent changes and remembered positions, for catch-up on rejoin.
+    pub history: history::History,
 }
 
 impl PgChanges {
@@ -64,7 +70,14 @@ impl PgChanges {
             delivery,
             publication,
             max_record_bytes,
+            history: history::History::new(history::CatchupConfig::default()),
         }
+    }
+
+    /// With these catch-up settings.
+    pub fn with_catchup(mut self, cfg: history::CatchupConfig) -> Self {
+        self.history = history::History::new(cfg);
+        self
     }
 }
 

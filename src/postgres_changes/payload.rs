@@ -42,6 +42,7 @@ pub const ERROR_400: &str = "Error 400: Bad Request, no primary key";
 pub const ERROR_401: &str = "Error 401: Unauthorized";
 
 /// A committed change, decoded.
+#[derive(Clone)]
 pub struct Change {
     pub table: std::sync::Arc<TableInfo>,
     pub action: Action,

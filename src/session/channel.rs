@@ -58,6 +58,16 @@ pub(super) struct Channel {
     pub(super) replayed: Option<Arc<HashSet<String>>>,
     /// `replication_ready` asked for and not yet told: the readiness ticket and the deadline.
     pub(super) ready_wait: Option<(u64, Instant)>,
+    /// Catch-up on rejoin: who this channel is (`None` without a `sub` or bindings).
+    pub(super) catchup_key: Option<crate::postgres_changes::history::Key>,
+    /// A rejoin: the position it resumes from, until its replay is done.
+    pub(super) catchup_from: Option<u64>,
+    /// False once the channel is gone (a running replay then removes what it installed).
+    pub(super) catchup_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// A rejoin whose remembered position had lost changes already (saved by a shutdown).
+    pub(super) catchup_lost: bool,
+    /// The rejoin was told that part of what it missed is gone.
+    pub(super) catchup_gap_told: bool,
 }
 
 /// One kind of background check for a channel, run under its claims. At most one runs at a
@@ -179,6 +189,7 @@ impl Session {
     pub(super) fn teardown(&self, ch: &Channel) {
         metrics::gauge!(telemetry::CHANNELS, "kind" => channel_kind(ch)).decrement(1.0);
         // Its checks are of no use any more.
+        self.catchup_leave(ch);
         ch.pg_job.abort();
         ch.read_job.abort();
         ch.write_job.abort();
@@ -201,6 +212,7 @@ impl Session {
     pub(super) fn leave_all(&mut self) {
         let channels: Vec<Box<Channel>> = self.channels.drain().map(|(_, c)| c).collect();
         for ch in &channels {
+            self.catchup_remember(ch);
             self.teardown(ch);
         }
     }

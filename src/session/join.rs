@@ -352,6 +352,11 @@ impl Session {
             awaiting_write: VecDeque::new(),
             replayed,
             ready_wait: None,
+            catchup_key: None,
+            catchup_from: None,
+            catchup_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            catchup_lost: false,
+            catchup_gap_told: false,
         };
 
         let bindings: Vec<Value> = cfg

@@ -18,11 +18,13 @@
 //! - `broadcast.rs`: client broadcasts and the write-policy gate of private channels;
 //! - `presence.rs`: presence track/untrack;
 //! - `tokens.rs`: `access_token` pushes, read-policy refresh and token expiry;
+//! - `catchup.rs`: catch-up on rejoin (who a channel is, where it resumes from, the replay);
 //! - `postgres_changes.rs`: the glue to the change stream (postgres_changes bindings, gap
 //!   notices, system messages, `replication_ready` waits);
 //! - `writer.rs`: the writer task and frame sizes.
 
 mod broadcast;
+mod catchup;
 mod channel;
 mod join;
 mod postgres_changes;
@@ -103,6 +105,13 @@ enum SessionEvent {
         generation: u64,
         result: Result<Vec<(u32, Sub)>, crate::postgres_changes::SubscribeError>,
     },
+    /// A rejoined channel's missed changes replayed (catch-up on rejoin).
+    PgCaughtUp {
+        topic: String,
+        channel: ChannelId,
+        generation: u64,
+        outcome: crate::postgres_changes::history::Outcome,
+    },
     /// A private join's read policy (and replay) checked.
     PrivateJoin {
         generation: u64,
@@ -148,6 +157,9 @@ struct Session {
     headers: Map<String, Value>,
     /// Counted in the concurrent users (it has had a channel since it last had none).
     user_counted: bool,
+    /// The change-stream position delivered when the client's last message arrived (what a
+    /// rejoin resumes from, see `catchup.rs`).
+    inbound_position: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -174,6 +186,9 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         next_generation: 0,
         headers: connect.headers,
         user_counted: false,
+        inbound_position: Arc::new(std::sync::atomic::AtomicU64::new(
+            ctx.pg.as_ref().map_or(0, |pg| pg.history.delivered()),
+        )),
         ctx,
     };
     let mut last_inbound = Instant::now();
@@ -237,6 +252,11 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
                 Some(Ok(Message::Close(_))) => break,
                 Some(Ok(msg)) => {
                     last_inbound = Instant::now();
+                    if let Some(pg) = &session.ctx.pg {
+                        session
+                            .inbound_position
+                            .store(pg.history.delivered(), std::sync::atomic::Ordering::SeqCst);
+                    }
                     if frame_len(&msg) > session.settings().max_frame_bytes {
                         // Read whole (the transport allows twice the setting), so the client
                         // gets the close frame and a normal closing handshake.
@@ -434,6 +454,12 @@ impl Session {
                 generation,
                 result,
             } => self.pg_prepared(topic, channel, generation, result),
+            SessionEvent::PgCaughtUp {
+                topic,
+                channel,
+                generation,
+                outcome,
+            } => self.pg_caught_up(topic, channel, generation, outcome),
         }
     }
 

@@ -51,6 +51,7 @@ impl Session {
             }
         }
         channel.pg_bindings = Arc::from(specs);
+        self.catchup_identify(channel, raw);
         self.prepare_postgres_changes(channel);
     }
 
@@ -118,12 +119,27 @@ impl Session {
         let ch = &self.channels[&topic];
         match result {
             Ok(subs) => {
+                let mut subscribed = json!({
+                    "extension": "postgres_changes",
+                    "status": "ok",
+                    "message": "Subscribed to PostgreSQL",
+                    "channel": ch.sub_topic,
+                });
+                if let Some(notice) = self.catchup_notice(ch) {
+                    subscribed["catchup"] = notice;
+                }
+                if let Some(from) = ch.catchup_from {
+                    // A rejoin: what it missed goes out first, then it is live (catchup.rs).
+                    self.push(ch, "system", &subscribed);
+                    self.start_catch_up(topic, subs, from);
+                    return;
+                }
                 if let Some(pg) = &self.ctx.pg {
                     pg.registry.replace(channel, subs);
                 }
                 // Sent only now that the subscriptions are live: a change committed
                 // after the client reads this is matched against them.
-                self.push_system(ch, "postgres_changes", "ok", "Subscribed to PostgreSQL");
+                self.push(ch, "system", &subscribed);
                 let gap = self.ctx.replication.as_ref().and_then(|s| s.gap_for_join());
                 if let Some(gap) = gap {
                     self.tell_gap(&topic, &gap);

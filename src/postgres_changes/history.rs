@@ -1,0 +1,597 @@
+//! Catch-up on rejoin (RELIABILITY.md, "Catch-up on rejoin"): a bounded history of recent
+//! decoded changes, filled by the dispatcher in commit order, and the positions of subscribers
+//! whose socket went away without a leave, so that the same user joining the same topic with
+//! the same bindings within `CATCHUP_WINDOW_MS` gets what it missed, then continues live.
+//!
+//! Positions are sequence numbers the history gives each recorded change, in commit order.
+//! [`History::delivered`] is the position up to which every change has been pushed to its
+//! subscribers' queues. The dispatcher holds [`History::turn`] while it matches and delivers a
+//! batch; a catch-up holds it while it installs the rejoined channel's subscriptions and
+//! replays the history after the remembered position, so a change is either in the replay or
+//! matched live, never both, never neither.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::binding::Action;
+use super::payload::{Change, RowCell};
+use super::registry::{Cell, Sub};
+use super::PgChanges;
+use crate::channels::ChannelId;
+use crate::telemetry;
+
+/// Default of `CATCHUP_WINDOW_MS`.
+pub const DEFAULT_WINDOW_MS: u64 = 120_000;
+/// Default of `CATCHUP_HISTORY_BYTES`.
+pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
+/// Default of `CATCHUP_HISTORY_AGE_MS`.
+pub const DEFAULT_HISTORY_AGE_MS: u64 = 300_000;
+/// Default of `CATCHUP_MAX_REMEMBERED`.
+pub const DEFAULT_MAX_REMEMBERED: usize = 100_000;
+
+/// Bookkeeping charged per retained change on top of its values.
+const ENTRY_OVERHEAD: usize = 160;
+/// How often expired remembered positions are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Charged per column value.
+const CELL_OVERHEAD: usize = 24;
+
+/// The catch-up settings.
+#[derive(Debug, Clone)]
+pub struct CatchupConfig {
+    /// `CATCHUP_WINDOW_MS`: how long a position is remembered (0: catch-up off).
+    pub window: Duration,
+    /// `CATCHUP_HISTORY_BYTES`: the history's size bound (0: catch-up off).
+    pub history_bytes: usize,
+    /// `CATCHUP_HISTORY_AGE_MS`: changes older than this leave the history.
+    pub history_age: Duration,
+    /// `CATCHUP_MAX_REMEMBERED`: positions remembered at once (the oldest go first).
+    pub max_remembered: usize,
+}
+
+impl Default for CatchupConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_millis(DEFAULT_WINDOW_MS),
+            history_bytes: DEFAULT_HISTORY_BYTES,
+            history_age: Duration::from_millis(DEFAULT_HISTORY_AGE_MS),
+            max_remembered: DEFAULT_MAX_REMEMBERED,
+        }
+    }
+}
+
+impl CatchupConfig {
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero() && self.history_bytes > 0
+    }
+}
+
+struct Entry {
+    seq: u64,
+    at: Instant,
+    bytes: usize,
+    relation: u32,
+    change: Change,
+}
+
+#[derive(Default)]
+struct Ring {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    /// The last sequence number given.
+    last_seq: u64,
+    /// The newest position evicted: a position below it has lost part of what followed it.
+    evicted_upto: u64,
+}
+
+/// Who a subscriber was and what it subscribed to (see [`identity_key`]).
+pub type Key = Arc<str>;
+
+/// A remembered position: where, since when, and whether changes before it were lost (a
+/// position saved by a shutdown that had not received everything delivered before it).
+#[derive(Clone, Copy)]
+struct Remembered {
+    pos: u64,
+    at: Instant,
+    gap: bool,
+}
+
+/// Where a rejoin resumes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub from: u64,
+    /// Changes before `from` were lost already (told to the rejoin).
+    pub gap: bool,
+}
+
+/// Channels live under each key, with their socket's position.
+type Live = HashMap<Key, Vec<(ChannelId, Arc<AtomicU64>)>>;
+
+/// The history and the remembered positions.
+pub struct History {
+    cfg: CatchupConfig,
+    ring: Mutex<Ring>,
+    delivered: AtomicU64,
+    /// Serializes the dispatcher's batches with catch-ups.
+    turn: tokio::sync::Mutex<()>,
+    remembered: Mutex<HashMap<Key, Remembered>>,
+    /// Channels live now, by key, with their socket's position: a rejoin that arrives before
+    /// walcast has noticed the old socket is gone (a network blip) resumes from it.
+    live: Mutex<Live>,
+    /// When expired positions were last swept.
+    swept: Mutex<Instant>,
+    /// Rejoins waiting for a turn (bounded by the channels: one per rejoining channel).
+    waiting: Mutex<Vec<CatchupRequest>>,
+}
+
+/// A rejoin waiting for its turn.
+struct CatchupRequest {
+    channel: ChannelId,
+    subs: Vec<(u32, Sub)>,
+    from: u64,
+    alive: Arc<AtomicBool>,
+    done: tokio::sync::oneshot::Sender<Outcome>,
+}
+
+/// What a catch-up did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Changes matched and handed to delivery (each still filtered and authorized).
+    pub replayed: usize,
+    /// Part of what followed the position had left the history already.
+    pub gap: bool,
+}
+
+/// The dispatcher's turn: while held, no catch-up runs; when dropped, what was recorded during
+/// it counts as delivered.
+pub struct Turn<'a> {
+    history: &'a History,
+    _guard: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let last = self.history.lock_ring().last_seq;
+        self.history.delivered.fetch_max(last, Ordering::SeqCst);
+    }
+}
+
+/// The key a subscriber is remembered by: its `sub` (and `session_id` when the token has one),
+/// the topic and its bindings (order and key order do not matter). `None` without a `sub`.
+pub fn identity_key(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    topic: &str,
+    bindings: &[serde_json::Map<String, serde_json::Value>],
+) -> Option<Key> {
+    let sub = claims.get("sub").and_then(|v| v.as_str())?;
+    let session = claims.get("session_id").and_then(|v| v.as_str());
+    let mut b: Vec<String> = bindings
+        .iter()
+        .map(|m| serde_json::Value::Object(m.clone()).to_string())
+        .collect();
+    b.sort();
+    let key = serde_json::json!([sub, session, topic, b]).to_string();
+    Some(Arc::from(key))
+}
+
+impl History {
+    pub fn new(cfg: CatchupConfig) -> Self {
+        Self {
+            cfg,
+            ring: Mutex::default(),
+            delivered: AtomicU64::new(0),
+            turn: tokio::sync::Mutex::new(()),
+            remembered: Mutex::default(),
+            live: Mutex::default(),
+            waiting: Mutex::default(),
+            swept: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<CatchupRequest>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel joined under `key`: where it resumes from (a remembered position, else the
+    /// earliest position of a live channel with the same key), and it is now live under it.
+    pub fn join(&self, key: &Key, channel: ChannelId, position: Arc<AtomicU64>) -> Option<Resume> {
+        if !self.enabled() {
+            return None;
+        }
+        let remembered = self.take(key);
+        let mut live = self.lock_live();
+        let others = live.entry(key.clone()).or_default();
+        let from = remembered.or_else(|| {
+            let from = others.iter().map(|(_, p)| p.load(Ordering::SeqCst)).min()?;
+            Some(Resume { from, gap: false })
+        });
+        others.push((channel, position));
+        from
+    }
+
+    /// A channel is gone; true when no other channel is live under its key.
+    pub fn leave(&self, key: &Key, channel: ChannelId) -> bool {
+        let mut live = self.lock_live();
+        let Some(list) = live.get_mut(key) else {
+            return true;
+        };
+        list.retain(|(c, _)| *c != channel);
+        let last = list.is_empty();
+        if last {
+            live.remove(key);
+        }
+        last
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled()
+    }
+
+    fn lock_ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_remembered(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Remembered>> {
+        self.remembered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taken by the dispatcher for each batch.
+    pub async fn turn(&self) -> Turn<'_> {
+        Turn {
+            history: self,
+            _guard: self.turn.lock().await,
+        }
+    }
+
+    /// Every change up to this position has been pushed to its subscribers' queues.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::SeqCst)
+    }
+
+    /// Records a decoded change (called by the dispatcher, in commit order, during its turn).
+    pub fn record(&self, relation: u32, change: &Change) {
+        if !self.enabled() {
+            return;
+        }
+        let bytes = change_bytes(change);
+        let now = Instant::now();
+        let mut ring = self.lock_ring();
+        ring.last_seq += 1;
+        let seq = ring.last_seq;
+        ring.bytes += bytes;
+        ring.entries.push_back(Entry {
+            seq,
+            at: now,
+            bytes,
+            relation,
+            change: change.clone(),
+        });
+        self.evict(&mut ring, now);
+    }
+
+    fn evict(&self, ring: &mut Ring, now: Instant) {
+        while let Some(front) = ring.entries.front() {
+            let reason = if ring.bytes > self.cfg.history_bytes {
+                "bytes"
+            } else if now.duration_since(front.at) > self.cfg.history_age {
+                "age"
+            } else {
+                break;
+            };
+            if let Some(e) = ring.entries.pop_front() {
+                ring.bytes -= e.bytes;
+                ring.evicted_upto = e.seq;
+                metrics::counter!(telemetry::CATCHUP_HISTORY_EVICTED, "reason" => reason)
+                    .increment(1);
+            }
+        }
+        metrics::gauge!(telemetry::CATCHUP_HISTORY_BYTES).set(ring.bytes as f64);
+        metrics::gauge!(telemetry::CATCHUP_HISTORY_CHANGES).set(ring.entries.len() as f64);
+    }
+
+    /// (changes, bytes) retained now.
+    pub fn size(&self) -> (usize, usize) {
+        let ring = self.lock_ring();
+        (ring.entries.len(), ring.bytes)
+    }
+
+    /// Remembers where a subscriber stood when its socket went away without a leave.
+    pub fn remember(&self, key: Key, position: u64) {
+        self.insert(key, position, Instant::now(), false);
+    }
+
+    /// A position saved by the last graceful shutdown: everything this process streams is new
+    /// to it; `complete` false when it had also missed changes before the shutdown.
+    pub fn restore(&self, key: Key, complete: bool, left: Duration) {
+        let at = Instant::now()
+            .checked_sub(self.cfg.window.saturating_sub(left))
+            .unwrap_or_else(Instant::now);
+        self.insert(key, 0, at, !complete);
+    }
+
+    fn insert(&self, key: Key, pos: u64, at: Instant, gap: bool) {
+        if !self.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        let mut r = self.lock_remembered();
+        let window = self.cfg.window;
+        // Expired positions are swept at most once a second (a disconnect storm must not scan
+        // the whole map each time), and whenever the map is full.
+        let full = r.len() >= self.cfg.max_remembered && !r.contains_key(&key);
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if full || now.duration_since(*swept) >= SWEEP_EVERY {
+                r.retain(|_, e| now.duration_since(e.at) <= window);
+                *swept = now;
+            }
+        }
+        if r.len() >= self.cfg.max_remembered && !r.contains_key(&key) {
+            // Bounded: the oldest position goes.
+            if let Some(oldest) = r.iter().min_by_key(|(_, e)| e.at).map(|(k, _)| k.clone()) {
+                r.remove(&oldest);
+            }
+        }
+        // Two sockets of one user on the same topic: the earlier position covers both.
+        let entry = match r.get(&key) {
+            Some(e) if e.pos <= pos => Remembered {
+                at,
+                gap: e.gap || gap,
+                ..*e
+            },
+            Some(e) => Remembered {
+                pos,
+                at,
+                gap: e.gap || gap,
+            },
+            None => Remembered { pos, at, gap },
+        };
+        r.insert(key, entry);
+        metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
+    }
+
+    /// The remembered position for `key` if it is within the window (and forgets it).
+    pub fn take(&self, key: &Key) -> Option<Resume> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut r = self.lock_remembered();
+        let found = r.remove(key);
+        metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
+        found
+            .filter(|e| e.at.elapsed() <= self.cfg.window)
+            .map(|e| Resume {
+                from: e.pos,
+                gap: e.gap,
+            })
+    }
+
+    /// Whether everything after `position` is still in the history.
+    pub fn covers(&self, position: u64) -> bool {
+        self.lock_ring().evicted_upto <= position
+    }
+
+    /// Every remembered position still within the window: (key, position, age, changes
+    /// before it already lost).
+    pub fn remembered(&self) -> Vec<(Key, u64, Duration, bool)> {
+        let r = self.lock_remembered();
+        r.iter()
+            .filter(|(_, e)| e.at.elapsed() <= self.cfg.window)
+            .map(|(k, e)| (k.clone(), e.pos, e.at.elapsed(), e.gap))
+            .collect()
+    }
+
+    /// `CATCHUP_WINDOW_MS`.
+    pub fn window(&self) -> Duration {
+        self.cfg.window
+    }
+}
+
+/// What a retained change is charged.
+fn change_bytes(c: &Change) -> usize {
+    let row = |r: &Option<Vec<RowCell>>| {
+        r.as_ref().map_or(0, |cells| {
+            cells
+                .iter()
+                .map(|c| {
+                    CELL_OVERHEAD
+                        + match c {
+                            RowCell::Text(b) => b.len(),
+                            RowCell::Null | RowCell::Missing => 0,
+                        }
+                })
+                .sum()
+        })
+    };
+    ENTRY_OVERHEAD + row(&c.new) + row(&c.old)
+}
+
+impl PgChanges {
+    /// Installs a rejoined channel's subscriptions and replays, under them, what the history
+    /// holds after `from`, in commit order, each change filtered and authorized again like a
+    /// live one. Runs between two of the dispatcher's batches: what the replay does not hold is
+    /// matched live. `alive` turns false when the channel goes; its subscriptions are then
+    /// removed again. Rejoins waiting at once (a storm after a blip) are served together: one
+    /// pass over the history and one delivery for all of them.
+    pub async fn catch_up(
+        &self,
+        channel: ChannelId,
+        subs: Vec<(u32, Sub)>,
+        from: u64,
+        alive: Arc<AtomicBool>,
+    ) -> Outcome {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        self.history.lock_waiting().push(CatchupRequest {
+            channel,
+            subs,
+            from,
+            alive,
+            done: tx,
+        });
+        tokio::select! {
+            biased;
+            // Served in another rejoin's turn.
+            done = &mut rx => return done.unwrap_or_default(),
+            _turn = self.history.turn.lock() => {
+                let requests = std::mem::take(&mut *self.history.lock_waiting());
+                if !requests.is_empty() {
+                    self.serve_catch_ups(requests).await;
+                }
+            }
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Serves waiting rejoins, during a turn.
+    async fn serve_catch_ups(&self, requests: Vec<CatchupRequest>) {
+        let mut from_of: HashMap<ChannelId, u64> = HashMap::new();
+        let mut done = Vec::new();
+        let evicted_upto = self.history.lock_ring().evicted_upto;
+        for r in requests {
+            self.registry.replace(r.channel, r.subs);
+            if r.alive.load(Ordering::SeqCst) {
+                from_of.insert(r.channel, r.from);
+                done.push((r.channel, evicted_upto > r.from, r.done));
+            } else {
+                self.registry.remove(r.channel);
+                let _ = r.done.send(Outcome::default());
+            }
+        }
+        let Some(min_from) = from_of.values().copied().min() else {
+            return;
+        };
+        let entries: Vec<(u64, u32, Change)> = {
+            let ring = self.history.lock_ring();
+            ring.entries
+                .iter()
+                .filter(|e| e.seq > min_from)
+                .map(|e| (e.seq, e.relation, e.change.clone()))
+                .collect()
+        };
+        let mut pending = Vec::new();
+        let mut replayed: HashMap<ChannelId, usize> = HashMap::new();
+        for (seq, relation, change) in entries {
+            let subs: Vec<Arc<Sub>> = self
+                .matches_now(relation, &change)
+                .into_iter()
+                .filter(|s| from_of.get(&s.target.channel).is_some_and(|f| *f < seq))
+                .collect();
+            if subs.is_empty() {
+                continue;
+            }
+            let mut channels: Vec<ChannelId> = subs.iter().map(|s| s.target.channel).collect();
+            channels.sort_unstable();
+            channels.dedup();
+            for c in channels {
+                *replayed.entry(c).or_default() += 1;
+            }
+            pending.push((change, subs));
+        }
+        metrics::counter!(telemetry::CATCHUP_REPLAYED_CHANGES)
+            .increment(replayed.values().sum::<usize>() as u64);
+        if !pending.is_empty() {
+            self.deliver(pending).await;
+        }
+        for (channel, gap, tx) in done {
+            let _ = tx.send(Outcome {
+                replayed: replayed.get(&channel).copied().unwrap_or(0),
+                gap,
+            });
+        }
+    }
+
+    /// The live subscriptions a change matches.
+    fn matches_now(&self, relation: u32, change: &Change) -> Vec<Arc<Sub>> {
+        let table = &change.table;
+        let lookup = |col: &str| match table.column_index(col).and_then(|i| change.current_cell(i))
+        {
+            None | Some(RowCell::Missing) => Cell::Missing,
+            Some(RowCell::Null) => Cell::Null,
+            Some(cell @ RowCell::Text(_)) => match cell.text() {
+                Some(t) => Cell::Value(t),
+                None => Cell::Missing,
+            },
+        };
+        let action: Action = change.action;
+        self.registry.matches(relation, action, &lookup)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn identity_needs_a_sub_and_ignores_binding_order() {
+        let claims = map(json!({"sub": "u1", "role": "authenticated"}));
+        let a = map(json!({"event": "*", "schema": "public"}));
+        let b = map(json!({"event": "INSERT", "schema": "public", "table": "t"}));
+        let k1 = identity_key(&claims, "realtime:x", &[a.clone(), b.clone()]);
+        let k2 = identity_key(&claims, "realtime:x", &[b.clone(), a.clone()]);
+        assert!(k1.is_some());
+        assert_eq!(k1, k2);
+        assert_ne!(
+            k1,
+            identity_key(&claims, "realtime:y", &[a.clone(), b.clone()])
+        );
+        assert_ne!(
+            k1,
+            identity_key(&claims, "realtime:x", std::slice::from_ref(&a))
+        );
+        let other_session = map(json!({"sub": "u1", "session_id": "s2"}));
+        assert_ne!(
+            k1,
+            identity_key(&other_session, "realtime:x", &[a.clone(), b])
+        );
+        assert_eq!(
+            identity_key(&map(json!({"role": "anon"})), "realtime:x", &[a]),
+            None
+        );
+    }
+
+    #[test]
+    fn remembered_positions_expire_and_are_taken_once() {
+        let h = History::new(CatchupConfig {
+            window: Duration::from_millis(50),
+            ..CatchupConfig::default()
+        });
+        let k: Key = Arc::from("k");
+        h.remember(k.clone(), 7);
+        h.remember(k.clone(), 9);
+        assert_eq!(
+            h.take(&k),
+            Some(Resume {
+                from: 7,
+                gap: false
+            }),
+            "the earlier position covers both"
+        );
+        assert_eq!(h.take(&k), None);
+        h.remember(k.clone(), 3);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(h.take(&k), None, "past the window");
+    }
+
+    #[test]
+    fn remembered_positions_are_bounded() {
+        let h = History::new(CatchupConfig {
+            max_remembered: 2,
+            ..CatchupConfig::default()
+        });
+        for i in 0..5u64 {
+            h.remember(Arc::from(format!("k{i}")), i);
+        }
+        assert_eq!(h.remembered().len(), 2);
+    }
+}
