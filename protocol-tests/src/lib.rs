@@ -4,6 +4,7 @@
 //! heartbeat barrier (a socket's frames are delivered in order, so once the heartbeat reply is
 //! read, anything queued before it has been read too).
 
+pub mod nats;
 pub mod pg;
 
 use std::path::PathBuf;
