@@ -86,13 +86,17 @@ pub async fn run(
     let channels = match settings.cluster.clone() {
         None => Channels::local(settings.presence_max_state_bytes),
         Some(cluster) => {
-            let (channels, cluster_tasks) =
-                Channels::cluster(settings.presence_max_state_bytes, cluster)
-                    .await
-                    .map_err(AppError::Cluster)?;
-            for (name, task) in cluster_tasks {
+            let (channels, started) = Channels::cluster(
+                settings.presence_max_state_bytes,
+                cluster,
+                shutdown_rx.clone(),
+            )
+            .await
+            .map_err(AppError::Cluster)?;
+            for (name, task) in started.tasks {
                 tasks.spawn_until_shutdown(name, task);
             }
+            tasks.spawn("cluster goodbye", started.goodbye);
             channels
         }
     };

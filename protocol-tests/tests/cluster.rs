@@ -431,3 +431,31 @@ async fn a_node_cut_off_from_nats_loses_and_regains_the_others_presences() {
     assert!(told);
     linked(&mut pb, &mut pa, TOPIC).await;
 }
+
+#[tokio::test]
+async fn a_node_shutting_down_has_its_presences_leave_at_once() {
+    let nats = Nats::start().await;
+    // A node timeout far longer than the wait: only the node's goodbye can explain the leave.
+    let slow_timeout = |name: &'static str| {
+        let url = nats.url();
+        async move {
+            Server::start_with(&[
+                ("CLUSTER_NATS_URL", url.as_str()),
+                ("NODE_NAME", name),
+                ("CLUSTER_HEARTBEAT_MS", "100"),
+                ("CLUSTER_NODE_TIMEOUT_MS", "600000"),
+            ])
+            .await
+        }
+    };
+    let mut a = slow_timeout("a").await;
+    let b = slow_timeout("b").await;
+    let (mut pa, ja, mut va) = join_present(&a, "alice").await;
+    track(&mut pa, &ja, json!({"on":"a"})).await;
+    va.until(&mut pa, &["alice"]).await;
+    let (mut pb, _, mut vb) = join_present(&b, "bob").await;
+    vb.until(&mut pb, &["alice"]).await;
+    a.terminate();
+    vb.until(&mut pb, &[]).await;
+    a.wait_exit(WAIT).await;
+}

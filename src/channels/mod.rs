@@ -73,24 +73,26 @@ impl Channels {
     }
 
     /// A node of a cluster: the broker also sends to, and receives from, the other nodes over
-    /// NATS. Returns the tasks the cluster runs.
+    /// NATS. Returns what the cluster runs.
     pub async fn cluster(
         max_presence_state_bytes: usize,
         settings: crate::config::ClusterSettings,
-    ) -> Result<(Self, Vec<cluster::Task>), cluster::ClusterError> {
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(Self, cluster::Started), cluster::ClusterError> {
         let (hub, interest) = Hub::with_interest();
         let hub = Arc::new(hub);
         let presence = Arc::new(Presence::new(max_presence_state_bytes));
         let started =
-            cluster::Cluster::start(settings, hub.clone(), interest, presence.clone()).await?;
+            cluster::Cluster::start(settings, hub.clone(), interest, presence.clone(), shutdown)
+                .await?;
         Ok((
             Self {
                 hub,
-                broker: started.broker,
+                broker: started.broker.clone(),
                 presence,
-                cluster: Some(started.cluster),
+                cluster: Some(started.cluster.clone()),
             },
-            started.tasks,
+            started,
         ))
     }
 }

@@ -116,7 +116,10 @@ pub type Task = (
 pub struct Started {
     pub cluster: Arc<Cluster>,
     pub broker: Arc<dyn Broker>,
+    /// Run until shutdown.
     pub tasks: Vec<Task>,
+    /// Runs at shutdown: tells the other nodes this one is leaving.
+    pub goodbye: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 }
 
 impl Cluster {
@@ -127,6 +130,7 @@ impl Cluster {
         hub: Arc<Hub>,
         interest: Arc<Interest>,
         presence: Arc<Presence>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Started, ClusterError> {
         let (events_tx, events_rx) = mpsc::channel::<async_nats::Event>(EVENT_QUEUE);
         let mut options = async_nats::ConnectOptions::new()
@@ -205,12 +209,14 @@ impl Cluster {
                 Box::pin(cluster.clone().heartbeats_out()),
             ),
         ];
+        let goodbye = Box::pin(cluster.clone().goodbye(client, shutdown));
         Ok(Started {
             broker: Arc::new(ClusterBroker {
                 cluster: cluster.clone(),
             }),
             cluster,
             tasks,
+            goodbye,
         })
     }
 
@@ -399,7 +405,10 @@ impl Cluster {
             metrics::gauge!(telemetry::CLUSTER_PEERS).set(peers.len() as f64);
             gone.map(|p| p.name)
         };
-        tracing::warn!(peer = name.as_deref().unwrap_or("?"), "cluster: node gone (not heard from within CLUSTER_NODE_TIMEOUT_MS); removing its presences");
+        tracing::warn!(
+            peer = name.as_deref().unwrap_or("?"),
+            "cluster: node gone (shut down, or not heard from within CLUSTER_NODE_TIMEOUT_MS); removing its presences"
+        );
         self.remote_seqs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -480,7 +489,7 @@ impl Cluster {
                     self.send_snapshot(key);
                 }
             }
-            Message::Heartbeat { .. } => {}
+            Message::Heartbeat { .. } | Message::Bye { .. } => {}
         }
     }
 
@@ -598,6 +607,11 @@ impl Cluster {
                     node,
                     topics,
                 }) => self.on_heartbeat(origin, &node, topics),
+                Some(Message::Bye { origin }) if origin != self.instance => {
+                    tracing::info!("cluster: a node is shutting down");
+                    self.node_gone(origin);
+                }
+                Some(Message::Bye { .. }) => {}
                 _ => {
                     metrics::counter!(telemetry::CLUSTER_DROPPED, "reason" => "malformed")
                         .increment(1);
@@ -645,6 +659,30 @@ impl Cluster {
             for origin in gone {
                 self.node_gone(origin);
             }
+        }
+    }
+
+    /// At shutdown, tells the other nodes at once, so this node's presences leave there now
+    /// rather than after `CLUSTER_NODE_TIMEOUT_MS`.
+    async fn goodbye(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let _ = shutdown.wait_for(|down| *down).await;
+        let bytes = wire::encode(&Message::Bye {
+            origin: self.instance,
+        });
+        let sent = tokio::time::timeout(Duration::from_secs(1), async {
+            client
+                .publish(wire::heartbeat_subject(&self.settings.prefix), bytes)
+                .await
+                .ok()?;
+            client.flush().await.ok()
+        })
+        .await;
+        if !matches!(sent, Ok(Some(()))) {
+            tracing::warn!("cluster: could not tell the other nodes this one is leaving; its presences leave there after CLUSTER_NODE_TIMEOUT_MS");
         }
     }
 

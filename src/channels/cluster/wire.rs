@@ -64,6 +64,8 @@ pub enum Message {
         node: String,
         topics: Vec<(bool, String, u64)>,
     },
+    /// A node is shutting down: its presences leave now, not after the node timeout.
+    Bye { origin: u64 },
 }
 
 /// A broadcast as it travels.
@@ -105,6 +107,7 @@ const DIFF: u8 = b'D';
 const SNAPSHOT: u8 = b'S';
 const SYNC: u8 = b'R';
 const HEARTBEAT: u8 = b'H';
+const BYE: u8 = b'X';
 
 fn frame(tag: u8, header: &Header, body: &[u8]) -> Bytes {
     let head = serde_json::to_vec(header).unwrap_or_default();
@@ -195,6 +198,14 @@ pub fn encode(msg: &Message) -> Bytes {
             },
             &[],
         ),
+        Message::Bye { origin } => frame(
+            BYE,
+            &Header {
+                o: *origin,
+                ..Header::default()
+            },
+            &[],
+        ),
     }
 }
 
@@ -235,6 +246,7 @@ pub fn decode(bytes: &Bytes) -> Option<Message> {
             node: header.n?,
             topics: header.t,
         },
+        BYE => Message::Bye { origin: header.o },
         _ => return None,
     })
 }
