@@ -8,7 +8,8 @@
 //! - [`server`]: the axum router: WebSocket upgrade, REST broadcast, health.
 //! - [`session`]: one socket: framing, heartbeat, joins, channel events, timers.
 //! - [`channels`]: the hub (topic → local subscribers, encode once per serializer), the broker
-//!   seam for multi-node fan-out, presence, and each socket's bounded outbound queue.
+//!   seam and its cluster (NATS) broker for several nodes, presence, and each socket's bounded
+//!   outbound queue.
 //! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary, and the join
 //!   payload; pure, no I/O.
 //! - [`auth`]: JWT verification (HS*, JWKS) with the protocol's exact error messages.

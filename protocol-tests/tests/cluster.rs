@@ -459,3 +459,45 @@ async fn a_node_shutting_down_has_its_presences_leave_at_once() {
     vb.until(&mut pb, &[]).await;
     a.wait_exit(WAIT).await;
 }
+
+#[tokio::test]
+async fn broadcast_from_the_database_reaches_a_node_without_one() {
+    let nats = Nats::start().await;
+    let db = protocol_tests::pg::TestDb::create("cluster_dbb").await;
+    let env = [
+        ("CLUSTER_NATS_URL", nats.url()),
+        ("CLUSTER_HEARTBEAT_MS", "100".into()),
+        ("CLUSTER_NODE_TIMEOUT_MS", "1000".into()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Node a streams the database; node b has none.
+    let a = Server::start_with_db(&db, &env).await;
+    let b = Server::start_with(&env).await;
+    let topic = "realtime:dbroom";
+    let mut ca = a.connect(Vsn::V1, &token("anon")).await;
+    ca.join_ok(topic, json!({"broadcast":{"self":false}})).await;
+    let mut cb = b.connect(Vsn::V2, &token("anon")).await;
+    cb.join_ok(topic, json!({})).await;
+    linked(&mut ca, &mut cb, topic).await;
+    let sql = db.client().await;
+    sql.execute(
+        "SELECT realtime.send('{\"n\":7}'::jsonb, 'ev', 'dbroom', false)",
+        &[],
+    )
+    .await
+    .expect("realtime.send");
+    let f = cb
+        .recv_until(
+            "the broadcast from the database",
+            |f| matches!(f, Frame::Binary { event, .. } if event == "ev"),
+        )
+        .await;
+    let Frame::Binary { payload, meta, .. } = f else {
+        unreachable!()
+    };
+    assert_eq!(serde_json::from_slice::<Value>(&payload).unwrap()["n"], 7);
+    assert!(
+        meta.is_some_and(|m| m["id"].is_string()),
+        "the stored message's id crosses too"
+    );
+}
