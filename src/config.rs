@@ -929,6 +929,56 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_are_checked() {
+        let cluster = |args: &[&str]| {
+            let mut all = vec![
+                "walcast",
+                "serve",
+                "--api-jwt-secret",
+                "s",
+                "--port",
+                "4100",
+            ];
+            all.extend_from_slice(args);
+            let Command::Serve(a) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("serve")
+            };
+            a.cluster()
+        };
+        assert!(
+            cluster(&[]).unwrap().is_none(),
+            "off without CLUSTER_NATS_URL"
+        );
+        let c = cluster(&["--cluster-nats-url", "nats://a:4222, nats://u:p@b:4222"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.urls.len(), 2);
+        assert!(c.node.ends_with(":4100"), "host name and port: {}", c.node);
+        let named = cluster(&["--cluster-nats-url", "nats://a", "--node-name", "n1"]);
+        assert_eq!(named.unwrap().unwrap().node, "n1");
+        let err = |args: &[&str]| cluster(args).unwrap_err().to_string();
+        // The password is not echoed.
+        let bad = err(&["--cluster-nats-url", "nats://u:secret@a:notaport"]);
+        assert!(!bad.contains("secret"), "{bad}");
+        assert!(err(&[
+            "--cluster-nats-url",
+            "nats://a",
+            "--cluster-subject-prefix",
+            "a.>"
+        ])
+        .contains("CLUSTER_SUBJECT_PREFIX"));
+        assert!(err(&[
+            "--cluster-nats-url",
+            "nats://a",
+            "--cluster-heartbeat-ms",
+            "1000",
+            "--cluster-node-timeout-ms",
+            "2000"
+        ])
+        .contains("three heartbeats"));
+    }
+
+    #[test]
     fn refuses_to_start_without_keys() {
         let cli = Cli::try_parse_from(["walcast", "serve"]).unwrap();
         let Command::Serve(args) = cli.command else {
