@@ -501,3 +501,28 @@ async fn broadcast_from_the_database_reaches_a_node_without_one() {
         "the stored message's id crosses too"
     );
 }
+
+#[tokio::test]
+async fn a_very_long_topic_crosses_nodes_without_breaking_the_nats_connection() {
+    let nats = Nats::start().await;
+    let a = node(&nats.url(), "a").await;
+    let b = node(&nats.url(), "b").await;
+    // Longer than a NATS control line (4 KiB) even before hex encoding.
+    let long = format!("realtime:{}", "x".repeat(5000));
+    let cfg = json!({"broadcast":{"self":false}});
+    let mut ca = a.connect(Vsn::V1, &token("anon")).await;
+    ca.join_ok(&long, cfg.clone()).await;
+    let mut cb = b.connect(Vsn::V1, &token("anon")).await;
+    cb.join_ok(&long, cfg.clone()).await;
+    linked(&mut ca, &mut cb, &long).await;
+    // And an ordinary topic still works: the connection was never dropped.
+    ca.join_ok(TOPIC, cfg.clone()).await;
+    cb.join_ok(TOPIC, cfg).await;
+    linked(&mut cb, &mut ca, TOPIC).await;
+    for server in [&a, &b] {
+        assert_eq!(
+            metric(server, "walcast_cluster_disconnects_total").await,
+            0.0
+        );
+    }
+}

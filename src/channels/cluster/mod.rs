@@ -137,6 +137,9 @@ impl Cluster {
             .name(format!("walcast {}", settings.node))
             .no_echo()
             .retry_on_initial_connect()
+            // A silent connection (a partition that drops packets) is found dead after two
+            // unanswered pings: about one node timeout, as the other nodes judge this one.
+            .ping_interval((settings.node_timeout / 2).max(Duration::from_millis(100)))
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((attempts as u64).saturating_mul(100).min(2_000))
@@ -494,22 +497,19 @@ impl Cluster {
     }
 
     /// A heartbeat from another node.
-    fn on_heartbeat(&self, origin: u64, node: &str, topics: Vec<(bool, String, u64)>) {
+    fn on_heartbeat(&self, origin: u64, node: &str, topics: Vec<(String, u64)>) {
         if origin == self.instance {
             return;
         }
         self.heard_from(origin, Some(node));
-        let listed: HashMap<TopicKey, u64> = topics
-            .into_iter()
-            .map(|(private, topic, seq)| (TopicKey::new(&topic, private), seq))
-            .collect();
+        let listed: HashMap<String, u64> = topics.into_iter().collect();
         let followed = self.followed_topics();
         let mut resync = Vec::new();
         let mut drop = Vec::new();
         {
             let mut seqs = self.remote_seqs.lock().unwrap_or_else(|p| p.into_inner());
             for key in &followed {
-                let listed_seq = listed.get(key).copied();
+                let listed_seq = listed.get(&wire::topic_id(key)).copied();
                 let known = seqs.contains_key(&(key.clone(), origin));
                 if listed_seq.is_none() && !known {
                     continue;
@@ -626,7 +626,7 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let topics: Vec<(bool, String, u64)> = {
+            let topics: Vec<(String, u64)> = {
                 let mut numbering = self.numbering.lock().unwrap_or_else(|p| p.into_inner());
                 // Topics with no presence here any more leave the list (their last number
                 // reached the others, which then drop their copy).
@@ -634,7 +634,7 @@ impl Cluster {
                 numbering
                     .last
                     .iter()
-                    .map(|(k, s)| (k.private, k.topic.to_string(), *s))
+                    .map(|(k, s)| (wire::topic_id(k), *s))
                     .collect()
             };
             let bytes = wire::encode(&Message::Heartbeat {

@@ -12,21 +12,53 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 
 use crate::channels::hub::{Fanout, FanoutPayload};
 use crate::channels::TopicKey;
 use crate::protocol::{Encoding, UserBroadcast};
 
-/// The subject of a topic's messages.
+/// Topics longer than this travel on a subject named by their digest: NATS servers refuse a
+/// control line over 4 KiB by default (and close the connection), so a client joining a very
+/// long topic must not decide the subject's length.
+const MAX_HEX_TOPIC: usize = 200;
+
+/// The subject of a topic's messages: `<prefix>.t.<o|p>.<topic in hex>`, or for a long topic
+/// `<prefix>.t.<oh|ph>.<SHA-256 of the topic in hex>`.
 pub fn topic_subject(prefix: &str, key: &TopicKey) -> String {
-    let mut s = String::with_capacity(prefix.len() + 5 + key.topic.len() * 2);
+    let mut s = String::with_capacity(prefix.len() + 6 + key.topic.len().min(MAX_HEX_TOPIC) * 2);
     s.push_str(prefix);
-    s.push_str(if key.private { ".t.p." } else { ".t.o." });
-    for b in key.topic.as_bytes() {
+    let long = key.topic.len() > MAX_HEX_TOPIC;
+    s.push_str(match (key.private, long) {
+        (false, false) => ".t.o.",
+        (true, false) => ".t.p.",
+        (false, true) => ".t.oh.",
+        (true, true) => ".t.ph.",
+    });
+    if long {
+        push_hex(&mut s, &Sha256::digest(key.topic.as_bytes()));
+    } else {
+        push_hex(&mut s, key.topic.as_bytes());
+    }
+    s
+}
+
+/// A topic's short id in heartbeats (the first 16 bytes of the SHA-256 of its kind and name,
+/// in hex): a heartbeat's size does not grow with topic names.
+pub fn topic_id(key: &TopicKey) -> String {
+    let mut h = Sha256::new();
+    h.update([u8::from(key.private)]);
+    h.update(key.topic.as_bytes());
+    let mut s = String::with_capacity(32);
+    push_hex(&mut s, &h.finalize()[..16]);
+    s
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    for b in bytes {
         s.push(char::from(HEX[usize::from(b >> 4)]));
         s.push(char::from(HEX[usize::from(b & 0xf)]));
     }
-    s
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -57,12 +89,12 @@ pub enum Message {
     },
     /// `origin` asks every node for a snapshot of its presences on the topic.
     SyncRequest { origin: u64 },
-    /// A node is alive; `topics` are the topics it has presences on, with its last presence
-    /// message number on each.
+    /// A node is alive; `topics` are the topics it has presences on (by [`topic_id`]), with
+    /// its last presence message number on each.
     Heartbeat {
         origin: u64,
         node: String,
-        topics: Vec<(bool, String, u64)>,
+        topics: Vec<(String, u64)>,
     },
     /// A node is shutting down: its presences leave now, not after the node timeout.
     Bye { origin: u64 },
@@ -99,7 +131,7 @@ struct Header {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     n: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    t: Vec<(bool, String, u64)>,
+    t: Vec<(String, u64)>,
 }
 
 const BROADCAST: u8 = b'B';
@@ -303,6 +335,14 @@ mod tests {
         assert!(s.starts_with("walcast.t.o."));
         assert_eq!(s.split('.').count(), 4);
         assert_ne!(s, topic_subject("walcast", &private));
+        // A long topic gets a subject of bounded length, still apart from the private one.
+        let long = TopicKey::new(&format!("realtime:{}", "x".repeat(100_000)), false);
+        let long_private = TopicKey::new(&long.topic, true);
+        let s = topic_subject("walcast", &long);
+        assert!(s.len() < 100 && s.starts_with("walcast.t.oh."), "{s}");
+        assert_ne!(s, topic_subject("walcast", &long_private));
+        assert_ne!(topic_id(&public), topic_id(&private));
+        assert_eq!(topic_id(&long).len(), 32);
     }
 
     #[test]
@@ -333,12 +373,12 @@ mod tests {
         let hb = Message::Heartbeat {
             origin: 9,
             node: "n".into(),
-            topics: vec![(true, "realtime:x".into(), 4)],
+            topics: vec![("ab".into(), 4)],
         };
         let Some(Message::Heartbeat { origin, topics, .. }) = decode(&encode(&hb)) else {
             panic!("a heartbeat")
         };
-        assert_eq!((origin, topics[0].2), (9, 4));
+        assert_eq!((origin, topics[0].1), (9, 4));
         assert!(decode(&Bytes::from_static(b"Bnot json")).is_none());
         assert!(decode(&Bytes::new()).is_none());
     }
