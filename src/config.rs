@@ -450,6 +450,9 @@ pub struct ClusterSettings {
     pub node_timeout: Duration,
     /// `CLUSTER_PUBLISH_QUEUE`.
     pub publish_queue: usize,
+    /// The largest payload clients may send (`TENANT_MAX_PAYLOAD_SIZE_IN_KB`, in bytes), to
+    /// compare with what the NATS server accepts.
+    pub largest_payload: usize,
 }
 
 /// `LOG_FORMAT`.
@@ -669,7 +672,10 @@ impl ServeArgs {
                 tick: Duration::from_millis(self.rate_counter_tick_ms.max(10)),
             },
             example_dir: None,
-            cluster: self.cluster()?,
+            cluster: self.cluster()?.map(|c| ClusterSettings {
+                largest_payload: max_payload_bytes,
+                ..c
+            }),
         })
     }
 
@@ -732,6 +738,7 @@ impl ServeArgs {
             heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
             node_timeout: Duration::from_millis(self.cluster_node_timeout_ms),
             publish_queue: self.cluster_publish_queue,
+            largest_payload: 0,
         }))
     }
 

@@ -201,7 +201,7 @@ impl Cluster {
             ),
             (
                 "cluster events",
-                Box::pin(cluster.clone().events(events_rx)),
+                Box::pin(cluster.clone().events(client.clone(), events_rx)),
             ),
             (
                 "cluster heartbeats in",
@@ -687,7 +687,11 @@ impl Cluster {
     }
 
     /// The NATS client's events: connection state, slow consumers, errors.
-    async fn events(self: Arc<Self>, mut rx: mpsc::Receiver<async_nats::Event>) {
+    async fn events(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        mut rx: mpsc::Receiver<async_nats::Event>,
+    ) {
         let mut lost = false;
         while let Some(event) = rx.recv().await {
             match event {
@@ -695,6 +699,15 @@ impl Cluster {
                     self.connected.store(true, Ordering::Relaxed);
                     metrics::gauge!(telemetry::CLUSTER_CONNECTED).set(1.0);
                     tracing::info!(node = %self.settings.node, "cluster: connected to NATS");
+                    let nats_max = client.server_info().max_payload;
+                    if nats_max > 0 && nats_max < self.settings.largest_payload.saturating_add(1024)
+                    {
+                        tracing::warn!(
+                            nats_max_payload = nats_max,
+                            largest_payload = self.settings.largest_payload,
+                            "cluster: the NATS server's max_payload is below TENANT_MAX_PAYLOAD_SIZE_IN_KB: larger broadcasts reach only this node's subscribers (raise max_payload in nats-server's configuration)"
+                        );
+                    }
                     if std::mem::take(&mut lost) {
                         // What was missed meanwhile: told, and presence resynchronised.
                         for key in self.followed_topics() {
