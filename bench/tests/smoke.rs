@@ -138,3 +138,21 @@ fn fanout() {
         "fanout.json",
     );
 }
+
+#[test]
+fn cluster() {
+    run(
+        "cluster",
+        &[
+            "--subscribers",
+            "6",
+            "--nodes",
+            "3",
+            "--rates",
+            "10",
+            "--seconds",
+            "1",
+        ],
+        "cluster.json",
+    );
+}
