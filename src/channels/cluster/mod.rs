@@ -557,6 +557,8 @@ impl Cluster {
                     .unwrap_or_else(|p| p.into_inner())
                     .contains_key(&key);
                 if want && !have {
+                    // A clean slate: what a reader stopped mid-message may have left behind.
+                    self.presence.forget_remote_topic(&key);
                     let mut sub = match client.subscribe(self.subject(&key)).await {
                         Ok(s) => s,
                         Err(e) => {
