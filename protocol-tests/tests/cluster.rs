@@ -526,3 +526,54 @@ async fn a_very_long_topic_crosses_nodes_without_breaking_the_nats_connection() 
         );
     }
 }
+
+#[tokio::test]
+async fn with_nats_down_from_the_start_a_node_serves_local_traffic_and_counts_what_it_drops() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let a = Server::start_with(&[
+        ("CLUSTER_NATS_URL", url.as_str()),
+        ("NODE_NAME", "alone"),
+        ("CLUSTER_PUBLISH_QUEUE", "1"),
+        ("METRICS_JWT_SECRET", SECRET),
+    ])
+    .await;
+    let mut publisher = a.connect(Vsn::V1, &token("anon")).await;
+    let jp = publisher
+        .join_ok(TOPIC, json!({"broadcast":{"self":false,"ack":true}}))
+        .await;
+    let mut local = a.connect(Vsn::V1, &token("anon")).await;
+    local.join_ok(TOPIC, json!({})).await;
+    let n = 3000;
+    for i in 0..n {
+        publisher
+            .send(
+                Some(&jp),
+                Some(&format!("r{i}")),
+                TOPIC,
+                "broadcast",
+                bcast("m", json!({"i": i})),
+            )
+            .await;
+    }
+    publisher.reply(&format!("r{}", n - 1)).await;
+    for i in 0..n {
+        let f = local
+            .recv_until("a local message", |f| is_event(f, "m"))
+            .await;
+        assert_eq!(f.payload()["payload"]["i"], i);
+    }
+    let dropped = metric(
+        &a,
+        "walcast_cluster_dropped_total{reason=\"publish_queue_full\"}",
+    )
+    .await;
+    assert!(dropped > 0.0, "nothing counted as dropped");
+    let h = health(&a).await;
+    assert_eq!(h["cluster"]["broker_connected"], false);
+    assert_eq!(h["node"], "alone");
+}
