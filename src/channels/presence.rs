@@ -75,6 +75,9 @@ pub struct Presence {
     /// follows. Kept apart from the local entries: only the cluster broker changes it, from the
     /// diffs and snapshots the other nodes publish.
     remote: Mutex<HashMap<TopicKey, HashMap<u64, RemoteEntries>>>,
+    /// The bytes (by [`entry_bytes`]) of the other nodes' presences per topic, so that
+    /// `PRESENCE_MAX_STATE_BYTES` bounds the whole state a joiner receives.
+    remote_bytes: Mutex<HashMap<TopicKey, usize>>,
 }
 
 /// The result of a track.
@@ -94,6 +97,7 @@ impl Presence {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             max_state_bytes,
             remote: Mutex::new(HashMap::new()),
+            remote_bytes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -123,7 +127,14 @@ impl Presence {
             .get(presence_key)
             .and_then(|es| es.iter().find(|e| e.channel == channel))
             .map_or(0, |e| e.bytes);
-        if topic.bytes - replaced + bytes > self.max_state_bytes {
+        let remote = self
+            .remote_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        if (topic.bytes - replaced + bytes).saturating_add(remote) > self.max_state_bytes {
             if topic.entries.is_empty() {
                 shard.remove(key);
             }
@@ -267,6 +278,7 @@ impl Presence {
             }
         }
         tidy(&mut remote, key, origin);
+        self.account(key, &joins, &leaves);
         diff_of(joins, leaves)
     }
 
@@ -316,6 +328,7 @@ impl Presence {
             by_origin.insert(origin, new);
         }
         tidy(&mut remote, key, origin);
+        self.account(key, &joins, &leaves);
         diff_of(joins, leaves)
     }
 
@@ -342,10 +355,47 @@ impl Presence {
 
     /// Forgets the other nodes' presences on a topic this node no longer follows.
     pub fn forget_remote_topic(&self, key: &TopicKey) {
-        self.remote
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote.remove(key);
+        self.remote_bytes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(key);
+    }
+
+    /// Counts what a remote change added and removed (called under the `remote` lock).
+    fn account(&self, key: &TopicKey, joins: &Map<String, Value>, leaves: &Map<String, Value>) {
+        let size = |m: &Map<String, Value>| -> usize {
+            m.iter()
+                .flat_map(|(pkey, v)| {
+                    v.get("metas")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(move |meta| entry_bytes(pkey, meta.to_string().len()))
+                })
+                .sum()
+        };
+        let (added, removed) = (size(joins), size(leaves));
+        if added == 0 && removed == 0 {
+            return;
+        }
+        let mut bytes = self.remote_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let total = bytes.entry(key.clone()).or_default();
+        *total = total.saturating_add(added).saturating_sub(removed);
+        if *total == 0 {
+            bytes.remove(key);
+        }
+    }
+
+    /// The bytes of the other nodes' presences on a topic.
+    pub fn remote_state_bytes(&self, key: &TopicKey) -> usize {
+        self.remote_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The origins with presences on a topic.
@@ -554,6 +604,35 @@ mod tests {
         assert_eq!(gone[0].1["leaves"]["u"]["metas"][0]["phx_ref"], "r2");
         assert!(p.remote_origins(&key).is_empty());
         assert!(p.state(&key).get("u").is_none());
+        assert_eq!(p.remote_state_bytes(&key), 0);
+    }
+
+    #[test]
+    fn the_state_bound_counts_the_other_nodes_presences() {
+        let one = entry_bytes("k", 100);
+        let p = Presence::new(2 * one + 40);
+        let key = TopicKey::new("realtime:room", false);
+        let big = "x".repeat(80);
+        let remote =
+            json!({"joins": {"k": {"metas": [{"phx_ref": "r1", "b": big}]}}, "leaves": {}});
+        p.apply_remote_diff(&key, 7, &remote);
+        assert!(p.remote_state_bytes(&key) > one);
+        assert!(matches!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":1})), 100),
+            Tracked::Diff(_)
+        ));
+        // Local and remote together are full.
+        assert_eq!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":2})), 100),
+            Tracked::Full
+        );
+        // The remote presence leaves: room again.
+        p.drop_remote_origin(7);
+        assert_eq!(p.remote_state_bytes(&key), 0);
+        assert!(matches!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":2})), 100),
+            Tracked::Diff(_)
+        ));
     }
 
     #[test]
