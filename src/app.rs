@@ -83,7 +83,23 @@ pub async fn run(
     let first_response_deadline = settings.first_response_deadline;
 
     let mut tasks = Tasks::new(shutdown_rx.clone());
-    let channels = Channels::local(settings.presence_max_state_bytes);
+    let channels = match settings.cluster.clone() {
+        None => Channels::local(settings.presence_max_state_bytes),
+        Some(cluster) => {
+            let (channels, started) = Channels::cluster(
+                settings.presence_max_state_bytes,
+                cluster,
+                shutdown_rx.clone(),
+            )
+            .await
+            .map_err(AppError::Cluster)?;
+            for (name, task) in started.tasks {
+                tasks.spawn_until_shutdown(name, task);
+            }
+            tasks.spawn("cluster goodbye", started.goodbye);
+            channels
+        }
+    };
     let mut replication_status = None;
     let max_payload_bytes = settings.max_payload_bytes;
     let pg = match database {

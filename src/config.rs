@@ -417,6 +417,64 @@ pub struct ServeArgs {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
+
+    /// Cluster mode: NATS server URL(s), comma-separated (`nats://`, `tls://`; user and password or token in the URL). Unset: one node, no broker.
+    #[arg(long, env = "CLUSTER_NATS_URL", hide_env_values = true)]
+    pub cluster_nats_url: Option<String>,
+    /// This node's name in the cluster (health, metrics, logs). Default: host name and port.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// NATS credentials file (user JWT and nkey seed) for the cluster connection.
+    #[arg(long, env = "CLUSTER_NATS_CREDS_FILE")]
+    pub cluster_nats_creds_file: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) the NATS server's TLS certificate is checked against.
+    #[arg(long, env = "CLUSTER_NATS_TLS_CA_FILE")]
+    pub cluster_nats_tls_ca_file: Option<std::path::PathBuf>,
+    /// First token(s) of every NATS subject walcast uses, so that several clusters can share one NATS.
+    #[arg(long, env = "CLUSTER_SUBJECT_PREFIX", default_value = DEFAULT_CLUSTER_SUBJECT_PREFIX)]
+    pub cluster_subject_prefix: String,
+    /// How often a node announces itself and its presence sequence numbers to the others.
+    #[arg(long, env = "CLUSTER_HEARTBEAT_MS", default_value_t = DEFAULT_CLUSTER_HEARTBEAT_MS)]
+    pub cluster_heartbeat_ms: u64,
+    /// A node not heard from for this long is gone: its presences are removed (leaves sent).
+    #[arg(long, env = "CLUSTER_NODE_TIMEOUT_MS", default_value_t = DEFAULT_CLUSTER_NODE_TIMEOUT_MS)]
+    pub cluster_node_timeout_ms: u64,
+    /// Messages that may wait to be handed to NATS; past it they are dropped (counted and logged).
+    #[arg(long, env = "CLUSTER_PUBLISH_QUEUE", default_value_t = DEFAULT_CLUSTER_PUBLISH_QUEUE)]
+    pub cluster_publish_queue: usize,
+}
+
+/// `CLUSTER_SUBJECT_PREFIX`.
+pub const DEFAULT_CLUSTER_SUBJECT_PREFIX: &str = "walcast";
+/// `CLUSTER_HEARTBEAT_MS`.
+pub const DEFAULT_CLUSTER_HEARTBEAT_MS: u64 = 1_000;
+/// `CLUSTER_NODE_TIMEOUT_MS`.
+pub const DEFAULT_CLUSTER_NODE_TIMEOUT_MS: u64 = 5_000;
+/// `CLUSTER_PUBLISH_QUEUE`.
+pub const DEFAULT_CLUSTER_PUBLISH_QUEUE: usize = 65_536;
+
+/// Cluster mode's settings, after validation.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// `CLUSTER_NATS_URL`, split.
+    pub urls: Vec<String>,
+    /// `NODE_NAME`, or host name and port.
+    pub node: String,
+    /// `CLUSTER_NATS_CREDS_FILE`.
+    pub creds_file: Option<std::path::PathBuf>,
+    /// `CLUSTER_NATS_TLS_CA_FILE`.
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `CLUSTER_SUBJECT_PREFIX`.
+    pub prefix: String,
+    /// `CLUSTER_HEARTBEAT_MS`.
+    pub heartbeat: Duration,
+    /// `CLUSTER_NODE_TIMEOUT_MS`.
+    pub node_timeout: Duration,
+    /// `CLUSTER_PUBLISH_QUEUE`.
+    pub publish_queue: usize,
+    /// The largest payload clients may send (`TENANT_MAX_PAYLOAD_SIZE_IN_KB`, in bytes), to
+    /// compare with what the NATS server accepts.
+    pub largest_payload: usize,
 }
 
 /// `LOG_FORMAT`.
@@ -453,6 +511,9 @@ pub enum ConfigError {
     )]
     /// `SLOT_NAME` or `PUBLICATION` is not a usable identifier.
     BadIdentifier(&'static str),
+    /// A cluster setting that cannot work.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// Settings the self-hosted compose file gives the Elixir server that mean nothing to walcast:
@@ -557,6 +618,8 @@ pub struct Settings {
     /// The support-chat example's directory, served under `/examples/support-chat/` (only set
     /// by `walcast dev --example support-chat`).
     pub example_dir: Option<std::path::PathBuf>,
+    /// Cluster mode (`CLUSTER_NATS_URL` set).
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl ServeArgs {
@@ -634,7 +697,74 @@ impl ServeArgs {
                 tick: Duration::from_millis(self.rate_counter_tick_ms.max(10)),
             },
             example_dir: None,
+            cluster: self.cluster()?.map(|c| ClusterSettings {
+                largest_payload: max_payload_bytes,
+                ..c
+            }),
         })
+    }
+
+    /// Cluster mode, when `CLUSTER_NATS_URL` is set.
+    pub fn cluster(&self) -> Result<Option<ClusterSettings>, ConfigError> {
+        let urls: Vec<String> = self
+            .cluster_nats_url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        let bad = |m: String| Err(ConfigError::Cluster(m));
+        for u in &urls {
+            if u.parse::<async_nats::ServerAddr>().is_err() {
+                return bad(format!(
+                    "CLUSTER_NATS_URL: {} is not a NATS URL (nats://host:port)",
+                    u.rsplit('@').next().unwrap_or("")
+                ));
+            }
+        }
+        let prefix = self.cluster_subject_prefix.trim();
+        if prefix.is_empty()
+            || prefix.split('.').any(|t| {
+                t.is_empty()
+                    || t.bytes()
+                        .any(|b| b.is_ascii_whitespace() || b == b'*' || b == b'>')
+            })
+        {
+            return bad(
+                "CLUSTER_SUBJECT_PREFIX must be dot-separated NATS subject tokens, without spaces, `*` or `>`".into(),
+            );
+        }
+        if self.cluster_heartbeat_ms == 0 {
+            return Err(ConfigError::Zero("CLUSTER_HEARTBEAT_MS"));
+        }
+        if self.cluster_publish_queue == 0 {
+            return Err(ConfigError::Zero("CLUSTER_PUBLISH_QUEUE"));
+        }
+        if self.cluster_node_timeout_ms < self.cluster_heartbeat_ms.saturating_mul(3) {
+            return bad(format!(
+                "CLUSTER_NODE_TIMEOUT_MS ({}) must be at least three heartbeats (CLUSTER_HEARTBEAT_MS {} x 3)",
+                self.cluster_node_timeout_ms, self.cluster_heartbeat_ms
+            ));
+        }
+        let node = match self.node_name.as_deref().map(str::trim) {
+            Some(n) if !n.is_empty() => n.to_owned(),
+            _ => format!("{}:{}", host_name(), self.port),
+        };
+        Ok(Some(ClusterSettings {
+            urls,
+            node,
+            creds_file: self.cluster_nats_creds_file.clone(),
+            tls_ca_file: self.cluster_nats_tls_ca_file.clone(),
+            prefix: prefix.to_owned(),
+            heartbeat: Duration::from_millis(self.cluster_heartbeat_ms),
+            node_timeout: Duration::from_millis(self.cluster_node_timeout_ms),
+            publish_queue: self.cluster_publish_queue,
+            largest_payload: 0,
+        }))
     }
 
     /// The database, when one is configured.
@@ -742,6 +872,16 @@ impl ServeArgs {
     }
 }
 
+/// This machine's host name (`NODE_NAME`'s default), `walcast` when it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "walcast".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -824,6 +964,56 @@ mod tests {
             mode(&["--database-url", tricky, "--db-ssl", "true"]),
             SslMode::Require
         );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let cluster = |args: &[&str]| {
+            let mut all = vec![
+                "walcast",
+                "serve",
+                "--api-jwt-secret",
+                "s",
+                "--port",
+                "4100",
+            ];
+            all.extend_from_slice(args);
+            let Command::Serve(a) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("serve")
+            };
+            a.cluster()
+        };
+        assert!(
+            cluster(&[]).unwrap().is_none(),
+            "off without CLUSTER_NATS_URL"
+        );
+        let c = cluster(&["--cluster-nats-url", "nats://a:4222, nats://u:p@b:4222"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.urls.len(), 2);
+        assert!(c.node.ends_with(":4100"), "host name and port: {}", c.node);
+        let named = cluster(&["--cluster-nats-url", "nats://a", "--node-name", "n1"]);
+        assert_eq!(named.unwrap().unwrap().node, "n1");
+        let err = |args: &[&str]| cluster(args).unwrap_err().to_string();
+        // The password is not echoed.
+        let bad = err(&["--cluster-nats-url", "nats://u:secret@a:notaport"]);
+        assert!(!bad.contains("secret"), "{bad}");
+        assert!(err(&[
+            "--cluster-nats-url",
+            "nats://a",
+            "--cluster-subject-prefix",
+            "a.>"
+        ])
+        .contains("CLUSTER_SUBJECT_PREFIX"));
+        assert!(err(&[
+            "--cluster-nats-url",
+            "nats://a",
+            "--cluster-heartbeat-ms",
+            "1000",
+            "--cluster-node-timeout-ms",
+            "2000"
+        ])
+        .contains("three heartbeats"));
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub enum AppError {
     /// The database user lacks something walcast needs; the message names the grant.
     #[error("{0}")]
     Privilege(String),
+    /// Cluster mode could not start (a credentials file, NATS URLs).
+    #[error(transparent)]
+    Cluster(#[from] crate::channels::cluster::ClusterError),
 }
 
 /// Most bytes of client-supplied text echoed in an error message or written to the log per

@@ -10,7 +10,8 @@
 //! - [`session`]: one socket: the read loop and dispatch (`mod.rs`), the writer, joins,
 //!   broadcast, presence, access tokens and the postgres_changes glue, a file each.
 //! - [`channels`]: the hub (topic → local subscribers, encode once per serializer), the broker
-//!   seam for multi-node fan-out, presence, and each socket's bounded outbound queue.
+//!   seam and its cluster (NATS) broker for several nodes, presence, and each socket's bounded
+//!   outbound queue.
 //! - [`protocol`]: the Phoenix wire format, V1 JSON, V2 JSON and V2 binary, the join payload
 //!   and typed client events; pure, no I/O.
 //! - [`auth`]: JWT verification (HS*, JWKS) with the protocol's exact error messages.

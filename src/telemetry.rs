@@ -30,6 +30,24 @@ pub fn frames_and_bytes_out() -> &'static (metrics::Counter, metrics::Counter) {
     static HANDLES: OnceLock<(metrics::Counter, metrics::Counter)> = OnceLock::new();
     HANDLES.get_or_init(|| (metrics::counter!(FRAMES_OUT), metrics::counter!(BYTES_OUT)))
 }
+/// Cluster mode: this node, by `node` = its NODE_NAME (gauge, always 1).
+pub const CLUSTER_NODE: &str = "walcast_cluster_node";
+/// Cluster mode: whether the connection to NATS is up (gauge, 0 or 1).
+pub const CLUSTER_CONNECTED: &str = "walcast_cluster_connected";
+/// Cluster mode: other nodes heard from within CLUSTER_NODE_TIMEOUT_MS (gauge).
+pub const CLUSTER_PEERS: &str = "walcast_cluster_peers";
+/// Cluster mode: topics this node follows on NATS (has local subscribers for) (gauge).
+pub const CLUSTER_TOPICS: &str = "walcast_cluster_topics";
+/// Cluster mode: messages sent to NATS, by `kind` = broadcast | presence | control | heartbeat (counter).
+pub const CLUSTER_MESSAGES_OUT: &str = "walcast_cluster_messages_out_total";
+/// Cluster mode: messages received from other nodes, by `kind` = broadcast | presence | control (counter).
+pub const CLUSTER_MESSAGES_IN: &str = "walcast_cluster_messages_in_total";
+/// Cluster mode: messages lost between nodes, by `reason` = publish_queue_full | publish_error | slow_consumer | malformed (counter).
+pub const CLUSTER_DROPPED: &str = "walcast_cluster_dropped_total";
+/// Cluster mode: connections to NATS lost (counter).
+pub const CLUSTER_DISCONNECTS: &str = "walcast_cluster_disconnects_total";
+/// Cluster mode: presence snapshots asked of other nodes (a topic newly followed, a gap, a reconnect) (counter).
+pub const CLUSTER_RESYNCS: &str = "walcast_cluster_resyncs_total";
 /// Sockets closed for falling behind (counter).
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "walcast_slow_consumer_disconnects_total";
 /// Requests refused by a rate or size limit, by `limit` (counter).

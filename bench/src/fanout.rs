@@ -80,9 +80,22 @@ trait Target {
 }
 
 struct Walcast {
-    port: u16,
+    /// The nodes: subscribers are spread over them in turn, the publisher uses the first.
+    ports: Vec<u16>,
+    next: usize,
     token: String,
     publisher: Option<crate::harness::Ws>,
+}
+
+impl Walcast {
+    fn new(ports: Vec<u16>, token: String) -> Self {
+        Self {
+            ports,
+            next: 0,
+            token,
+            publisher: None,
+        }
+    }
 }
 
 impl Target for Walcast {
@@ -92,7 +105,9 @@ impl Target for Walcast {
         lat: Latencies,
         done: Arc<AtomicBool>,
     ) -> anyhow::Result<()> {
-        let mut ws = crate::harness::ws_connect(self.port, &self.token).await?;
+        let port = self.ports[self.next % self.ports.len()];
+        self.next += 1;
+        let mut ws = crate::harness::ws_connect(port, &self.token).await?;
         let join = json!(["1", "1", format!("realtime:{topic}"), "phx_join",
             {"config": {"broadcast": {"self": false, "ack": false}, "presence": {"enabled": false}, "private": false}}]);
         ws.send(Message::Text(join.to_string().into())).await?;
@@ -121,7 +136,7 @@ impl Target for Walcast {
     }
 
     async fn prepare(&mut self, topics: &[String]) -> anyhow::Result<()> {
-        let mut ws = crate::harness::ws_connect(self.port, &self.token).await?;
+        let mut ws = crate::harness::ws_connect(self.ports[0], &self.token).await?;
         // A client may only broadcast on channels it joined.
         for (i, topic) in topics.iter().enumerate() {
             let r = (i + 1).to_string();
@@ -306,6 +321,137 @@ async fn measure<T: Target>(
     })
 }
 
+async fn start_nats(bin: &str) -> anyhow::Result<(tokio::process::Child, u16)> {
+    let nport = free_port()?;
+    let n = tokio::process::Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &nport.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let up = Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", nport))
+        .await
+        .is_err()
+    {
+        if up.elapsed() > Duration::from_secs(10) {
+            bail!("nats-server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((n, nport))
+}
+
+fn nats_bin() -> anyhow::Result<&'static str> {
+    ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .context("nats-server not found: apt-get install nats-server")
+}
+
+pub(crate) struct ClusterArgs {
+    pub subscribers: usize,
+    pub nodes: usize,
+    pub rates: Vec<u64>,
+    pub seconds: u64,
+    pub p99_bound_ms: f64,
+}
+
+/// One topic, S subscribers: on one walcast, then spread over N walcast nodes behind one
+/// nats-server with the publisher on the first node (so (N-1)/N of the deliveries take the
+/// cross-node hop). The difference in latency is what the hop adds.
+pub(crate) async fn cluster(a: ClusterArgs) -> anyhow::Result<()> {
+    let nats_bin = nats_bin()?;
+    let token = anon_token();
+    let nofile = (a.subscribers + 1000).to_string();
+    let topics = vec!["room".to_string()];
+    println!(
+        "cluster: one topic x {} subscribers, 1 walcast vs {} walcast nodes behind nats-server (subscribers spread over the nodes, publisher on the first), {} s per rate; loader, nodes and nats-server share 2 cores",
+        a.subscribers, a.nodes, a.seconds
+    );
+    let mut rows: Vec<(u64, Point, Point)> = Vec::new();
+    for &rate in &a.rates {
+        let crate::harness::Walcast { child: mut w, port } =
+            start_walcast_alone(&[("RLIMIT_NOFILE", &nofile)]).await?;
+        let wpid = w.id().context("walcast pid")?;
+        let mut target = Walcast::new(vec![port], token.clone());
+        let single = measure(&mut target, wpid, &topics, a.subscribers, rate, a.seconds).await?;
+        drop(target);
+        let _ = w.kill().await;
+
+        let (mut n, nport) = start_nats(nats_bin).await?;
+        let url = format!("nats://127.0.0.1:{nport}");
+        let mut nodes = Vec::new();
+        for i in 0..a.nodes {
+            let name = format!("bench-{i}");
+            nodes.push(
+                start_walcast_alone(&[
+                    ("RLIMIT_NOFILE", &nofile),
+                    ("CLUSTER_NATS_URL", &url),
+                    ("NODE_NAME", &name),
+                ])
+                .await?,
+            );
+        }
+        let ports = nodes.iter().map(|w| w.port).collect();
+        let first = nodes[0].child.id().context("walcast pid")?;
+        let mut target = Walcast::new(ports, token.clone());
+        let many = measure(&mut target, first, &topics, a.subscribers, rate, a.seconds).await?;
+        drop(target);
+        for mut w in nodes {
+            let _ = w.child.kill().await;
+        }
+        let _ = n.kill().await;
+        rows.push((rate, single, many));
+    }
+    println!(
+        "{:>10} | {:>12} {:>8} {:>8} {:>15} | {:>12} {:>8} {:>8} {:>15}",
+        "publish/s",
+        "1 node d/s",
+        "p50 ms",
+        "p99 ms",
+        "recv/expected",
+        "N nodes d/s",
+        "p50 ms",
+        "p99 ms",
+        "recv/expected"
+    );
+    for (rate, s, c) in &rows {
+        println!(
+            "{:>10} | {:>12.0} {:>8.2} {:>8.2} {:>15} | {:>12.0} {:>8.2} {:>8.2} {:>15}",
+            rate,
+            s.delivered_per_sec,
+            s.p50_ms,
+            s.p99_ms,
+            format!("{}/{}", s.received, s.expected),
+            c.delivered_per_sec,
+            c.p50_ms,
+            c.p99_ms,
+            format!("{}/{}", c.received, c.expected),
+        );
+    }
+    let point = |p: &Point| {
+        json!({"publish_rate": p.rate, "delivered_per_sec": p.delivered_per_sec, "expected": p.expected,
+               "received": p.received, "p50_ms": p.p50_ms, "p99_ms": p.p99_ms})
+    };
+    let panel = latency_panel(
+        &format!(
+            "1 topic x {} subscribers, 1 node vs {} nodes",
+            a.subscribers, a.nodes
+        ),
+        &rows,
+        a.p99_bound_ms,
+        a.seconds as f64,
+        ("1 node", &format!("{} nodes", a.nodes)),
+    );
+    let out = json!({"scenario": "cluster", "subscribers": a.subscribers, "nodes": a.nodes, "seconds": a.seconds,
+        "note": "loader, nodes and nats-server share the machine; server CPU not reported (several processes)",
+        "single": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),
+        "cluster": rows.iter().map(|r| point(&r.2)).collect::<Vec<_>>()});
+    crate::harness::save_results("cluster", &out, &[panel])?;
+    Ok(())
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -313,10 +459,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
-    let nats_bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("nats-server not found: apt-get install nats-server")?;
+    let nats_bin = nats_bin()?;
     let token = anon_token();
     let nofile = (a.subscribers + 1000).to_string();
     let shapes: Vec<(String, Vec<String>, usize, &Vec<u64>)> = vec![
@@ -353,11 +496,7 @@ pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 ("TENANT_MAX_CHANNELS_PER_CLIENT", "100000"),
             ])
             .await?;
-            let mut target = Walcast {
-                port,
-                token: token.clone(),
-                publisher: None,
-            };
+            let mut target = Walcast::new(vec![port], token.clone());
             let wpid = w.id().context("walcast pid")?;
             let wp = measure(&mut target, wpid, topics, *per_topic, rate, a.seconds).await?;
             drop(target);
@@ -441,7 +580,13 @@ pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                                          "server_cpu_s": p.server_cpu_s, "loader_cpu_s": p.loader_cpu_s,
                                          "server_cpu_us_per_delivery": p.cpu_us_per_delivery()})
         };
-        panels.push(latency_panel(name, &rows, a.p99_bound_ms, a.seconds as f64));
+        panels.push(latency_panel(
+            name,
+            &rows,
+            a.p99_bound_ms,
+            a.seconds as f64,
+            ("walcast", "nats-server"),
+        ));
         report.push(
             json!({"shape": name, "walcast": rows.iter().map(|r| point(&r.1)).collect::<Vec<_>>(),
             "nats": rows.iter().map(|r| point(&r.2)).collect::<Vec<_>>(),
@@ -454,12 +599,13 @@ pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// p50 and p99 against deliveries per second, walcast solid and nats-server dashed.
+/// p50 and p99 against deliveries per second, the first system solid and the second dashed.
 fn latency_panel(
     shape: &str,
     rows: &[(u64, Point, Point)],
     bound_ms: f64,
     seconds: f64,
+    (first, second): (&str, &str),
 ) -> crate::chart::Panel {
     use crate::chart::{LineChart, Panel, Series};
     let series =
@@ -484,10 +630,10 @@ fn latency_panel(
         y_label: "latency ms (log)".into(),
         log_y: true,
         series: vec![
-            series("walcast p50", |r| &r.1, false, false),
-            series("walcast p99", |r| &r.1, true, false),
-            series("nats-server p50", |r| &r.2, false, true),
-            series("nats-server p99", |r| &r.2, true, true),
+            series(&format!("{first} p50"), |r| &r.1, false, false),
+            series(&format!("{first} p99"), |r| &r.1, true, false),
+            series(&format!("{second} p50"), |r| &r.2, false, true),
+            series(&format!("{second} p99"), |r| &r.2, true, true),
         ],
         bound: Some((bound_ms, format!("p99 bound {bound_ms} ms"))),
     })

@@ -103,6 +103,21 @@ enum Scenario {
         #[arg(long, default_value_t = 50.0)]
         p99_bound_ms: f64,
     },
+    /// Cluster hop: one topic with S subscribers on 1 walcast, then spread over N walcast nodes
+    /// behind nats-server (publisher on the first node); latency with and without the hop.
+    Cluster {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Publish rates (messages per second).
+        #[arg(long, value_delimiter = ',', default_value = "100,400,800")]
+        rates: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 50.0)]
+        p99_bound_ms: f64,
+    },
     /// Stalled readers: S sockets on a busy topic stop reading, next to healthy readers; the
     /// server's memory, the sockets cut off, and the healthy readers' latency, against a run
     /// without stalled readers.
@@ -194,6 +209,22 @@ async fn main() -> anyhow::Result<()> {
                 topics_for_many: topics,
                 rates,
                 many_rates,
+                seconds,
+                p99_bound_ms,
+            })
+            .await
+        }
+        Scenario::Cluster {
+            subscribers,
+            nodes,
+            rates,
+            seconds,
+            p99_bound_ms,
+        } => {
+            fanout::cluster(fanout::ClusterArgs {
+                subscribers,
+                nodes: nodes.max(1),
+                rates,
                 seconds,
                 p99_bound_ms,
             })

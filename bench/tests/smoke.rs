@@ -189,3 +189,21 @@ fn catchup() {
         "catchup.json",
     );
 }
+
+#[test]
+fn cluster() {
+    run(
+        "cluster",
+        &[
+            "--subscribers",
+            "6",
+            "--nodes",
+            "3",
+            "--rates",
+            "10",
+            "--seconds",
+            "1",
+        ],
+        "cluster.json",
+    );
+}

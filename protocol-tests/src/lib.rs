@@ -7,6 +7,7 @@
 //! One file on purpose (about 740 lines): the server handle and the raw client are the test
 //! vocabulary every test file imports; PostgreSQL helpers are in `pg.rs`.
 
+pub mod nats;
 pub mod pg;
 
 use std::path::PathBuf;

@@ -5,9 +5,9 @@
 //! serializer ([`Fanout::frame`]) and the bytes are shared by every subscriber's queue.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde_json::value::RawValue;
 
@@ -104,6 +104,15 @@ impl Fanout {
         &self.payload
     }
 
+    pub fn kind(&self) -> FanoutKind {
+        self.kind
+    }
+
+    /// The stored message's id, when it is one (broadcast from the database).
+    pub fn message_id(&self) -> Option<&str> {
+        self.message_id.as_deref()
+    }
+
     /// The frame for a serializer, encoded on first use. `None` when this serializer cannot carry
     /// the message (a binary payload to a V1 socket).
     pub fn frame(&self, vsn: Vsn) -> Option<Frame> {
@@ -123,8 +132,45 @@ impl Fanout {
 
 type Shard = RwLock<HashMap<TopicKey, Vec<Subscriber>>>;
 
+/// The topics whose local subscribers went from none to some or back, for a cluster broker that
+/// follows only the topics this node has subscribers for. A set, not a queue: its size is
+/// bounded by the number of topics, and the broker reads the hub's current count for each.
+#[derive(Default)]
+pub struct Interest {
+    changed: Mutex<HashSet<TopicKey>>,
+    notify: tokio::sync::Notify,
+}
+
+impl Interest {
+    fn mark(&self, key: &TopicKey) {
+        self.changed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        self.notify.notify_one();
+    }
+
+    /// Waits until some topic changed, then takes the changed topics.
+    pub async fn changed(&self) -> Vec<TopicKey> {
+        loop {
+            let taken: Vec<TopicKey> = self
+                .changed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
 pub struct Hub {
     shards: Box<[Shard]>,
+    /// Told of topics gaining their first or losing their last local subscriber (cluster mode).
+    interest: Option<Arc<Interest>>,
 }
 
 impl Default for Hub {
@@ -137,7 +183,18 @@ impl Hub {
     pub fn new() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            interest: None,
         }
+    }
+
+    /// A hub that reports topics gaining or losing local interest to the returned watch.
+    pub fn with_interest() -> (Self, Arc<Interest>) {
+        let interest = Arc::new(Interest::default());
+        let hub = Self {
+            interest: Some(interest.clone()),
+            ..Self::new()
+        };
+        (hub, interest)
     }
 
     fn shard(&self, key: &TopicKey) -> &Shard {
@@ -148,7 +205,13 @@ impl Hub {
 
     pub fn subscribe(&self, key: &TopicKey, sub: Subscriber) {
         let mut map = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
-        map.entry(key.clone()).or_default().push(sub);
+        let subs = map.entry(key.clone()).or_default();
+        subs.push(sub);
+        if subs.len() == 1 {
+            if let Some(interest) = &self.interest {
+                interest.mark(key);
+            }
+        }
     }
 
     pub fn unsubscribe(&self, key: &TopicKey, channel: ChannelId) {
@@ -157,6 +220,9 @@ impl Hub {
             subs.retain(|s| s.channel != channel);
             if subs.is_empty() {
                 map.remove(key);
+                if let Some(interest) = &self.interest {
+                    interest.mark(key);
+                }
             }
         }
     }

@@ -3,10 +3,12 @@
 //! - [`broker::Broker`]: the seam through which a publish reaches every node (in-memory today;
 //!   a cluster broker later);
 //! - [`presence::Presence`]: the presence state of each topic;
+//! - [`cluster`]: cluster mode's broker (NATS), presence across nodes, peers;
 //! - [`outbound::Outbound`]: each socket's bounded queue of encoded frames, the delivery contract
 //!   every producer (the hub's fan-out, postgres_changes, the session's own replies) pushes into.
 
 pub mod broker;
+pub mod cluster;
 pub mod hub;
 pub mod outbound;
 pub mod presence;
@@ -53,6 +55,8 @@ pub struct Channels {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub presence: Arc<Presence>,
+    /// Cluster mode's state (peers, broker connection), when `CLUSTER_NATS_URL` is set.
+    pub cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl Channels {
@@ -64,6 +68,31 @@ impl Channels {
             broker: Arc::new(LocalBroker::new(hub.clone())),
             hub,
             presence: Arc::new(Presence::new(max_presence_state_bytes)),
+            cluster: None,
         }
+    }
+
+    /// A node of a cluster: the broker also sends to, and receives from, the other nodes over
+    /// NATS. Returns what the cluster runs.
+    pub async fn cluster(
+        max_presence_state_bytes: usize,
+        settings: crate::config::ClusterSettings,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(Self, cluster::Started), cluster::ClusterError> {
+        let (hub, interest) = Hub::with_interest();
+        let hub = Arc::new(hub);
+        let presence = Arc::new(Presence::new(max_presence_state_bytes));
+        let started =
+            cluster::Cluster::start(settings, hub.clone(), interest, presence.clone(), shutdown)
+                .await?;
+        Ok((
+            Self {
+                hub,
+                broker: started.broker.clone(),
+                presence,
+                cluster: Some(started.cluster.clone()),
+            },
+            started,
+        ))
     }
 }

@@ -64,10 +64,20 @@ struct TopicState {
     bytes: usize,
 }
 
+/// Presences another node reported (cluster mode): presence key → metas, each with its `phx_ref`.
+type RemoteEntries = HashMap<String, Vec<Value>>;
+
 pub struct Presence {
     shards: Box<[Mutex<HashMap<TopicKey, TopicState>>]>,
     /// Most bytes one topic's state may hold.
     max_state_bytes: usize,
+    /// Cluster mode: what each other node (by instance id) has present on each topic this node
+    /// follows. Kept apart from the local entries: only the cluster broker changes it, from the
+    /// diffs and snapshots the other nodes publish.
+    remote: Mutex<HashMap<TopicKey, HashMap<u64, RemoteEntries>>>,
+    /// The bytes (by [`entry_bytes`]) of the other nodes' presences per topic, so that
+    /// `PRESENCE_MAX_STATE_BYTES` bounds the whole state a joiner receives.
+    remote_bytes: Mutex<HashMap<TopicKey, usize>>,
 }
 
 /// The result of a track.
@@ -86,6 +96,8 @@ impl Presence {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             max_state_bytes,
+            remote: Mutex::new(HashMap::new()),
+            remote_bytes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -115,7 +127,14 @@ impl Presence {
             .get(presence_key)
             .and_then(|es| es.iter().find(|e| e.channel == channel))
             .map_or(0, |e| e.bytes);
-        if topic.bytes - replaced + bytes > self.max_state_bytes {
+        let remote = self
+            .remote_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0);
+        if (topic.bytes - replaced + bytes).saturating_add(remote) > self.max_state_bytes {
             if topic.entries.is_empty() {
                 shard.remove(key);
             }
@@ -181,7 +200,28 @@ impl Presence {
     }
 
     /// The `presence_state` payload: `{key: {"metas": [...]}}`, `{}` when nobody is present.
+    /// In cluster mode it holds every node's presences.
     pub fn state(&self, key: &TopicKey) -> Value {
+        let mut out = match self.local_state(key) {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        for entries in remote.get(key).into_iter().flat_map(HashMap::values) {
+            for (pkey, metas) in entries {
+                let slot = out
+                    .entry(pkey.clone())
+                    .or_insert_with(|| json!({ "metas": [] }));
+                if let Some(list) = slot.get_mut("metas").and_then(Value::as_array_mut) {
+                    list.extend(metas.iter().cloned());
+                }
+            }
+        }
+        Value::Object(out)
+    }
+
+    /// This node's own presences on a topic, in the `presence_state` shape.
+    pub fn local_state(&self, key: &TopicKey) -> Value {
         let shard = self.shard(key);
         let mut out = Map::new();
         if let Some(topic) = shard.get(key) {
@@ -191,6 +231,220 @@ impl Presence {
             }
         }
         Value::Object(out)
+    }
+
+    /// Whether this node has presences of its own on a topic.
+    pub fn has_local(&self, key: &TopicKey) -> bool {
+        self.shard(key).contains_key(key)
+    }
+
+    /// Applies a `presence_diff` another node (`origin`) published. Returns the diff as it
+    /// changed this node's copy (joins of refs not yet known, leaves of refs known), to fan out
+    /// locally; `None` when it changed nothing (a repeat, or what a snapshot already held).
+    pub fn apply_remote_diff(&self, key: &TopicKey, origin: u64, diff: &Value) -> Option<Value> {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = remote
+            .entry(key.clone())
+            .or_default()
+            .entry(origin)
+            .or_default();
+        let mut joins = Map::new();
+        let mut leaves = Map::new();
+        for (pkey, metas) in presence_metas(diff.get("leaves")) {
+            let Some(list) = entries.get_mut(pkey) else {
+                continue;
+            };
+            for meta in metas {
+                let r = meta_ref(meta);
+                if let Some(at) = list.iter().position(|m| meta_ref(m) == r) {
+                    push_meta(&mut leaves, pkey, list.remove(at));
+                }
+            }
+            if list.is_empty() {
+                entries.remove(pkey);
+            }
+        }
+        for (pkey, metas) in presence_metas(diff.get("joins")) {
+            let list = entries.entry(pkey.to_owned()).or_default();
+            for meta in metas {
+                let r = meta_ref(meta);
+                if r.is_some() && !list.iter().any(|m| meta_ref(m) == r) {
+                    list.push(meta.clone());
+                    push_meta(&mut joins, pkey, meta.clone());
+                }
+            }
+            if list.is_empty() {
+                entries.remove(pkey);
+            }
+        }
+        tidy(&mut remote, key, origin);
+        self.account(key, &joins, &leaves);
+        diff_of(joins, leaves)
+    }
+
+    /// Replaces what `origin` has present on a topic with its snapshot (`presence_state`
+    /// shape); returns the difference as a diff to fan out locally.
+    pub fn replace_remote(&self, key: &TopicKey, origin: u64, state: &Value) -> Option<Value> {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        let old = remote
+            .entry(key.clone())
+            .or_default()
+            .remove(&origin)
+            .unwrap_or_default();
+        let mut new = RemoteEntries::new();
+        for (pkey, metas) in presence_metas(Some(state)) {
+            let list: Vec<Value> = metas
+                .iter()
+                .filter(|m| meta_ref(m).is_some())
+                .cloned()
+                .collect();
+            if !list.is_empty() {
+                new.insert(pkey.to_owned(), list);
+            }
+        }
+        let mut joins = Map::new();
+        let mut leaves = Map::new();
+        for (pkey, metas) in &old {
+            for m in metas {
+                let gone = new
+                    .get(pkey)
+                    .is_none_or(|l| !l.iter().any(|n| meta_ref(n) == meta_ref(m)));
+                if gone {
+                    push_meta(&mut leaves, pkey, m.clone());
+                }
+            }
+        }
+        for (pkey, metas) in &new {
+            for m in metas {
+                let known = old
+                    .get(pkey)
+                    .is_some_and(|l| l.iter().any(|o| meta_ref(o) == meta_ref(m)));
+                if !known {
+                    push_meta(&mut joins, pkey, m.clone());
+                }
+            }
+        }
+        if let Some(by_origin) = remote.get_mut(key) {
+            by_origin.insert(origin, new);
+        }
+        tidy(&mut remote, key, origin);
+        self.account(key, &joins, &leaves);
+        diff_of(joins, leaves)
+    }
+
+    /// Forgets what `origin` has present on one topic; returns the leaves to fan out.
+    pub fn drop_remote(&self, key: &TopicKey, origin: u64) -> Option<Value> {
+        self.replace_remote(key, origin, &json!({}))
+    }
+
+    /// Forgets everything a node (that stopped or was cut off) had present; returns, per topic,
+    /// the leaves to fan out.
+    pub fn drop_remote_origin(&self, origin: u64) -> Vec<(TopicKey, Value)> {
+        let keys: Vec<TopicKey> = {
+            let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+            remote
+                .iter()
+                .filter(|(_, by)| by.contains_key(&origin))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        keys.into_iter()
+            .filter_map(|k| self.drop_remote(&k, origin).map(|d| (k, d)))
+            .collect()
+    }
+
+    /// Forgets the other nodes' presences on a topic this node no longer follows.
+    pub fn forget_remote_topic(&self, key: &TopicKey) {
+        let mut remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote.remove(key);
+        self.remote_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Counts what a remote change added and removed (called under the `remote` lock).
+    fn account(&self, key: &TopicKey, joins: &Map<String, Value>, leaves: &Map<String, Value>) {
+        let size = |m: &Map<String, Value>| -> usize {
+            m.iter()
+                .flat_map(|(pkey, v)| {
+                    v.get("metas")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(move |meta| entry_bytes(pkey, meta.to_string().len()))
+                })
+                .sum()
+        };
+        let (added, removed) = (size(joins), size(leaves));
+        if added == 0 && removed == 0 {
+            return;
+        }
+        let mut bytes = self.remote_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        let total = bytes.entry(key.clone()).or_default();
+        *total = total.saturating_add(added).saturating_sub(removed);
+        if *total == 0 {
+            bytes.remove(key);
+        }
+    }
+
+    /// The bytes of the other nodes' presences on a topic.
+    pub fn remote_state_bytes(&self, key: &TopicKey) -> usize {
+        self.remote_bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The origins with presences on a topic.
+    pub fn remote_origins(&self, key: &TopicKey) -> Vec<u64> {
+        let remote = self.remote.lock().unwrap_or_else(|p| p.into_inner());
+        remote
+            .get(key)
+            .map(|by| by.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// `{key: {"metas": [...]}}` → (key, metas) pairs; anything else is skipped.
+fn presence_metas(v: Option<&Value>) -> impl Iterator<Item = (&str, &[Value])> {
+    v.and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|m| m.iter())
+        .filter_map(|(k, v)| {
+            let metas = v.get("metas")?.as_array()?;
+            Some((k.as_str(), metas.as_slice()))
+        })
+}
+
+fn meta_ref(meta: &Value) -> Option<&str> {
+    meta.get("phx_ref").and_then(Value::as_str)
+}
+
+fn push_meta(out: &mut Map<String, Value>, pkey: &str, meta: Value) {
+    let slot = out
+        .entry(pkey.to_owned())
+        .or_insert_with(|| json!({ "metas": [] }));
+    if let Some(list) = slot.get_mut("metas").and_then(Value::as_array_mut) {
+        list.push(meta);
+    }
+}
+
+fn diff_of(joins: Map<String, Value>, leaves: Map<String, Value>) -> Option<Value> {
+    (!joins.is_empty() || !leaves.is_empty()).then(|| json!({ "joins": joins, "leaves": leaves }))
+}
+
+/// Removes an origin with nothing present, and a topic with no origin.
+fn tidy(remote: &mut HashMap<TopicKey, HashMap<u64, RemoteEntries>>, key: &TopicKey, origin: u64) {
+    if let Some(by) = remote.get_mut(key) {
+        if by.get(&origin).is_some_and(HashMap::is_empty) {
+            by.remove(&origin);
+        }
+        if by.is_empty() {
+            remote.remove(key);
+        }
     }
 }
 
@@ -323,6 +577,62 @@ mod tests {
         let other = TopicKey::new("realtime:other", false);
         assert_eq!(p.track(&other, a, "k", Map::new(), 10 * one), Tracked::Full);
         assert_eq!(p.state(&other), json!({}));
+    }
+
+    #[test]
+    fn remote_diffs_and_snapshots_merge_and_repeat_nothing() {
+        let p = Presence::new(usize::MAX);
+        let key = TopicKey::new("realtime:room", false);
+        p.track(&key, ChannelId::next(), "local", meta(json!({"n":0})), 7);
+        let join = json!({"joins": {"u": {"metas": [{"phx_ref": "r1", "n": 1}]}}, "leaves": {}});
+        assert_eq!(p.apply_remote_diff(&key, 7, &join), Some(join.clone()));
+        // The same diff again (a resend) changes nothing.
+        assert_eq!(p.apply_remote_diff(&key, 7, &join), None);
+        let state = p.state(&key);
+        assert_eq!(state["u"]["metas"][0]["phx_ref"], "r1");
+        assert!(state["local"]["metas"][0]["phx_ref"].is_string());
+        assert_eq!(p.local_state(&key).as_object().unwrap().len(), 1);
+        // A snapshot that holds r2 instead of r1: r1 leaves, r2 joins.
+        let snap = json!({"u": {"metas": [{"phx_ref": "r2", "n": 2}]}});
+        let d = p.replace_remote(&key, 7, &snap).unwrap();
+        assert_eq!(d["joins"]["u"]["metas"][0]["phx_ref"], "r2");
+        assert_eq!(d["leaves"]["u"]["metas"][0]["phx_ref"], "r1");
+        assert_eq!(p.replace_remote(&key, 7, &snap), None);
+        // The node goes away: its presences leave.
+        let gone = p.drop_remote_origin(7);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].1["leaves"]["u"]["metas"][0]["phx_ref"], "r2");
+        assert!(p.remote_origins(&key).is_empty());
+        assert!(p.state(&key).get("u").is_none());
+        assert_eq!(p.remote_state_bytes(&key), 0);
+    }
+
+    #[test]
+    fn the_state_bound_counts_the_other_nodes_presences() {
+        let one = entry_bytes("k", 100);
+        let p = Presence::new(2 * one + 40);
+        let key = TopicKey::new("realtime:room", false);
+        let big = "x".repeat(80);
+        let remote =
+            json!({"joins": {"k": {"metas": [{"phx_ref": "r1", "b": big}]}}, "leaves": {}});
+        p.apply_remote_diff(&key, 7, &remote);
+        assert!(p.remote_state_bytes(&key) > one);
+        assert!(matches!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":1})), 100),
+            Tracked::Diff(_)
+        ));
+        // Local and remote together are full.
+        assert_eq!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":2})), 100),
+            Tracked::Full
+        );
+        // The remote presence leaves: room again.
+        p.drop_remote_origin(7);
+        assert_eq!(p.remote_state_bytes(&key), 0);
+        assert!(matches!(
+            p.track(&key, ChannelId::next(), "k", meta(json!({"n":2})), 100),
+            Tracked::Diff(_)
+        ));
     }
 
     #[test]

@@ -62,6 +62,11 @@ pub(super) async fn tenant_health(State(ctx): State<Arc<Context>>, headers: Head
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Cluster mode: this node, the nodes it hears from, the broker connection.
+    let cluster = ctx.channels.cluster.as_ref().map(|c| c.health());
+    let (node, nodes) = cluster.as_ref().map_or(("walcast".to_owned(), 1), |c| {
+        (c.node.clone(), 1 + c.peers.len())
+    });
     (
         status,
         Json(json!({"data": {
@@ -70,9 +75,10 @@ pub(super) async fn tenant_health(State(ctx): State<Arc<Context>>, headers: Head
             "replication_connected": replication_connected,
             "replication": phase.map(Phase::as_str),
             "backlog_hold_remaining_ms": hold_left.as_millis() as u64,
-            "connected_cluster": 1,
+            "connected_cluster": nodes,
             "region": null,
-            "node": "walcast",
+            "node": node,
+            "cluster": cluster,
         }})),
     )
         .into_response()
