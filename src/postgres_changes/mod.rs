@@ -21,6 +21,7 @@ pub mod deliver;
 pub mod dispatch;
 pub mod filter;
 pub mod payload;
+mod plans;
 pub mod prepare;
 pub mod registry;
 
