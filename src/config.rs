@@ -50,7 +50,7 @@ pub const DEFAULT_MAX_RECORD_BYTES: usize = 1_048_576;
 /// Default of `DB_POOL_SIZE`: SQL connections for joins, policies and token checks.
 pub const DEFAULT_DB_POOL_SIZE: usize = 4;
 /// Default of `DB_DELIVERY_POOL_SIZE`: SQL connections reserved for the row checks of changes being
-/// delivered.
+/// delivered, and so how many batches are checked at once.
 pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
 /// Default of `STARTUP_GRACE_MS`: how long a backlog found at start is held for subscribers to
 /// rejoin.

@@ -1,10 +1,12 @@
 //! Who may see what: column privileges per role (cached briefly) and row visibility under row
 //! level security, checked the way the original does (look the row up by primary key as the
 //! subscriber's role with `request.jwt.claims` set), but in batches: one key lookup per
-//! (table, claims cohort) for all rows of a batch, all of a batch's lookups run by one call of
-//! `walcast.check_cohorts` in one read-only transaction. A lookup is a statement of its own,
-//! prepared once per connection, and runs right after its own cohort's `set_config` calls:
-//! claims never vary inside one lookup, and no lookup runs with another cohort's claims.
+//! (table, claims cohort) for all rows of a batch, all of a batch's lookups run by calls of
+//! `walcast.check_cohorts` in one read-only transaction (one call per plan mode in use, see
+//! `plans`). A lookup is a prepared statement of its own (once per connection, or once per key
+//! set of the batch), and runs right after its own cohort's `set_config` calls: claims never
+//! vary inside one lookup, and no lookup runs with another cohort's claims (a later call starts
+//! from a savepoint taken before the first).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -297,12 +299,15 @@ impl Authorizer {
             }
         }
 
-        let tx = client.transaction().await?;
+        // Three round trips: the transaction's setup with the wait for visibility, the calls,
+        // the rollback (with the key sets' statements deallocated). Any error discards the
+        // connection (see `visible_batch`), so no transaction is left open on it.
+        //
         // A generic plan per lookup statement, made once: left to choose, PostgreSQL planned
         // every lookup afresh (custom plans for each key array), which was a quarter of its
         // time. The key sets' statements have no parameters: their one plan is for their keys.
         let mut setup = String::from(
-            "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '10s'; \
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; \
              SET LOCAL plan_cache_mode = force_generic_plan;",
         );
         for p in prepares.iter().flatten() {
@@ -313,13 +318,19 @@ impl Authorizer {
             // Each later call starts from here again: no cohort's role or claims carry over.
             setup.push_str("SAVEPOINT walcast_call;");
         }
-        tx.batch_execute(&setup).await?;
         if !xids.is_empty() {
             let xids: Vec<String> = xids.iter().map(u32::to_string).collect();
-            let visible: bool = tx
-                .query_one("SELECT walcast.wait_visible($1::text[]::xid[])", &[&xids])
-                .await?
-                .get(0);
+            setup.push_str(&format!(
+                "SELECT walcast.wait_visible('{{{}}}'::text[]::xid[])",
+                xids.join(",")
+            ));
+        }
+        let answers = client.simple_query(&setup).await?;
+        if !xids.is_empty() {
+            let visible = answers.iter().any(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+                _ => false,
+            });
             if !visible {
                 tracing::warn!(
                     ?xids,
@@ -351,13 +362,14 @@ impl Authorizer {
                 .collect();
             if n > 0 {
                 // The previous call left its last cohort's role and claims set.
-                tx.batch_execute("ROLLBACK TO SAVEPOINT walcast_call")
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walcast_call")
                     .await?;
             }
             let started = Instant::now();
             // One unnamed statement per call (parsed, bound and run in one round trip): the
             // lookups inside it are prepared statements.
-            let rows = tx
+            let rows = client
                 .query_typed(
                     "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
                     &[
@@ -404,14 +416,12 @@ impl Authorizer {
                 }
             }
         }
-        if prepared > 0 {
-            // Prepared statements outlive the transaction: the key sets' go now.
-            let sql: String = (1..=prepared)
-                .map(|n| format!("DEALLOCATE walcast_keys_{n};"))
-                .collect();
-            tx.batch_execute(&sql).await?;
+        // Prepared statements outlive the transaction: the key sets' go with it.
+        let mut end = String::from("ROLLBACK;");
+        for n in 1..=prepared {
+            end.push_str(&format!("DEALLOCATE walcast_keys_{n};"));
         }
-        tx.rollback().await?;
+        client.batch_execute(&end).await?;
         Ok(out)
     }
 

@@ -8,9 +8,11 @@
 //!   goes live;
 //! - [`registry`] holds live subscriptions, indexed by equality-filter value;
 //! - [`dispatch`] ([`PgChanges::dispatch`]) runs the stream: transaction state, batching,
-//!   decoding rows and matching them; [`deliver`] authorizes a batch in one round trip
-//!   ([`authorize`]), builds each payload once per audience ([`payload`]) and delivers in commit
-//!   order, then the commit is acknowledged so the slot can advance;
+//!   decoding rows and matching them; [`deliver`] authorizes a batch in one transaction
+//!   ([`authorize`], its lookups planned as `plans` chooses), several consecutive batches at
+//!   once on the delivery pool's connections, then builds each payload once per audience
+//!   ([`payload`]) and sends batch after batch in commit order, then the commit is
+//!   acknowledged so the slot can advance;
 //! - [`db_broadcast`] fans rows inserted into `realtime.messages` out as broadcasts.
 
 pub mod authorize;
