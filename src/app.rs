@@ -345,6 +345,7 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         delivery,
         db.publication.clone(),
         db.max_record_bytes,
+        db.checks_in_flight,
     ));
     pg.catalog.load_types().await?;
     Ok((pg, start))

@@ -50,7 +50,8 @@ async fn a_later_batch_checked_first_still_goes_out_after_the_earlier_one() {
         &db,
         &[
             ("METRICS_JWT_SECRET", METRICS_SECRET),
-            ("DB_DELIVERY_POOL_SIZE", "2"),
+            ("DB_DELIVERY_POOL_SIZE", "3"),
+            ("DB_CHECKS_IN_FLIGHT", "2"),
             ("DB_AFTER_CONNECT_QUERY", "SET enable_seqscan = off"),
         ],
     )

@@ -49,11 +49,12 @@ impl PgChanges {
         let mut txn = TxnState::default();
         // Whether the batch being collected ends inside a transaction.
         let mut in_txn = false;
-        // Checks of consecutive batches run ahead on the delivery pool's connections (as many
-        // at once as it has); one task sends their results, and acknowledges commits, strictly
-        // in commit order.
-        let depth = self.delivery.size();
-        let (steps, steps_rx) = mpsc::channel::<Step>(depth);
+        // Checks of consecutive batches run ahead (`DB_CHECKS_IN_FLIGHT` at once, each on a
+        // delivery connection of its own); one task sends their results, and acknowledges
+        // commits, strictly in commit order. The queue holds a batch and its acknowledgement
+        // per check in flight.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.checks_in_flight));
+        let (steps, steps_rx) = mpsc::channel::<Step>(2 * self.checks_in_flight);
         let sender = tokio::spawn(self.clone().send_in_order(
             steps_rx,
             status.clone(),
@@ -151,7 +152,7 @@ impl PgChanges {
                         // Keep commit order: what was matched before this goes out first.
                         if !pending.is_empty() {
                             let batch = std::mem::take(&mut pending);
-                            if !self.submit(&steps, batch).await {
+                            if !self.submit(&steps, &in_flight, batch).await {
                                 return;
                             }
                         }
@@ -209,7 +210,7 @@ impl PgChanges {
                     Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
                 }
             }
-            if !pending.is_empty() && !self.submit(&steps, pending).await {
+            if !pending.is_empty() && !self.submit(&steps, &in_flight, pending).await {
                 return;
             }
             if let Some(lsn) = last_commit {
@@ -227,9 +228,21 @@ impl PgChanges {
     }
 
     /// Starts a batch's row checks and queues it for sending; false when the sender is gone.
-    async fn submit(self: &Arc<Self>, steps: &mpsc::Sender<Step>, batch: Pending) -> bool {
+    async fn submit(
+        self: &Arc<Self>,
+        steps: &mpsc::Sender<Step>,
+        in_flight: &Arc<tokio::sync::Semaphore>,
+        batch: Pending,
+    ) -> bool {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return false;
+        };
         let me = self.clone();
-        let checked = tokio::spawn(async move { me.check(batch).await });
+        let checked = tokio::spawn(async move {
+            let checked = me.check(batch).await;
+            drop(permit);
+            checked
+        });
         steps.send(Step::Changes(checked)).await.is_ok()
     }
 

@@ -50,6 +50,8 @@ pub struct PgChanges {
     pub authorizer: Authorizer,
     pub publication: String,
     pub max_record_bytes: usize,
+    /// `DB_CHECKS_IN_FLIGHT`: batches whose row checks run at the same time.
+    pub checks_in_flight: usize,
 }
 
 impl PgChanges {
@@ -58,6 +60,7 @@ impl PgChanges {
         delivery: Arc<Pool>,
         publication: String,
         max_record_bytes: usize,
+        checks_in_flight: usize,
     ) -> Self {
         Self {
             catalog: Catalog::new(delivery.clone()),
@@ -67,6 +70,7 @@ impl PgChanges {
             delivery,
             publication,
             max_record_bytes,
+            checks_in_flight: checks_in_flight.max(1),
         }
     }
 }
