@@ -345,7 +345,8 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
         delivery,
         db.publication.clone(),
         db.max_record_bytes,
-        db.checks_in_flight,
+        // Each check in flight holds a delivery connection: never more than there are.
+        db.checks_in_flight.min(db.delivery_pool_size),
     ));
     pg.catalog.load_types().await?;
     Ok((pg, start))
