@@ -362,8 +362,15 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     // One connection open before the first change, so that it is not delivered later for it.
     drop(delivery.get().await?);
     let pg = Arc::new(
-        PgChanges::new(pool, delivery, db.publication.clone(), db.max_record_bytes)
-            .with_catchup(db.catchup.clone()),
+        PgChanges::new(
+            pool,
+            delivery,
+            db.publication.clone(),
+            db.max_record_bytes,
+            // Each check in flight holds a delivery connection: never more than there are.
+            db.checks_in_flight.min(db.delivery_pool_size),
+        )
+        .with_catchup(db.catchup.clone()),
     );
     pg.catalog.load_types().await?;
     pg.load_positions().await;

@@ -55,6 +55,10 @@ pub const DEFAULT_DB_POOL_SIZE: usize = 4;
 /// Default of `DB_DELIVERY_POOL_SIZE`: SQL connections reserved for the row checks of changes being
 /// delivered.
 pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
+/// Default of `DB_CHECKS_IN_FLIGHT`: batches whose row checks run at the same time. One: on the
+/// 2-core project machine a second concurrent check raised tail latency for the cheap policy
+/// shapes (see BENCHMARKS.md, issue #13); a database with cores to spare can take more.
+pub const DEFAULT_DB_CHECKS_IN_FLIGHT: usize = 1;
 /// Default of `STARTUP_GRACE_MS`: how long a backlog found at start is held for subscribers to
 /// rejoin.
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
@@ -335,6 +339,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DB_DELIVERY_POOL_SIZE", default_value_t = DEFAULT_DB_DELIVERY_POOL_SIZE)]
     pub db_delivery_pool_size: usize,
 
+    /// How many consecutive batches' row checks run at the same time (each on its own delivery
+    /// connection); their changes are still sent in commit order.
+    #[arg(long, env = "DB_CHECKS_IN_FLIGHT", default_value_t = DEFAULT_DB_CHECKS_IN_FLIGHT)]
+    pub db_checks_in_flight: usize,
+
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -555,6 +564,8 @@ pub struct DatabaseSettings {
     pub pool_size: usize,
     /// `DB_DELIVERY_POOL_SIZE`.
     pub delivery_pool_size: usize,
+    /// `DB_CHECKS_IN_FLIGHT`.
+    pub checks_in_flight: usize,
     /// `PUBLICATION`.
     pub publication: String,
     /// `SLOT_NAME`.
@@ -832,10 +843,14 @@ impl ServeArgs {
         if self.db_delivery_pool_size == 0 {
             return Err(ConfigError::Zero("DB_DELIVERY_POOL_SIZE"));
         }
+        if self.db_checks_in_flight == 0 {
+            return Err(ConfigError::Zero("DB_CHECKS_IN_FLIGHT"));
+        }
         Ok(DatabaseSettings {
             db,
             pool_size: self.db_pool_size,
             delivery_pool_size: self.db_delivery_pool_size,
+            checks_in_flight: self.db_checks_in_flight,
             publication: self.publication.clone(),
             slot: self.slot_name.clone(),
             max_record_bytes: self.max_record_bytes,

@@ -247,6 +247,7 @@ pub struct Pool {
     after_connect: Option<String>,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
+    size: usize,
 }
 
 /// A pooled connection and the statements prepared on it (parsed and planned once, then only
@@ -364,7 +365,13 @@ impl Pool {
             after_connect: after_connect.filter(|q| !q.trim().is_empty()),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(size.max(1))),
+            size: size.max(1),
         })
+    }
+
+    /// How many connections the pool opens at most.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     pub async fn get(self: &Arc<Self>) -> Result<PooledClient, DbError> {

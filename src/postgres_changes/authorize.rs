@@ -1,10 +1,12 @@
 //! Who may see what: column privileges per role (cached briefly) and row visibility under row
 //! level security, checked the way the original does (look the row up by primary key as the
 //! subscriber's role with `request.jwt.claims` set), but in batches: one key lookup per
-//! (table, claims cohort) for all rows of a batch, all of a batch's lookups run by one call of
-//! `walcast.check_cohorts` in one read-only transaction. A lookup is a statement of its own,
-//! prepared once per connection, and runs right after its own cohort's `set_config` calls:
-//! claims never vary inside one lookup, and no lookup runs with another cohort's claims.
+//! (table, claims cohort) for all rows of a batch, all of a batch's lookups run by calls of
+//! `walcast.check_cohorts` in one read-only transaction (one call per plan mode in use, see
+//! `plans`). A lookup is a prepared statement of its own (once per connection, or once per key
+//! set of the batch), and runs right after its own cohort's `set_config` calls: claims never
+//! vary inside one lookup, and no lookup runs with another cohort's claims (a later call starts
+//! from a savepoint taken before the first).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use tokio_postgres::types::Type;
 use crate::db::{quote_ident, quote_literal, text_array_literal, DbError, Pool};
 
 use super::catalog::TableInfo;
+use super::plans::{plan_calls, Call, PlanChoice, PlanMode};
 use super::registry::Cohort;
 
 /// How long privilege lookups are trusted. GRANT/REVOKE take effect within this time.
@@ -28,8 +31,8 @@ pub struct Authorizer {
     pool: Arc<Pool>,
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
+    plans: Mutex<HashMap<u32, PlanChoice>>,
 }
-
 /// Why a batch of row checks failed (then narrowed down, and what still fails is withheld and
 /// logged; clients never see these).
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,7 @@ impl Authorizer {
             pool,
             columns: Mutex::new(HashMap::new()),
             bypass: Mutex::new(HashMap::new()),
+            plans: Mutex::new(HashMap::new()),
         }
     }
 
@@ -227,7 +231,7 @@ impl Authorizer {
         xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let mut client = self.pool.get().await?;
-        let result = Self::check(&mut client, requests, xids).await;
+        let result = self.check(&mut client, requests, xids).await;
         if result.is_err() {
             // Its prepared statements may be what failed: start the next check afresh.
             client.discard();
@@ -235,45 +239,98 @@ impl Authorizer {
         result
     }
 
-    /// One transaction: wait until the changed rows are visible, then one call of
-    /// `walcast.check_cohorts` that, cohort by cohort, sets the role and claims and runs that
-    /// table's prepared key lookup under them.
+    /// One transaction: wait until the changed rows are visible, then calls of
+    /// `walcast.check_cohorts` that, cohort by cohort, set the role and claims and run that
+    /// table's prepared key lookup under them: one call per plan mode in use (see
+    /// [`PlanChoice`]), and a timed call of its own for each half of a table being compared.
     async fn check(
+        &self,
         client: &mut crate::db::PooledClient,
         requests: &[RlsRequest],
         xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
-        let mut statements = Vec::with_capacity(requests.len());
-        for r in requests {
-            let width = r.table.pk.len();
-            let types = vec!["text[]"; width].join(", ");
-            let name = client
-                .named_statement(&select_sql(&r.table), &types)
-                .await?;
-            let args: Vec<String> = columns_of(&r.pks, width)
-                .iter()
-                .map(|col| quote_literal(&text_array_literal(col)))
-                .collect();
-            statements.push(format!("EXECUTE {name}({})", args.join(", ")));
+        let calls = self.plan_calls(requests);
+        // Each request's keys as one text array literal per key column.
+        let args: Vec<Vec<String>> = requests
+            .iter()
+            .map(|r| {
+                columns_of(&r.pks, r.table.pk.len())
+                    .iter()
+                    .map(|col| quote_literal(&text_array_literal(col)))
+                    .collect()
+            })
+            .collect();
+        let mut statements = vec![String::new(); requests.len()];
+        // Per call, the statements prepared for its key sets (Keys mode; planned at their first
+        // EXECUTE, and again by PostgreSQL should a later cohort's role differ).
+        let mut prepares: Vec<Vec<String>> = vec![Vec::new(); calls.len()];
+        let mut prepared = 0usize;
+        for (call, prepare) in calls.iter().zip(prepares.iter_mut()) {
+            let mut by_keys: HashMap<(u32, &[String]), String> = HashMap::new();
+            for &i in &call.members {
+                let r = &requests[i];
+                statements[i] = match call.mode {
+                    PlanMode::Generic => {
+                        let width = r.table.pk.len();
+                        let types = vec!["text[]"; width].join(", ");
+                        let params: Vec<String> = (1..=width).map(|n| format!("${n}")).collect();
+                        let name = client
+                            .named_statement(&select_sql(&r.table, &params), &types)
+                            .await?;
+                        format!("EXECUTE {name}({})", args[i].join(", "))
+                    }
+                    PlanMode::Keys => {
+                        let name = by_keys
+                            .entry((r.table.oid, args[i].as_slice()))
+                            .or_insert_with(|| {
+                                prepared += 1;
+                                let name = format!("walcast_keys_{prepared}");
+                                let literals: Vec<String> =
+                                    args[i].iter().map(|a| format!("{a}::text[]")).collect();
+                                prepare.push(format!(
+                                    "PREPARE {name} AS {}",
+                                    select_sql(&r.table, &literals)
+                                ));
+                                name
+                            });
+                        format!("EXECUTE {name}")
+                    }
+                };
+            }
         }
-        let roles: Vec<&str> = requests.iter().map(|r| r.cohort.role.as_str()).collect();
-        let claims: Vec<&str> = requests.iter().map(|r| r.cohort.claims.as_str()).collect();
-        let subs: Vec<&str> = requests.iter().map(|r| r.cohort.sub.as_str()).collect();
 
-        let tx = client.transaction().await?;
-        // A generic plan per lookup, made once: left to choose, PostgreSQL planned every
-        // lookup afresh (custom plans for each key array), which was a quarter of its time.
-        tx.batch_execute(
-            "SET TRANSACTION READ ONLY; SET LOCAL statement_timeout = '10s'; \
-             SET LOCAL plan_cache_mode = force_generic_plan",
-        )
-        .await?;
+        // Three round trips: the transaction's setup with the wait for visibility, the calls,
+        // the rollback (with the key sets' statements deallocated). Any error discards the
+        // connection (see `visible_batch`), so no transaction is left open on it.
+        //
+        // A generic plan per lookup statement, made once: left to choose, PostgreSQL planned
+        // every lookup afresh (custom plans for each key array), which was a quarter of its
+        // time. The key sets' statements have no parameters: their one plan is for their keys.
+        let mut setup = String::from(
+            "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; \
+             SET LOCAL plan_cache_mode = force_generic_plan;",
+        );
+        for p in prepares.iter().flatten() {
+            setup.push_str(p);
+            setup.push(';');
+        }
+        if calls.len() > 1 {
+            // Each later call starts from here again: no cohort's role or claims carry over.
+            setup.push_str("SAVEPOINT walcast_call;");
+        }
         if !xids.is_empty() {
             let xids: Vec<String> = xids.iter().map(u32::to_string).collect();
-            let visible: bool = tx
-                .query_one("SELECT walcast.wait_visible($1::text[]::xid[])", &[&xids])
-                .await?
-                .get(0);
+            setup.push_str(&format!(
+                "SELECT walcast.wait_visible('{{{}}}'::text[]::xid[])",
+                xids.join(",")
+            ));
+        }
+        let answers = client.simple_query(&setup).await?;
+        if !xids.is_empty() {
+            let visible = answers.iter().any(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+                _ => false,
+            });
             if !visible {
                 tracing::warn!(
                     ?xids,
@@ -281,48 +338,101 @@ impl Authorizer {
                 );
             }
         }
-        // One unnamed statement per batch (parsed, bound and run in one round trip): the
-        // lookups inside it are the prepared ones.
-        let rows = tx
-            .query_typed(
-                "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
-                &[
-                    (&roles, Type::TEXT_ARRAY),
-                    (&claims, Type::TEXT_ARRAY),
-                    (&subs, Type::TEXT_ARRAY),
-                    (&statements, Type::TEXT_ARRAY),
-                ],
-            )
-            .await
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => CheckError::Lookup {
-                    code: db.code().code().to_owned(),
-                    message: db.message().to_owned(),
-                },
-                None => CheckError::Sql(e),
-            })?;
-        tx.rollback().await?;
-
         let mut out = vec![HashSet::new(); requests.len()];
-        for row in rows {
-            let cohort: i32 = row.try_get(0)?;
-            let visible: Option<Vec<String>> = row.try_get(1)?;
-            let i = usize::try_from(cohort - 1)
-                .ok()
-                .filter(|i| *i < out.len())
-                .ok_or(CheckError::UnknownCohort(cohort))?;
-            let composite = requests[i].table.pk.len() > 1;
-            for key in visible.unwrap_or_default() {
-                // A composite key comes as a JSON array of its columns' texts.
-                let key = if composite {
-                    serde_json::from_str(&key)?
-                } else {
-                    vec![key]
-                };
-                out[i].insert(key);
+        for (n, call) in calls.iter().enumerate() {
+            let roles: Vec<&str> = call
+                .members
+                .iter()
+                .map(|&i| requests[i].cohort.role.as_str())
+                .collect();
+            let claims: Vec<&str> = call
+                .members
+                .iter()
+                .map(|&i| requests[i].cohort.claims.as_str())
+                .collect();
+            let subs: Vec<&str> = call
+                .members
+                .iter()
+                .map(|&i| requests[i].cohort.sub.as_str())
+                .collect();
+            let stmts: Vec<&str> = call
+                .members
+                .iter()
+                .map(|&i| statements[i].as_str())
+                .collect();
+            if n > 0 {
+                // The previous call left its last cohort's role and claims set.
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walcast_call")
+                    .await?;
+            }
+            let started = Instant::now();
+            // One unnamed statement per call (parsed, bound and run in one round trip): the
+            // lookups inside it are prepared statements.
+            let rows = client
+                .query_typed(
+                    "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+                    &[
+                        (&roles, Type::TEXT_ARRAY),
+                        (&claims, Type::TEXT_ARRAY),
+                        (&subs, Type::TEXT_ARRAY),
+                        (&stmts, Type::TEXT_ARRAY),
+                    ],
+                )
+                .await
+                .map_err(|e| match e.as_db_error() {
+                    Some(db) => CheckError::Lookup {
+                        code: db.code().code().to_owned(),
+                        message: db.message().to_owned(),
+                    },
+                    None => CheckError::Sql(e),
+                })?;
+            if let Some(table) = call.timed {
+                let keys = call.members.iter().map(|&i| requests[i].pks.len()).sum();
+                let micros = started.elapsed().as_secs_f64() * 1e6;
+                self.plans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(table)
+                    .or_default()
+                    .record(call.mode, micros, keys);
+            }
+            for row in rows {
+                let cohort: i32 = row.try_get(0)?;
+                let visible: Option<Vec<String>> = row.try_get(1)?;
+                let i = usize::try_from(cohort - 1)
+                    .ok()
+                    .and_then(|i| call.members.get(i).copied())
+                    .ok_or(CheckError::UnknownCohort(cohort))?;
+                let composite = requests[i].table.pk.len() > 1;
+                for key in visible.unwrap_or_default() {
+                    // A composite key comes as a JSON array of its columns' texts.
+                    let key = if composite {
+                        serde_json::from_str(&key)?
+                    } else {
+                        vec![key]
+                    };
+                    out[i].insert(key);
+                }
             }
         }
+        // Prepared statements outlive the transaction: the key sets' go with it.
+        let mut end = String::from("ROLLBACK;");
+        for n in 1..=prepared {
+            end.push_str(&format!("DEALLOCATE walcast_keys_{n};"));
+        }
+        client.batch_execute(&end).await?;
         Ok(out)
+    }
+
+    /// Groups a batch's requests into `check_cohorts` calls (see [`plan_calls`]).
+    fn plan_calls(&self, requests: &[RlsRequest]) -> Vec<Call> {
+        let tables: Vec<u32> = requests.iter().map(|r| r.table.oid).collect();
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if plans.len() > CACHE_LIMIT {
+            plans.clear();
+        }
+        plan_calls(&mut plans, &tables)
     }
 }
 
@@ -359,22 +469,27 @@ fn columns_of(pks: &[Vec<String>], width: usize) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The key lookup for one table, prepared with one `text[]` parameter per key column: the keys
-/// of the given rows the current role and claims may see, as text (a JSON array of texts per
-/// row for a composite key).
-fn select_sql(t: &TableInfo) -> String {
+/// The key lookup for one table: the keys of the given rows the current role and claims may
+/// see, as text (a JSON array of texts per row for a composite key). `keys` holds one `text[]`
+/// expression per key column: a parameter (`$1`, prepared once per connection) or a literal
+/// (prepared for one key set).
+fn select_sql(t: &TableInfo, keys: &[String]) -> String {
     let table = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+    let key = |i: usize| keys.get(i).map(String::as_str).unwrap_or("NULL::text[]");
     if t.pk.len() == 1 {
         let (name, ty) = &t.pk[0];
         let col = quote_ident(name);
-        format!("SELECT array_agg({col}::text) FROM {table} WHERE {col} = ANY($1::{ty}[])")
+        format!(
+            "SELECT array_agg({col}::text) FROM {table} WHERE {col} = ANY({}::{ty}[])",
+            key(0)
+        )
     } else {
         let names: Vec<String> = t.pk.iter().map(|(n, _)| quote_ident(n)).collect();
         let texts: Vec<String> = names.iter().map(|n| format!("{n}::text")).collect();
         let unnests: Vec<String> =
             t.pk.iter()
                 .enumerate()
-                .map(|(i, (_, ty))| format!("${}::{ty}[]", i + 1))
+                .map(|(i, (_, ty))| format!("{}::{ty}[]", key(i)))
                 .collect();
         format!(
             "SELECT array_agg(jsonb_build_array({})::text) FROM {table} WHERE ({}) IN (SELECT * FROM unnest({}))",

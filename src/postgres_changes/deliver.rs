@@ -2,7 +2,7 @@
 //! claims cohort, each change gated by its own key), the payload built once per audience, one
 //! message per channel, in commit order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
@@ -17,11 +17,14 @@ use super::registry::{Cohort, Sub, Target};
 use super::PgChanges;
 
 impl PgChanges {
-    /// Authorizes a batch of matched changes and delivers them in order. Whether a subscriber
-    /// gets a change depends on that change and that subscriber only, never on what else is in
-    /// the batch: the batch only shares the database round trip.
-    pub(super) async fn deliver(&self, pending: Vec<(Change, Vec<Arc<Sub>>)>) {
-        // 1. Each (change, subscriber)'s gate, and the (table, cohort) checks they need.
+    /// Delivery of a batch of matched changes is [`PgChanges::check`] then [`PgChanges::send`].
+    /// Whether a subscriber gets a change depends on that change and that subscriber only,
+    /// never on what else is in the batch: the batch only shares the database round trip.
+    ///
+    /// Step 1 of delivery: each (change, subscriber)'s gate and the row checks they need,
+    /// answered. Checks of consecutive batches may run at the same time (on the delivery
+    /// pool's connections); [`PgChanges::send`] then takes their results in commit order.
+    pub(super) async fn check(&self, pending: Vec<(Change, Vec<Arc<Sub>>)>) -> Checked {
         let mut bypass: HashMap<String, bool> = HashMap::new();
         for (change, subs) in &pending {
             if needs_row_check(change) {
@@ -36,9 +39,22 @@ impl PgChanges {
         }
         let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
         let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
+        Checked {
+            pending,
+            gates: plan.gates,
+            visible,
+        }
+    }
 
-        // 2. Deliver, change by change, one message per channel.
-        for ((change, subs), gates) in pending.iter().zip(&plan.gates) {
+    /// Step 2 of delivery: change by change, one message per channel, to the subscribers
+    /// whose gate is open.
+    pub(super) async fn send(&self, checked: Checked) {
+        let Checked {
+            pending,
+            gates,
+            visible,
+        } = checked;
+        for ((change, subs), gates) in pending.iter().zip(&gates) {
             let t = &change.table;
             let mut per_channel: HashMap<
                 crate::channels::ChannelId,
@@ -112,6 +128,13 @@ impl PgChanges {
             metrics::histogram!(crate::telemetry::DELIVERY_LATENCY_SECONDS).record(latency);
         }
     }
+}
+
+/// A batch whose row checks are answered, waiting for its turn to be sent.
+pub(super) struct Checked {
+    pending: Vec<(Change, Vec<Arc<Sub>>)>,
+    gates: Vec<Vec<Gate>>,
+    visible: Vec<HashSet<Vec<String>>>,
 }
 
 /// What one subscriber's delivery of one change waits on.

@@ -17,6 +17,7 @@ use crate::replication::{Event, Status};
 use super::binding::Action;
 use super::catalog::TableInfo;
 use super::db_broadcast::broadcast_stored;
+use super::deliver::Checked;
 use super::payload::{Change, Row, RowCell};
 use super::registry::{Cell, Sub};
 use super::PgChanges;
@@ -48,6 +49,20 @@ impl PgChanges {
         let mut txn = TxnState::default();
         // Whether the batch being collected ends inside a transaction.
         let mut in_txn = false;
+        // Checks of consecutive batches run ahead (`DB_CHECKS_IN_FLIGHT` at once, each on a
+        // delivery connection of its own); one task sends their results, and acknowledges
+        // commits, strictly in commit order. The queue holds a batch and its acknowledgement
+        // per check in flight.
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(self.checks_in_flight));
+        let (steps, steps_rx) = mpsc::channel::<Step>(2 * self.checks_in_flight);
+        let sender = tokio::spawn(self.clone().send_in_order(
+            steps_rx,
+            status.clone(),
+            channels,
+            max_payload_bytes,
+        ));
+        // The end LSN of the last commit handed to the sender: it will be delivered.
+        let mut dispatched: u64 = 0;
         while let Some(first) = rx.recv().await {
             batch.push(first);
             // Take what is already waiting (batches form by themselves under load), and the
@@ -122,6 +137,7 @@ impl PgChanges {
                         let delivered = status
                             .acked
                             .load(Ordering::Relaxed)
+                            .max(dispatched)
                             .max(last_commit.unwrap_or(0));
                         txn.begin(final_lsn, delivered);
                     }
@@ -137,10 +153,19 @@ impl PgChanges {
                     {
                         // Keep commit order: what was matched before this goes out first.
                         if !pending.is_empty() {
-                            self.deliver(std::mem::take(&mut pending)).await;
+                            let batch = std::mem::take(&mut pending);
+                            if !self.submit(&steps, &in_flight, batch).await {
+                                return;
+                            }
                         }
                         if let Some(table) = tables.get(&relation) {
-                            broadcast_stored(table, &new, &channels, max_payload_bytes);
+                            if steps
+                                .send(Step::Stored(table.clone(), new.clone()))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
                         }
                         self.match_change(
                             &tables,
@@ -187,14 +212,81 @@ impl PgChanges {
                     Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
                 }
             }
-            if !pending.is_empty() {
-                self.deliver(pending).await;
+            if !pending.is_empty() && !self.submit(&steps, &in_flight, pending).await {
+                return;
             }
             if let Some(lsn) = last_commit {
-                status.acked.fetch_max(lsn, Ordering::Relaxed);
-                // How old the newest delivered commit was when it went out.
-                let age = now_since_2000_micros().saturating_sub(commit_ts).max(0) as f64 / 1e6;
-                metrics::gauge!(crate::telemetry::REPLICATION_LAG_SECONDS).set(age);
+                dispatched = dispatched.max(lsn);
+                if steps.send(Step::Ack { lsn, commit_ts }).await.is_err() {
+                    return;
+                }
+            }
+            // Catch-up positions count what the sender has pushed, not what was matched.
+            if self.history.enabled()
+                && steps
+                    .send(Step::Delivered(self.history.recorded()))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+        // Everything handed over is sent before the dispatcher ends.
+        drop(steps);
+        if let Err(e) = sender.await {
+            tracing::error!(error = %e, "postgres_changes sender ended abnormally");
+        }
+    }
+
+    /// Starts a batch's row checks and queues it for sending; false when the sender is gone.
+    async fn submit(
+        self: &Arc<Self>,
+        steps: &mpsc::Sender<Step>,
+        in_flight: &Arc<tokio::sync::Semaphore>,
+        batch: Pending,
+    ) -> bool {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return false;
+        };
+        let me = self.clone();
+        let checked = tokio::spawn(async move {
+            let checked = me.check(batch).await;
+            drop(permit);
+            checked
+        });
+        steps.send(Step::Changes(checked)).await.is_ok()
+    }
+
+    /// Sends checked batches, stored broadcasts and acknowledgements in the order the
+    /// dispatcher queued them (commit order), whatever order their checks finish in.
+    async fn send_in_order(
+        self: Arc<Self>,
+        mut steps: mpsc::Receiver<Step>,
+        status: Arc<Status>,
+        channels: crate::channels::Channels,
+        max_payload_bytes: usize,
+    ) {
+        while let Some(step) = steps.recv().await {
+            match step {
+                Step::Changes(checked) => match checked.await {
+                    Ok(checked) => self.send(checked).await,
+                    Err(e) => {
+                        // Not sent: the check panicked, so nothing is known about who may see it.
+                        tracing::error!(error = %e, "row check of a batch failed; batch withheld");
+                        metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "policy_error")
+                            .increment(1);
+                    }
+                },
+                Step::Stored(table, row) => {
+                    broadcast_stored(&table, &row, &channels, max_payload_bytes);
+                }
+                Step::Delivered(upto) => self.history.mark_delivered(upto),
+                Step::Ack { lsn, commit_ts } => {
+                    status.acked.fetch_max(lsn, Ordering::Relaxed);
+                    // How old the newest delivered commit was when it went out.
+                    let age = now_since_2000_micros().saturating_sub(commit_ts).max(0) as f64 / 1e6;
+                    metrics::gauge!(crate::telemetry::REPLICATION_LAG_SECONDS).set(age);
+                }
             }
         }
     }
@@ -247,6 +339,20 @@ impl PgChanges {
             pending.push((change, subs));
         }
     }
+}
+
+type Pending = Vec<(Change, Vec<Arc<Sub>>)>;
+
+/// What the sender does next, in commit order.
+enum Step {
+    /// A batch of matched changes, its row checks running (or done).
+    Changes(tokio::task::JoinHandle<Checked>),
+    /// A row of `realtime.messages` to broadcast.
+    Stored(Arc<TableInfo>, Tuple),
+    /// Every commit up to this one is delivered: the slot may advance.
+    Ack { lsn: u64, commit_ts: i64 },
+    /// Every change recorded in the catch-up history up to this position has been handed over.
+    Delivered(u64),
 }
 
 /// Microseconds since 2000-01-01 (PostgreSQL's epoch), now.

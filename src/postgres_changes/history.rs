@@ -144,18 +144,11 @@ pub struct Outcome {
     pub gap: bool,
 }
 
-/// The dispatcher's turn: while held, no catch-up runs; when dropped, what was recorded during
-/// it counts as delivered.
+/// The dispatcher's turn: while held, no catch-up runs. What was recorded during it counts as
+/// delivered only once the dispatcher's sender has pushed it ([`History::mark_delivered`]):
+/// with checks in flight, a batch is sent after the turn that matched it has ended.
 pub struct Turn<'a> {
-    history: &'a History,
     _guard: tokio::sync::MutexGuard<'a, ()>,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let last = self.history.lock_ring().last_seq;
-        self.history.delivered.fetch_max(last, Ordering::SeqCst);
-    }
 }
 
 /// The key a subscriber is remembered by: its `sub` (and `session_id` when the token has one),
@@ -244,9 +237,19 @@ impl History {
     /// Taken by the dispatcher for each batch.
     pub async fn turn(&self) -> Turn<'_> {
         Turn {
-            history: self,
             _guard: self.turn.lock().await,
         }
+    }
+
+    /// The position of the last change recorded.
+    pub fn recorded(&self) -> u64 {
+        self.lock_ring().last_seq
+    }
+
+    /// Every change up to `upto` has been pushed to its subscribers' queues (called by the
+    /// dispatcher's sender, in commit order).
+    pub fn mark_delivered(&self, upto: u64) {
+        self.delivered.fetch_max(upto, Ordering::SeqCst);
     }
 
     /// Every change up to this position has been pushed to its subscribers' queues.
@@ -496,7 +499,11 @@ impl PgChanges {
         metrics::counter!(telemetry::CATCHUP_REPLAYED_CHANGES)
             .increment(replayed.values().sum::<usize>() as u64);
         if !pending.is_empty() {
-            self.deliver(pending).await;
+            // Checked and sent here, under the turn: no batch is matched meanwhile, and every
+            // batch matched before the rejoined channel's subscription was installed was
+            // matched without it, so the channel's live changes all come after these.
+            let checked = self.check(pending).await;
+            self.send(checked).await;
         }
         for (channel, gap, tx) in done {
             let _ = tx.send(Outcome {

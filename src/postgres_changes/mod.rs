@@ -8,9 +8,11 @@
 //!   goes live;
 //! - [`registry`] holds live subscriptions, indexed by equality-filter value;
 //! - [`dispatch`] ([`PgChanges::dispatch`]) runs the stream: transaction state, batching,
-//!   decoding rows and matching them; [`deliver`] authorizes a batch in one round trip
-//!   ([`authorize`]), builds each payload once per audience ([`payload`]) and delivers in commit
-//!   order, then the commit is acknowledged so the slot can advance;
+//!   decoding rows and matching them; [`deliver`] authorizes a batch in one transaction
+//!   ([`authorize`], its lookups planned as `plans` chooses), several consecutive batches at
+//!   once on the delivery pool's connections, then builds each payload once per audience
+//!   ([`payload`]) and sends batch after batch in commit order, then the commit is
+//!   acknowledged so the slot can advance;
 //! - [`history`] keeps recent changes and the positions of subscribers that went away, for
 //!   catch-up on rejoin;
 //! - [`db_broadcast`] fans rows inserted into `realtime.messages` out as broadcasts.
@@ -25,6 +27,7 @@ pub mod dispatch;
 pub mod filter;
 pub mod history;
 pub mod payload;
+mod plans;
 pub mod prepare;
 pub mod registry;
 
@@ -53,6 +56,8 @@ pub struct PgChanges {
     pub max_record_bytes: usize,
     /// Recent changes and remembered positions, for catch-up on rejoin.
     pub history: history::History,
+    /// `DB_CHECKS_IN_FLIGHT`: batches whose row checks run at the same time.
+    pub checks_in_flight: usize,
 }
 
 impl PgChanges {
@@ -61,6 +66,7 @@ impl PgChanges {
         delivery: Arc<Pool>,
         publication: String,
         max_record_bytes: usize,
+        checks_in_flight: usize,
     ) -> Self {
         Self {
             catalog: Catalog::new(delivery.clone()),
@@ -71,6 +77,7 @@ impl PgChanges {
             publication,
             max_record_bytes,
             history: history::History::new(history::CatchupConfig::default()),
+            checks_in_flight: checks_in_flight.max(1),
         }
     }
 
