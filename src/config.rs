@@ -2,7 +2,7 @@
 //! supabase/realtime's wherever it has one, so the image is a drop-in replacement. Defaults live
 //! here as consts and are listed, with their meaning, in `config/walcast.env` and `CONFIG.md`.
 //!
-//! One file on purpose (about 800 lines): it is the list of settings, each a clap argument with its
+//! One file on purpose (about 1,100 lines with its tests): it is the list of settings, each a clap argument with its
 //! environment name, default and doc, and their validation; splitting it would scatter that list.
 #![warn(missing_docs)]
 
@@ -370,20 +370,20 @@ pub struct ServeArgs {
     /// How long walcast remembers where a postgres_changes subscriber stood when its socket
     /// went away without a leave, so that the same user rejoining the same topic with the same
     /// bindings gets what it missed (milliseconds; 0 turns catch-up off).
-    #[arg(long, env = "CATCHUP_WINDOW_MS", default_value_t = crate::postgres_changes::history::DEFAULT_WINDOW_MS)]
+    #[arg(long, env = "CATCHUP_WINDOW_MS", default_value_t = DEFAULT_CATCHUP_WINDOW_MS)]
     pub catchup_window_ms: u64,
 
     /// The catch-up history of recent decoded changes is bounded to this many bytes (0 turns
     /// catch-up off).
-    #[arg(long, env = "CATCHUP_HISTORY_BYTES", default_value_t = crate::postgres_changes::history::DEFAULT_HISTORY_BYTES)]
+    #[arg(long, env = "CATCHUP_HISTORY_BYTES", default_value_t = DEFAULT_CATCHUP_HISTORY_BYTES)]
     pub catchup_history_bytes: usize,
 
     /// Changes older than this leave the catch-up history (milliseconds).
-    #[arg(long, env = "CATCHUP_HISTORY_AGE_MS", default_value_t = crate::postgres_changes::history::DEFAULT_HISTORY_AGE_MS)]
+    #[arg(long, env = "CATCHUP_HISTORY_AGE_MS", default_value_t = DEFAULT_CATCHUP_HISTORY_AGE_MS)]
     pub catchup_history_age_ms: u64,
 
     /// How many subscriber positions are remembered at once (the oldest go first).
-    #[arg(long, env = "CATCHUP_MAX_REMEMBERED", default_value_t = crate::postgres_changes::history::DEFAULT_MAX_REMEMBERED)]
+    #[arg(long, env = "CATCHUP_MAX_REMEMBERED", default_value_t = DEFAULT_CATCHUP_MAX_REMEMBERED)]
     pub catchup_max_remembered: usize,
 
     /// How long a join with `config.broadcast.replication_ready` waits for the change stream
@@ -525,6 +525,46 @@ pub enum ConfigError {
     Cluster(String),
 }
 
+/// Default of `CATCHUP_WINDOW_MS`.
+pub const DEFAULT_CATCHUP_WINDOW_MS: u64 = 120_000;
+/// Default of `CATCHUP_HISTORY_BYTES`.
+pub const DEFAULT_CATCHUP_HISTORY_BYTES: usize = 64 << 20;
+/// Default of `CATCHUP_HISTORY_AGE_MS`.
+pub const DEFAULT_CATCHUP_HISTORY_AGE_MS: u64 = 300_000;
+/// Default of `CATCHUP_MAX_REMEMBERED`.
+pub const DEFAULT_CATCHUP_MAX_REMEMBERED: usize = 100_000;
+
+/// The catch-up settings.
+#[derive(Debug, Clone)]
+pub struct CatchupConfig {
+    /// `CATCHUP_WINDOW_MS`: how long a position is remembered (0: catch-up off).
+    pub window: Duration,
+    /// `CATCHUP_HISTORY_BYTES`: the history's size bound (0: catch-up off).
+    pub history_bytes: usize,
+    /// `CATCHUP_HISTORY_AGE_MS`: changes older than this leave the history.
+    pub history_age: Duration,
+    /// `CATCHUP_MAX_REMEMBERED`: positions remembered at once (the oldest go first).
+    pub max_remembered: usize,
+}
+
+impl Default for CatchupConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_millis(DEFAULT_CATCHUP_WINDOW_MS),
+            history_bytes: DEFAULT_CATCHUP_HISTORY_BYTES,
+            history_age: Duration::from_millis(DEFAULT_CATCHUP_HISTORY_AGE_MS),
+            max_remembered: DEFAULT_CATCHUP_MAX_REMEMBERED,
+        }
+    }
+}
+
+impl CatchupConfig {
+    /// Whether catch-up is on (a window and a history to replay from).
+    pub fn enabled(&self) -> bool {
+        !self.window.is_zero() && self.history_bytes > 0
+    }
+}
+
 /// Settings the self-hosted compose file gives the Elixir server that mean nothing to walcast:
 /// accepted, and named once in the log so nobody wonders whether they took effect.
 pub const ELIXIR_ONLY: &[&str] = &[
@@ -586,7 +626,7 @@ pub struct DatabaseSettings {
     pub gap_notice: std::time::Duration,
     /// `CATCHUP_WINDOW_MS`, `CATCHUP_HISTORY_BYTES`, `CATCHUP_HISTORY_AGE_MS`,
     /// `CATCHUP_MAX_REMEMBERED`.
-    pub catchup: crate::postgres_changes::history::CatchupConfig,
+    pub catchup: CatchupConfig,
     /// `REPLICATION_READY_TIMEOUT_MS`.
     pub replication_ready_timeout: std::time::Duration,
     /// `SLOT_WAL_WARN_BYTES`.
@@ -858,7 +898,7 @@ impl ServeArgs {
             after_connect: self.db_after_connect_query.clone(),
             startup_grace: std::time::Duration::from_millis(self.startup_grace_ms),
             gap_notice: std::time::Duration::from_millis(self.gap_notice_ms),
-            catchup: crate::postgres_changes::history::CatchupConfig {
+            catchup: CatchupConfig {
                 window: std::time::Duration::from_millis(self.catchup_window_ms),
                 history_bytes: self.catchup_history_bytes,
                 history_age: std::time::Duration::from_millis(self.catchup_history_age_ms),

@@ -23,32 +23,3 @@ pub enum AppError {
     #[error(transparent)]
     Cluster(#[from] crate::channels::cluster::ClusterError),
 }
-
-/// Most bytes of client-supplied text echoed in an error message or written to the log per
-/// field: a 4.5 MB filter echoed whole by 100 refused joins wrote 450 MB of log.
-pub const MAX_ECHO_BYTES: usize = 1024;
-
-/// `s` cut to at most `max` bytes (at a character boundary), saying how much was left out.
-pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if s.len() <= max {
-        return std::borrow::Cow::Borrowed(s);
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    std::borrow::Cow::Owned(format!("{}… ({} more bytes)", &s[..end], s.len() - end))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::clip;
-
-    #[test]
-    fn clip_cuts_at_a_character_boundary_and_says_how_much() {
-        assert_eq!(clip("short", 10), "short");
-        assert_eq!(clip("abcdef", 3), "abc… (3 more bytes)");
-        // 'é' is two bytes: the cut moves back rather than split it.
-        assert_eq!(clip("aéb", 2), "a… (3 more bytes)");
-    }
-}

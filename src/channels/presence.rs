@@ -8,6 +8,9 @@
 //! whole, so without a bound a few large metas made it larger than a socket's outbound queue
 //! and every new joiner was disconnected before its join reply. A track that would take the
 //! topic past the bound is refused ([`Tracked::Full`]).
+//!
+//! One file on purpose (about 640 lines, half of it tests): this node's entries and the copies
+//! of other nodes' entries (cluster mode) share one state per topic and one byte bound.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::filter::{self, inspect, Cond, FilterError, ParsedFilter};
-use crate::error::{clip, MAX_ECHO_BYTES};
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 
 /// Largest binding, in bytes of its JSON text (event, schema, table, filter, select).
 /// Room for an `in` list at its bound ([`filter::MAX_IN_LIST_BYTES`]) and the rest of the binding.

@@ -11,7 +11,6 @@ use crate::protocol::encode;
 
 use super::authorize::RlsRequest;
 use super::binding::Action;
-use super::dispatch::now_since_2000_micros;
 use super::payload::{self, Change};
 use super::registry::{Cohort, Sub, Target};
 use super::PgChanges;
@@ -219,6 +218,15 @@ fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> b
         xids,
         gates,
     }
+}
+
+/// Microseconds since 2000-01-01 (PostgreSQL's epoch), now.
+pub(super) fn now_since_2000_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+        - 946_684_800_000_000
 }
 
 #[cfg(test)]

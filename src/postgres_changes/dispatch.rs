@@ -17,7 +17,7 @@ use crate::replication::{Event, Status};
 use super::binding::Action;
 use super::catalog::TableInfo;
 use super::db_broadcast::broadcast_stored;
-use super::deliver::Checked;
+use super::deliver::{now_since_2000_micros, Checked};
 use super::payload::{Change, Row, RowCell};
 use super::registry::{Cell, Sub};
 use super::PgChanges;
@@ -353,15 +353,6 @@ enum Step {
     Ack { lsn: u64, commit_ts: i64 },
     /// Every change recorded in the catch-up history up to this position has been handed over.
     Delivered(u64),
-}
-
-/// Microseconds since 2000-01-01 (PostgreSQL's epoch), now.
-pub(super) fn now_since_2000_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-        - 946_684_800_000_000
 }
 
 /// Where the dispatcher is in the transaction stream (see `dispatch`).

@@ -20,16 +20,8 @@ use super::payload::{Change, RowCell};
 use super::registry::{Cell, Sub};
 use super::PgChanges;
 use crate::channels::ChannelId;
+use crate::config::CatchupConfig;
 use crate::telemetry;
-
-/// Default of `CATCHUP_WINDOW_MS`.
-pub const DEFAULT_WINDOW_MS: u64 = 120_000;
-/// Default of `CATCHUP_HISTORY_BYTES`.
-pub const DEFAULT_HISTORY_BYTES: usize = 64 << 20;
-/// Default of `CATCHUP_HISTORY_AGE_MS`.
-pub const DEFAULT_HISTORY_AGE_MS: u64 = 300_000;
-/// Default of `CATCHUP_MAX_REMEMBERED`.
-pub const DEFAULT_MAX_REMEMBERED: usize = 100_000;
 
 /// Bookkeeping charged per retained change on top of its values.
 const ENTRY_OVERHEAD: usize = 160;
@@ -37,36 +29,6 @@ const ENTRY_OVERHEAD: usize = 160;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Charged per column value.
 const CELL_OVERHEAD: usize = 24;
-
-/// The catch-up settings.
-#[derive(Debug, Clone)]
-pub struct CatchupConfig {
-    /// `CATCHUP_WINDOW_MS`: how long a position is remembered (0: catch-up off).
-    pub window: Duration,
-    /// `CATCHUP_HISTORY_BYTES`: the history's size bound (0: catch-up off).
-    pub history_bytes: usize,
-    /// `CATCHUP_HISTORY_AGE_MS`: changes older than this leave the history.
-    pub history_age: Duration,
-    /// `CATCHUP_MAX_REMEMBERED`: positions remembered at once (the oldest go first).
-    pub max_remembered: usize,
-}
-
-impl Default for CatchupConfig {
-    fn default() -> Self {
-        Self {
-            window: Duration::from_millis(DEFAULT_WINDOW_MS),
-            history_bytes: DEFAULT_HISTORY_BYTES,
-            history_age: Duration::from_millis(DEFAULT_HISTORY_AGE_MS),
-            max_remembered: DEFAULT_MAX_REMEMBERED,
-        }
-    }
-}
-
-impl CatchupConfig {
-    pub fn enabled(&self) -> bool {
-        !self.window.is_zero() && self.history_bytes > 0
-    }
-}
 
 struct Entry {
     seq: u64,

@@ -76,13 +76,13 @@ impl PgChanges {
             delivery,
             publication,
             max_record_bytes,
-            history: history::History::new(history::CatchupConfig::default()),
+            history: history::History::new(crate::config::CatchupConfig::default()),
             checks_in_flight: checks_in_flight.max(1),
         }
     }
 
     /// With these catch-up settings.
-    pub fn with_catchup(mut self, cfg: history::CatchupConfig) -> Self {
+    pub fn with_catchup(mut self, cfg: crate::config::CatchupConfig) -> Self {
         self.history = history::History::new(cfg);
         self
     }

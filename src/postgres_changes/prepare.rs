@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::auth::Claims;
 use crate::db::DbError;
-use crate::error::{clip, MAX_ECHO_BYTES};
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 
 use super::binding::BindingSpec;
 use super::filter::{self, inspect, Cond, Filter, Kind, Op, Operand};

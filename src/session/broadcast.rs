@@ -6,9 +6,9 @@ use serde_json::json;
 
 use super::{Session, SessionEvent};
 use crate::channels::{ChannelId, Fanout, FanoutPayload};
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::protocol::event::ClientEvent;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::protocol::{encode, Inbound, InboundPayload, UserBroadcast};
 use crate::telemetry;
 

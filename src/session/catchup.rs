@@ -13,9 +13,9 @@ use serde_json::{json, Map, Value};
 use super::channel::Channel;
 use super::{Session, SessionEvent};
 use crate::channels::ChannelId;
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::postgres_changes::history::{identity_key, Outcome};
 use crate::postgres_changes::registry::Sub;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::telemetry;
 
 /// Told (in the `catchup` field of "Subscribed to PostgreSQL") to a token without `sub`.

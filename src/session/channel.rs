@@ -12,10 +12,10 @@ use tokio::time::Instant;
 use super::Session;
 use crate::auth::Claims;
 use crate::channels::{ChannelId, Subscriber, TopicKey};
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::postgres_changes::binding::BindingSpec;
 use crate::protocol::event::ClientEvent;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::protocol::{encode, Inbound, Ref};
 use crate::telemetry;
 

@@ -15,8 +15,8 @@ use super::{Session, SessionEvent};
 use crate::auth::{AuthError, Claims};
 use crate::channels::outbound::CloseReason;
 use crate::channels::{ChannelId, TopicKey};
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::protocol::{encode, join, Inbound, InboundPayload, Ref, TOPIC_PREFIX};
 use crate::telemetry;
 

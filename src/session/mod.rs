@@ -47,10 +47,10 @@ use crate::channels::outbound::{CloseReason, Outbound};
 use crate::channels::ChannelId;
 use crate::config::Settings;
 use crate::context::Context;
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
 use crate::postgres_changes::registry::Sub;
 use crate::protocol::event::ClientEvent;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::protocol::{encode, Frame, Inbound, Ref, Vsn, CLOSE_SERVICE_RESTART};
 use crate::telemetry;
 

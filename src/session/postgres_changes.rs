@@ -12,9 +12,9 @@ use tokio::time::Instant;
 use super::channel::Channel;
 use super::{Session, SessionEvent};
 use crate::channels::ChannelId;
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::postgres_changes::registry::{Sub, Target};
 use crate::postgres_changes::{binding, SubscribeError};
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 
 impl Session {
     /// Parses a channel's bindings and starts checking them against the database. Errors that

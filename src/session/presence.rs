@@ -8,9 +8,9 @@ use tokio::time::Instant;
 use super::Session;
 use crate::channels::presence::Tracked;
 use crate::channels::{Fanout, FanoutPayload, TopicKey};
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::protocol::event::PresenceEvent;
 use crate::protocol::Inbound;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::telemetry;
 
 /// The reply to a track that would take the topic's presence state past

@@ -8,8 +8,8 @@ use tokio::time::Instant;
 use super::channel::Channel;
 use super::{Session, SessionEvent};
 use crate::channels::ChannelId;
-use crate::error::{clip, MAX_ECHO_BYTES};
 use crate::policies;
+use crate::protocol::{clip, MAX_ECHO_BYTES};
 
 impl Session {
     /// A pushed `access_token` (`None`: the payload had no string token). Never answered.
