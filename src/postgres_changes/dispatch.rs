@@ -254,7 +254,10 @@ impl PgChanges {
             drop(permit);
             checked
         });
-        steps.send(Step::Changes(checked)).await.is_ok()
+        // Recorded in the catch-up history up to here (this batch's changes included): counted
+        // as delivered right after the batch is pushed.
+        let upto = self.history.recorded();
+        steps.send(Step::Changes(checked, upto)).await.is_ok()
     }
 
     /// Sends checked batches, stored broadcasts and acknowledgements in the order the
@@ -268,8 +271,13 @@ impl PgChanges {
     ) {
         while let Some(step) = steps.recv().await {
             match step {
-                Step::Changes(checked) => match checked.await {
-                    Ok(checked) => self.send(checked).await,
+                Step::Changes(checked, upto) => match checked.await {
+                    Ok(checked) => {
+                        self.send(checked).await;
+                        // At once: a client that read these and spoke again must not have its
+                        // catch-up position fall before them (it would get them twice).
+                        self.history.mark_delivered(upto);
+                    }
                     Err(e) => {
                         // Not sent: the check panicked, so nothing is known about who may see it.
                         tracing::error!(error = %e, "row check of a batch failed; batch withheld");
@@ -345,8 +353,9 @@ type Pending = Vec<(Change, Vec<Arc<Sub>>)>;
 
 /// What the sender does next, in commit order.
 enum Step {
-    /// A batch of matched changes, its row checks running (or done).
-    Changes(tokio::task::JoinHandle<Checked>),
+    /// A batch of matched changes, its row checks running (or done), and the catch-up history
+    /// position it completes.
+    Changes(tokio::task::JoinHandle<Checked>, u64),
     /// A row of `realtime.messages` to broadcast.
     Stored(Arc<TableInfo>, Tuple),
     /// Every commit up to this one is delivered: the slot may advance.
