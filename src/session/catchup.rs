@@ -1,7 +1,8 @@
 //! Catch-up on rejoin, the session's side (RELIABILITY.md, "Catch-up on rejoin"): a channel
 //! with postgres_changes whose socket goes away without a leave has its position remembered
 //! under its user, topic and bindings; the same user joining the same topic with the same
-//! bindings within `CATCHUP_WINDOW_MS` gets, once its subscriptions are checked, every change
+//! bindings within `CATCHUP_WINDOW_MS`, continuing the old socket's message refs (a new page
+//! starts again at 1 and is told `fresh`), gets, once its subscriptions are checked, every change
 //! it missed (filtered and authorized under the new token), then continues live. The history
 //! and the hand-over to live delivery are in [`crate::postgres_changes::history`].
 
