@@ -437,3 +437,69 @@ async fn a_new_tab_while_the_old_one_is_open_starts_fresh() {
     assert_eq!(next_k(&mut old).await, 3);
     c.assert_no_more("postgres_changes", "the new tab").await;
 }
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_the_old_sockets_ref_even_in_an_older_positions_table() {
+    let (db, mut server, sql) = setup("catchup_restart_ref", &[]).await;
+    // The table as a walcast before the ref was kept created it.
+    sql.batch_execute(
+        "CREATE TABLE walcast.catchup_positions (
+             key text PRIMARY KEY, complete boolean NOT NULL, expires_at timestamptz NOT NULL)",
+    )
+    .await
+    .expect("an older positions table");
+    // Two sessions of alice: one reconnects (refs go on), one is a reloaded page (refs from 1).
+    let tok = |s: &str| {
+        sign(json!({"role": "authenticated", "sub": "alice", "session_id": s, "exp": now() + 3600}))
+    };
+    let mut olds = Vec::new();
+    for s in ["s1", "s2"] {
+        let mut c = server.connect(Vsn::V2, &tok(s)).await;
+        subscribe(&mut c).await;
+        olds.push(c);
+    }
+    insert(&sql, 1, 1).await;
+    for c in &mut olds {
+        assert_eq!(next_k(c).await, 1);
+        c.barrier().await;
+    }
+    let refs = olds[0].next_ref();
+    server.terminate();
+    for c in &mut olds {
+        assert_eq!(c.closed().await.map(|(code, _)| code), Some(1012));
+    }
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(15))
+        .await
+        .success());
+    insert(&sql, 1, 2).await;
+    let lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let server = Server::start_with_db(&db, &[]).await;
+    protocol_tests::pg::wait_slot_confirmed(&sql, &format!("s_{}", db.name), &lsn).await;
+    let mut c = server.connect(Vsn::V2, &tok("s1")).await;
+    c.set_next_ref(refs);
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    assert_eq!(next_k(&mut c).await, 2);
+    let mut page = server.connect(Vsn::V2, &tok("s2")).await;
+    let sys = subscribe(&mut page).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+    // Like any new subscriber after a restart whose backlog went out before it joined.
+    let gap = page
+        .recv_until("the restart gap notice", |f| f.event() == "system")
+        .await;
+    assert_eq!(gap.payload()["gap"]["reason"], "restart", "{gap:?}");
+    insert(&sql, 1, 3).await;
+    assert_eq!(
+        next_k(&mut page).await,
+        3,
+        "2 is not replayed to the new page"
+    );
+    assert_eq!(next_k(&mut c).await, 3);
+    page.assert_no_more("postgres_changes", "the new page")
+        .await;
+}
