@@ -3,6 +3,7 @@
 // rejoin receive every one of them, in commit order; a user who lost access to some rows
 // meanwhile does not receive those. A change in flight when the socket died may arrive twice
 // (bounded, documented): the app de-duplicates on the row's key, as these tests do.
+// A reloaded page (a new client: its message refs start again) is told "fresh" and gets no replay.
 import assert from 'node:assert/strict'
 import { randomUUID } from 'node:crypto'
 import { createClient } from '@supabase/supabase-js'
@@ -189,5 +190,43 @@ conformance(
     assert.deepEqual(distinct(seen.rows).ns, [1, 2, 3, 4, 5], 'every row once, in commit order')
     assert.equal(distinct(seen.rows).twice, 0, 'nothing twice across a graceful restart')
     assert.ok(!seen.systems.some((p) => p.gap), 'no gap notice')
+  },
+)
+
+conformance(
+  t,
+  { features: ['catchup', 'rls'], needs: ['db', 'sign', 'walcast'], title: 'a reloaded page (a new supabase-js client, same token, same channel) is told catchup "fresh" and gets no replay of what the old page had' },
+  async (vsn) => {
+    const user = randomUUID()
+    const room = (nextRoom += 2)
+    await db.query('INSERT INTO ci_members VALUES ($1, $2), ($3, $2)', [room, user, room + 1])
+    const key = t.sign({ role: 'authenticated', sub: user, exp: Math.floor(Date.now() / 1000) + 3600 })
+    const topic = `ci-${randomUUID()}`
+    // The old page: it never reconnects by itself within the test.
+    const old = reconnectingClient(key, vsn, 600000)
+    const oldCh = old.channel(topic)
+    const oldSeen = watch(oldCh, room)
+    await subscribedToPostgres(oldCh)
+    await insert(room, 1)
+    await oldSeen.until('row 1 on the old page', () => oldSeen.rows.length >= 1)
+    // The reload: the old socket dies without a leave, a row is committed, a new client joins.
+    socketOf(old).terminate()
+    await insert(room, 2)
+    const page = reconnectingClient(key, vsn, 1500)
+    const ch = page.channel(topic)
+    const seen = watch(ch, room)
+    await subscribedToPostgres(ch)
+    await seen.until('Subscribed to PostgreSQL', () =>
+      seen.systems.some((p) => p.message === 'Subscribed to PostgreSQL'),
+    )
+    const sub = seen.systems.find((p) => p.message === 'Subscribed to PostgreSQL')
+    assert.equal(sub.catchup?.status, 'fresh', JSON.stringify(sub))
+    await insert(room, 3)
+    await seen.until('row 3, live', () => seen.rows.some((r) => r.n === 3))
+    assert.deepEqual(
+      seen.rows.map((r) => r.n),
+      [3],
+      'the new page loads its data itself: rows 1 and 2 are not replayed to it',
+    )
   },
 )

@@ -349,6 +349,17 @@ impl Client {
         }
     }
 
+    /// The ref the next message will carry.
+    pub fn next_ref(&self) -> u64 {
+        self.next_ref
+    }
+
+    /// Numbers the next messages from `n`: supabase-js keeps counting its message refs across
+    /// its own reconnects (a rejoin continues the old socket's refs); a new page starts at 1.
+    pub fn set_next_ref(&mut self, n: u64) {
+        self.next_ref = n;
+    }
+
     pub fn make_ref(&mut self) -> String {
         let r = self.next_ref.to_string();
         self.next_ref += 1;

@@ -87,8 +87,7 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
     let mut rng = Rng(seed);
 
     let db = pg::TestDb::create("authz").await;
-    // Rounds reconnect as new clients with the same tokens: no catch-up between them.
-    let server = Server::start_with_db(&db, &[("CATCHUP_WINDOW_MS", "0")]).await;
+    let server = Server::start_with_db(&db, &[]).await;
     let mut sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE members (room int, user_id uuid);

@@ -92,11 +92,14 @@ async fn setup(name: &str, env: &[(&str, &str)]) -> (TestDb, Server, Sql) {
 async fn a_rejoin_gets_what_it_missed_once_in_order_then_live() {
     let (_db, server, sql) = setup("catchup", &[]).await;
     let c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     drop(c); // the socket dies: no leave, no close frame
     for k in 2..=5 {
         insert(&sql, 1, k).await;
     }
+    // supabase-js's own reconnect: its message refs go on.
     let mut c = server.connect(Vsn::V1, &alice()).await;
+    c.set_next_ref(refs);
     let sys = subscribe(&mut c).await;
     assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
     for k in 2..=5 {
@@ -117,6 +120,7 @@ async fn a_rejoin_gets_what_it_missed_once_in_order_then_live() {
 async fn a_change_committed_during_the_replay_arrives_once_after_it() {
     let (db, server, sql) = setup("catchup_race", &[]).await;
     let c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     drop(c);
     insert(&sql, 1, 2).await;
     insert(&sql, 1, 3).await;
@@ -127,6 +131,7 @@ async fn a_change_committed_during_the_replay_arrives_once_after_it() {
         .await
         .expect("lock gate");
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     subscribe(&mut c).await;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -163,6 +168,7 @@ async fn a_change_committed_during_the_replay_arrives_once_after_it() {
 async fn a_rejoin_gets_only_what_its_new_token_may_read() {
     let (_db, server, sql) = setup("catchup_revoked", &[]).await;
     let c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     drop(c);
     insert(&sql, 2, 20).await;
     insert(&sql, 1, 2).await;
@@ -172,6 +178,7 @@ async fn a_rejoin_gets_only_what_its_new_token_may_read() {
         .await
         .expect("revoke");
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     subscribe(&mut c).await;
     assert_eq!(next_k(&mut c).await, 2);
     insert(&sql, 1, 3).await;
@@ -218,11 +225,13 @@ async fn a_gap_older_than_the_history_is_told() {
     // Room for about four changes.
     let (_db, server, sql) = setup("catchup_gap", &[("CATCHUP_HISTORY_BYTES", "1000")]).await;
     let c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     drop(c);
     for k in 2..=12 {
         insert(&sql, 1, k).await;
     }
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     subscribe(&mut c).await;
     let gap = c
         .recv_until("the gap notice", |f| f.event() == "system")
@@ -247,6 +256,7 @@ async fn a_gap_older_than_the_history_is_told() {
 async fn catch_up_off_replays_nothing() {
     let (_db, server, sql) = setup("catchup_off", &[("CATCHUP_WINDOW_MS", "0")]).await;
     let c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     let bob = sign(json!({"role": "authenticated", "sub": "bob", "exp": now() + 3600}));
     sql.execute("INSERT INTO members VALUES (1, 'bob')", &[])
         .await
@@ -257,6 +267,7 @@ async fn catch_up_off_replays_nothing() {
     insert(&sql, 1, 2).await;
     assert_eq!(next_k(&mut observer).await, 2);
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     let sys = subscribe(&mut c).await;
     assert!(sys.get("catchup").is_none(), "{sys}");
     insert(&sql, 1, 3).await;
@@ -270,9 +281,11 @@ async fn a_rejoin_before_the_old_socket_is_noticed_resumes_from_it() {
     // message there is sent again on the new one.
     let (_db, server, sql) = setup("catchup_blip", &[]).await;
     let old = alice_sees_one(&server, &sql).await;
+    let refs = old.next_ref();
     insert(&sql, 1, 2).await;
     insert(&sql, 1, 3).await;
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     let sys = subscribe(&mut c).await;
     assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
     assert_eq!(next_k(&mut c).await, 2);
@@ -288,6 +301,7 @@ async fn a_rejoin_before_the_old_socket_is_noticed_resumes_from_it() {
 async fn a_graceful_restart_keeps_positions_and_the_rejoin_gets_what_was_committed_meanwhile() {
     let (db, mut server, sql) = setup("catchup_restart", &[]).await;
     let mut c = alice_sees_one(&server, &sql).await;
+    let refs = c.next_ref();
     server.terminate(); // SIGTERM: sockets closed with 1012, positions saved
     assert_eq!(c.closed().await.map(|(code, _)| code), Some(1012));
     assert!(server
@@ -306,6 +320,7 @@ async fn a_graceful_restart_keeps_positions_and_the_rejoin_gets_what_was_committ
     let server = Server::start_with_db(&db, &[]).await;
     protocol_tests::pg::wait_slot_confirmed(&sql, &format!("s_{}", db.name), &lsn).await;
     let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
     let sys = subscribe(&mut c).await;
     assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
     assert_eq!(next_k(&mut c).await, 2);
@@ -341,6 +356,7 @@ async fn rejoins_waiting_together_are_served_together_each_exactly() {
         assert_eq!(next_k(c).await, 1);
         c.barrier().await;
     }
+    let refs: Vec<u64> = olds.iter().map(|c| c.next_ref()).collect();
     drop(olds);
     insert(&sql, 1, 2).await;
     insert(&sql, 1, 3).await;
@@ -350,8 +366,9 @@ async fn rejoins_waiting_together_are_served_together_each_exactly() {
         .await
         .expect("lock gate");
     let mut news = Vec::new();
-    for u in users {
+    for (u, refs) in users.into_iter().zip(refs) {
         let mut c = server.connect(Vsn::V2, &tok(u)).await;
+        c.set_next_ref(refs);
         let sys = subscribe(&mut c).await;
         assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
         news.push(c);
@@ -369,4 +386,120 @@ async fn rejoins_waiting_together_are_served_together_each_exactly() {
         c.assert_no_more("postgres_changes", "a rejoined client")
             .await;
     }
+}
+
+#[tokio::test]
+async fn a_new_page_with_the_same_token_starts_fresh() {
+    // A reload: the same user, topic and bindings, but a new client whose refs start again at 1.
+    // It loads the current data itself; replaying what the old page had may duplicate it.
+    let (_db, server, sql) = setup("catchup_fresh", &[]).await;
+    let c = alice_sees_one(&server, &sql).await;
+    drop(c);
+    insert(&sql, 1, 2).await;
+    let mut c = server.connect(Vsn::V2, &alice()).await;
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+    assert!(
+        sys["catchup"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("new client")),
+        "{sys}"
+    );
+    insert(&sql, 1, 3).await;
+    assert_eq!(next_k(&mut c).await, 3, "live only: 2 is not replayed");
+    c.assert_no_more("postgres_changes", "the new page").await;
+    // The old position is forgotten: a reconnect of this new page resumes from its own.
+    let refs = c.next_ref();
+    drop(c);
+    insert(&sql, 1, 4).await;
+    let mut c = server.connect(Vsn::V2, &alice()).await;
+    c.set_next_ref(refs);
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    assert_eq!(next_k(&mut c).await, 4);
+    c.assert_no_more("postgres_changes", "the reconnected page")
+        .await;
+}
+
+#[tokio::test]
+async fn a_new_tab_while_the_old_one_is_open_starts_fresh() {
+    // The old socket is still live (another tab, or a page whose socket walcast has not yet
+    // noticed is gone): a new client's refs do not continue it, so nothing is replayed.
+    let (_db, server, sql) = setup("catchup_fresh_live", &[]).await;
+    let mut old = alice_sees_one(&server, &sql).await;
+    insert(&sql, 1, 2).await;
+    assert_eq!(next_k(&mut old).await, 2);
+    let mut c = server.connect(Vsn::V1, &alice()).await;
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+    insert(&sql, 1, 3).await;
+    assert_eq!(next_k(&mut c).await, 3, "live only");
+    assert_eq!(next_k(&mut old).await, 3);
+    c.assert_no_more("postgres_changes", "the new tab").await;
+}
+
+#[tokio::test]
+async fn a_graceful_restart_keeps_the_old_sockets_ref_even_in_an_older_positions_table() {
+    let (db, mut server, sql) = setup("catchup_restart_ref", &[]).await;
+    // The table as a walcast before the ref was kept created it.
+    sql.batch_execute(
+        "CREATE TABLE walcast.catchup_positions (
+             key text PRIMARY KEY, complete boolean NOT NULL, expires_at timestamptz NOT NULL)",
+    )
+    .await
+    .expect("an older positions table");
+    // Two sessions of alice: one reconnects (refs go on), one is a reloaded page (refs from 1).
+    let tok = |s: &str| {
+        sign(json!({"role": "authenticated", "sub": "alice", "session_id": s, "exp": now() + 3600}))
+    };
+    let mut olds = Vec::new();
+    for s in ["s1", "s2"] {
+        let mut c = server.connect(Vsn::V2, &tok(s)).await;
+        subscribe(&mut c).await;
+        olds.push(c);
+    }
+    insert(&sql, 1, 1).await;
+    for c in &mut olds {
+        assert_eq!(next_k(c).await, 1);
+        c.barrier().await;
+    }
+    let refs = olds[0].next_ref();
+    server.terminate();
+    for c in &mut olds {
+        assert_eq!(c.closed().await.map(|(code, _)| code), Some(1012));
+    }
+    assert!(server
+        .wait_exit(std::time::Duration::from_secs(15))
+        .await
+        .success());
+    insert(&sql, 1, 2).await;
+    let lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    let server = Server::start_with_db(&db, &[]).await;
+    protocol_tests::pg::wait_slot_confirmed(&sql, &format!("s_{}", db.name), &lsn).await;
+    let mut c = server.connect(Vsn::V2, &tok("s1")).await;
+    c.set_next_ref(refs);
+    let sys = subscribe(&mut c).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    assert_eq!(next_k(&mut c).await, 2);
+    let mut page = server.connect(Vsn::V2, &tok("s2")).await;
+    let sys = subscribe(&mut page).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+    // Like any new subscriber after a restart whose backlog went out before it joined.
+    let gap = page
+        .recv_until("the restart gap notice", |f| f.event() == "system")
+        .await;
+    assert_eq!(gap.payload()["gap"]["reason"], "restart", "{gap:?}");
+    insert(&sql, 1, 3).await;
+    assert_eq!(
+        next_k(&mut page).await,
+        3,
+        "2 is not replayed to the new page"
+    );
+    assert_eq!(next_k(&mut c).await, 3);
+    page.assert_no_more("postgres_changes", "the new page")
+        .await;
 }

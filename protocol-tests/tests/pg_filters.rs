@@ -6,8 +6,7 @@ use serde_json::{json, Value};
 
 async fn setup() -> (TestDb, Server, tokio_postgres::Client) {
     let db = TestDb::create("filters").await;
-    // Each vsn's client is a new client with the same token: no catch-up of the other's changes.
-    let server = Server::start_with_db(&db, &[("CATCHUP_WINDOW_MS", "0")]).await;
+    let server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

@@ -35,8 +35,7 @@ async fn change(c: &mut Client) -> Value {
 #[tokio::test]
 async fn every_common_type_renders_like_to_jsonb() {
     let db = TestDb::create("types").await;
-    // Each vsn's client is a new client with the same token: no catch-up of the other's changes.
-    let server = Server::start_with_db(&db, &[("CATCHUP_WINDOW_MS", "0")]).await;
+    let server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TYPE color AS ENUM ('red', 'green');
@@ -140,11 +139,7 @@ async fn every_common_type_renders_like_to_jsonb() {
 #[tokio::test]
 async fn toast_replica_identity_oversized_and_no_primary_key() {
     let db = TestDb::create("toast").await;
-    let server = Server::start_with_db(
-        &db,
-        &[("MAX_RECORD_BYTES", "50000"), ("CATCHUP_WINDOW_MS", "0")],
-    )
-    .await;
+    let server = Server::start_with_db(&db, &[("MAX_RECORD_BYTES", "50000")]).await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE docs (id int PRIMARY KEY, title text, body text);
@@ -211,8 +206,7 @@ async fn toast_replica_identity_oversized_and_no_primary_key() {
 #[tokio::test]
 async fn column_privileges_select_ids_and_wildcards() {
     let db = TestDb::create("privs").await;
-    // Each vsn's client is a new client with the same token: no catch-up of the other's changes.
-    let server = Server::start_with_db(&db, &[("CATCHUP_WINDOW_MS", "0")]).await;
+    let server = Server::start_with_db(&db, &[]).await;
     let sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE profiles (id int PRIMARY KEY, name text, email text, salary int);

@@ -13,8 +13,10 @@ use super::PgChanges;
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS walcast.catchup_positions (
     key text PRIMARY KEY,
     complete boolean NOT NULL,
-    expires_at timestamptz NOT NULL
-)";
+    expires_at timestamptz NOT NULL,
+    last_ref int8
+);
+ALTER TABLE walcast.catchup_positions ADD COLUMN IF NOT EXISTS last_ref int8";
 
 impl PgChanges {
     /// Saves the remembered positions (graceful shutdown). Failures are logged: a restart then
@@ -28,7 +30,9 @@ impl PgChanges {
         let mut keys = Vec::new();
         let mut complete = Vec::new();
         let mut left_ms = Vec::new();
-        for (key, pos, age, lost) in self.history.remembered() {
+        let mut last_refs: Vec<Option<i64>> = Vec::new();
+        for (key, pos, age, lost, last_ref) in self.history.remembered() {
+            last_refs.push(last_ref.and_then(|r| i64::try_from(r).ok()));
             keys.push(key.to_string());
             complete.push(!lost && pos >= delivered);
             left_ms.push(window.saturating_sub(age).as_millis() as i64);
@@ -41,12 +45,14 @@ impl PgChanges {
             client.batch_execute(CREATE).await?;
             client
                 .execute(
-                    "INSERT INTO walcast.catchup_positions (key, complete, expires_at)
-                     SELECT k, c, now() + make_interval(secs => ms / 1000.0)
-                     FROM unnest($1::text[], $2::bool[], $3::int8[]) AS u(k, c, ms)
+                    "INSERT INTO walcast.catchup_positions (key, complete, expires_at, last_ref)
+                     SELECT k, c, now() + make_interval(secs => ms / 1000.0), r
+                     FROM unnest($1::text[], $2::bool[], $3::int8[], $4::int8[]) AS u(k, c, ms, r)
                      ON CONFLICT (key) DO UPDATE SET complete = EXCLUDED.complete AND walcast.catchup_positions.complete,
-                         expires_at = greatest(EXCLUDED.expires_at, walcast.catchup_positions.expires_at)",
-                    &[&keys, &complete, &left_ms],
+                         expires_at = greatest(EXCLUDED.expires_at, walcast.catchup_positions.expires_at),
+                         last_ref = CASE WHEN EXCLUDED.last_ref IS NULL OR walcast.catchup_positions.last_ref IS NULL THEN NULL
+                             ELSE least(EXCLUDED.last_ref, walcast.catchup_positions.last_ref) END",
+                    &[&keys, &complete, &left_ms, &last_refs],
                 )
                 .await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
@@ -80,21 +86,26 @@ impl PgChanges {
             if !exists {
                 return Ok(0);
             }
+            // A table saved by an older walcast has no last_ref column yet.
+            client.batch_execute(CREATE).await?;
             let rows = client
                 .query(
                     "DELETE FROM walcast.catchup_positions RETURNING key, complete,
-                         (extract(epoch FROM expires_at - now()) * 1000)::int8",
+                         (extract(epoch FROM expires_at - now()) * 1000)::int8, last_ref",
                     &[],
                 )
                 .await?;
             let mut n = 0;
             for r in rows {
                 let (key, complete, left_ms): (String, bool, i64) = (r.get(0), r.get(1), r.get(2));
+                let last_ref: Option<i64> = r.get(3);
+                let last_ref = last_ref.and_then(|r| u64::try_from(r).ok());
                 if left_ms > 0 {
                     self.history.restore(
                         key.into(),
                         complete,
                         Duration::from_millis(left_ms as u64),
+                        last_ref,
                     );
                     n += 1;
                 }

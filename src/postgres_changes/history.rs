@@ -58,6 +58,8 @@ struct Remembered {
     pos: u64,
     at: Instant,
     gap: bool,
+    /// The highest numeric message ref the old socket sent (`None`: none was numeric).
+    last_ref: Option<u64>,
 }
 
 /// Where a rejoin resumes from.
@@ -68,8 +70,33 @@ pub struct Resume {
     pub gap: bool,
 }
 
-/// Channels live under each key, with their socket's position.
-type Live = HashMap<Key, Vec<(ChannelId, Arc<AtomicU64>)>>;
+/// What a join under a key is: a new subscriber, a rejoin that resumes, or a fresh client (a
+/// new page or tab of the same user) whose position is forgotten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejoin {
+    New,
+    Resume(Resume),
+    Fresh,
+}
+
+/// Whether a join with message ref `join_ref` continues a socket whose highest message ref was
+/// `old` (both numeric: `0` stands for none). supabase-js keeps numbering its messages across
+/// its own reconnects; a new page starts again from 1. Non-numeric refs resume.
+pub fn continues(old: u64, join_ref: Option<u64>) -> bool {
+    match join_ref {
+        Some(j) if old > 0 => j > old,
+        _ => true,
+    }
+}
+
+/// A message ref as a number, if it is one (`"12"`).
+pub fn numeric_ref(r: &serde_json::Value) -> Option<u64> {
+    r.as_str().and_then(|s| s.parse::<u64>().ok())
+}
+
+/// Channels live under each key, with their socket's position and highest numeric message ref
+/// (0: none).
+type Live = HashMap<Key, Vec<(ChannelId, Arc<AtomicU64>, Arc<AtomicU64>)>>;
 
 /// The history and the remembered positions.
 pub struct History {
@@ -153,21 +180,42 @@ impl History {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A channel joined under `key`: where it resumes from (a remembered position, else the
-    /// earliest position of a live channel with the same key), and it is now live under it.
-    pub fn join(&self, key: &Key, channel: ChannelId, position: Arc<AtomicU64>) -> Option<Resume> {
+    /// A channel joined under `key` with message ref `join_ref`: where it resumes from (a
+    /// remembered position, else the earliest position of a live channel with the same key),
+    /// or that it is a fresh client (its ref does not continue the old socket's, see
+    /// [`continues`]); it is now live under the key, with its socket's position and last ref.
+    pub fn join(
+        &self,
+        key: &Key,
+        channel: ChannelId,
+        position: Arc<AtomicU64>,
+        last_ref: Arc<AtomicU64>,
+        join_ref: Option<u64>,
+    ) -> Rejoin {
         if !self.enabled() {
-            return None;
+            return Rejoin::New;
         }
-        let remembered = self.take(key);
+        let remembered = self.take_remembered(key);
         let mut live = self.lock_live();
         let others = live.entry(key.clone()).or_default();
-        let from = remembered.or_else(|| {
-            let from = others.iter().map(|(_, p)| p.load(Ordering::SeqCst)).min()?;
-            Some(Resume { from, gap: false })
-        });
-        others.push((channel, position));
-        from
+        let outcome = match remembered {
+            Some(e) if continues(e.last_ref.unwrap_or(0), join_ref) => Rejoin::Resume(Resume {
+                from: e.pos,
+                gap: e.gap,
+            }),
+            Some(_) => Rejoin::Fresh,
+            None if others.is_empty() => Rejoin::New,
+            None => others
+                .iter()
+                .filter(|(_, _, r)| continues(r.load(Ordering::SeqCst), join_ref))
+                .map(|(_, p, _)| p.load(Ordering::SeqCst))
+                .min()
+                .map_or(Rejoin::Fresh, |from| {
+                    Rejoin::Resume(Resume { from, gap: false })
+                }),
+        };
+        others.push((channel, position, last_ref));
+        outcome
     }
 
     /// A channel is gone; true when no other channel is live under its key.
@@ -176,7 +224,7 @@ impl History {
         let Some(list) = live.get_mut(key) else {
             return true;
         };
-        list.retain(|(c, _)| *c != channel);
+        list.retain(|(c, _, _)| *c != channel);
         let last = list.is_empty();
         if last {
             live.remove(key);
@@ -267,20 +315,22 @@ impl History {
     }
 
     /// Remembers where a subscriber stood when its socket went away without a leave.
-    pub fn remember(&self, key: Key, position: u64) {
-        self.insert(key, position, Instant::now(), false);
+    /// `last_ref`: the highest numeric message ref its socket sent (0: none).
+    pub fn remember(&self, key: Key, position: u64, last_ref: u64) {
+        let last_ref = (last_ref > 0).then_some(last_ref);
+        self.insert(key, position, Instant::now(), false, last_ref);
     }
 
     /// A position saved by the last graceful shutdown: everything this process streams is new
     /// to it; `complete` false when it had also missed changes before the shutdown.
-    pub fn restore(&self, key: Key, complete: bool, left: Duration) {
+    pub fn restore(&self, key: Key, complete: bool, left: Duration, last_ref: Option<u64>) {
         let at = Instant::now()
             .checked_sub(self.cfg.window.saturating_sub(left))
             .unwrap_or_else(Instant::now);
-        self.insert(key, 0, at, !complete);
+        self.insert(key, 0, at, !complete, last_ref);
     }
 
-    fn insert(&self, key: Key, pos: u64, at: Instant, gap: bool) {
+    fn insert(&self, key: Key, pos: u64, at: Instant, gap: bool, last_ref: Option<u64>) {
         if !self.enabled() {
             return;
         }
@@ -303,19 +353,31 @@ impl History {
                 r.remove(&oldest);
             }
         }
-        // Two sockets of one user on the same topic: the earlier position covers both.
+        // Two sockets of one user on the same topic: the earlier position covers both, and
+        // a rejoin continuing either of them resumes (the lower ref).
+        let lower_ref = |e: &Remembered| match (e.last_ref, last_ref) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
         let entry = match r.get(&key) {
             Some(e) if e.pos <= pos => Remembered {
                 at,
                 gap: e.gap || gap,
+                last_ref: lower_ref(e),
                 ..*e
             },
             Some(e) => Remembered {
                 pos,
                 at,
                 gap: e.gap || gap,
+                last_ref: lower_ref(e),
             },
-            None => Remembered { pos, at, gap },
+            None => Remembered {
+                pos,
+                at,
+                gap,
+                last_ref,
+            },
         };
         r.insert(key, entry);
         metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
@@ -323,18 +385,20 @@ impl History {
 
     /// The remembered position for `key` if it is within the window (and forgets it).
     pub fn take(&self, key: &Key) -> Option<Resume> {
+        self.take_remembered(key).map(|e| Resume {
+            from: e.pos,
+            gap: e.gap,
+        })
+    }
+
+    fn take_remembered(&self, key: &Key) -> Option<Remembered> {
         if !self.enabled() {
             return None;
         }
         let mut r = self.lock_remembered();
         let found = r.remove(key);
         metrics::gauge!(telemetry::CATCHUP_REMEMBERED).set(r.len() as f64);
-        found
-            .filter(|e| e.at.elapsed() <= self.cfg.window)
-            .map(|e| Resume {
-                from: e.pos,
-                gap: e.gap,
-            })
+        found.filter(|e| e.at.elapsed() <= self.cfg.window)
     }
 
     /// Whether everything after `position` is still in the history.
@@ -343,12 +407,12 @@ impl History {
     }
 
     /// Every remembered position still within the window: (key, position, age, changes
-    /// before it already lost).
-    pub fn remembered(&self) -> Vec<(Key, u64, Duration, bool)> {
+    /// before it already lost, the old socket's highest numeric message ref).
+    pub fn remembered(&self) -> Vec<(Key, u64, Duration, bool, Option<u64>)> {
         let r = self.lock_remembered();
         r.iter()
             .filter(|(_, e)| e.at.elapsed() <= self.cfg.window)
-            .map(|(k, e)| (k.clone(), e.pos, e.at.elapsed(), e.gap))
+            .map(|(k, e)| (k.clone(), e.pos, e.at.elapsed(), e.gap, e.last_ref))
             .collect()
     }
 
@@ -536,8 +600,8 @@ mod tests {
             ..CatchupConfig::default()
         });
         let k: Key = Arc::from("k");
-        h.remember(k.clone(), 7);
-        h.remember(k.clone(), 9);
+        h.remember(k.clone(), 7, 0);
+        h.remember(k.clone(), 9, 0);
         assert_eq!(
             h.take(&k),
             Some(Resume {
@@ -547,7 +611,7 @@ mod tests {
             "the earlier position covers both"
         );
         assert_eq!(h.take(&k), None);
-        h.remember(k.clone(), 3);
+        h.remember(k.clone(), 3, 0);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(h.take(&k), None, "past the window");
     }
@@ -559,8 +623,59 @@ mod tests {
             ..CatchupConfig::default()
         });
         for i in 0..5u64 {
-            h.remember(Arc::from(format!("k{i}")), i);
+            h.remember(Arc::from(format!("k{i}")), i, 0);
         }
         assert_eq!(h.remembered().len(), 2);
+    }
+
+    #[test]
+    fn a_rejoin_resumes_only_when_its_ref_continues_the_old_sockets() {
+        let h = History::new(CatchupConfig::default());
+        let c: Vec<ChannelId> = (0..9).map(|_| ChannelId::next()).collect();
+        let k: Key = Arc::from("k");
+        let pos = || Arc::new(AtomicU64::new(0));
+        let refs = |r: u64| Arc::new(AtomicU64::new(r));
+        // A new page (refs from 1 again): fresh, and the position is forgotten.
+        h.remember(k.clone(), 7, 40);
+        assert_eq!(h.join(&k, c[1], pos(), refs(1), Some(1)), Rejoin::Fresh);
+        h.leave(&k, c[1]);
+        assert_eq!(h.take(&k), None);
+        // supabase-js's own reconnect (refs go on): resumes.
+        h.remember(k.clone(), 7, 40);
+        assert_eq!(
+            h.join(&k, c[2], pos(), refs(41), Some(41)),
+            Rejoin::Resume(Resume {
+                from: 7,
+                gap: false
+            })
+        );
+        h.leave(&k, c[2]);
+        // Non-numeric refs (either side) resume as before.
+        h.remember(k.clone(), 7, 40);
+        assert!(matches!(
+            h.join(&k, c[3], pos(), refs(0), None),
+            Rejoin::Resume(_)
+        ));
+        h.leave(&k, c[3]);
+        h.remember(k.clone(), 7, 0);
+        assert!(matches!(
+            h.join(&k, c[4], pos(), refs(1), Some(1)),
+            Rejoin::Resume(_)
+        ));
+        // The old socket not yet noticed as gone: its live ref counts.
+        let old_ref = refs(40);
+        h.leave(&k, c[4]);
+        assert_eq!(
+            h.join(&k, c[6], Arc::new(AtomicU64::new(3)), old_ref, Some(40)),
+            Rejoin::New
+        );
+        assert_eq!(
+            h.join(&k, c[7], pos(), refs(41), Some(41)),
+            Rejoin::Resume(Resume {
+                from: 3,
+                gap: false
+            })
+        );
+        assert_eq!(h.join(&k, c[8], pos(), refs(1), Some(1)), Rejoin::Fresh);
     }
 }

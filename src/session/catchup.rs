@@ -1,7 +1,8 @@
 //! Catch-up on rejoin, the session's side (RELIABILITY.md, "Catch-up on rejoin"): a channel
 //! with postgres_changes whose socket goes away without a leave has its position remembered
 //! under its user, topic and bindings; the same user joining the same topic with the same
-//! bindings within `CATCHUP_WINDOW_MS` gets, once its subscriptions are checked, every change
+//! bindings within `CATCHUP_WINDOW_MS`, continuing the old socket's message refs (a new page
+//! starts again at 1 and is told `fresh`), gets, once its subscriptions are checked, every change
 //! it missed (filtered and authorized under the new token), then continues live. The history
 //! and the hand-over to live delivery are in [`crate::postgres_changes::history`].
 
@@ -13,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::channel::Channel;
 use super::{Session, SessionEvent};
 use crate::channels::ChannelId;
-use crate::postgres_changes::history::{identity_key, Outcome};
+use crate::postgres_changes::history::{identity_key, numeric_ref, Outcome, Rejoin};
 use crate::postgres_changes::registry::Sub;
 use crate::protocol::{clip, MAX_ECHO_BYTES};
 use crate::telemetry;
@@ -21,6 +22,10 @@ use crate::telemetry;
 /// Told (in the `catchup` field of "Subscribed to PostgreSQL") to a token without `sub`.
 pub(super) const ANONYMOUS: &str =
     "the token has no sub claim: a rejoin cannot be told apart from a new subscriber, so changes missed while away are not replayed";
+/// Told (in the `catchup` field of "Subscribed to PostgreSQL") to a join whose message ref does
+/// not continue the old socket's: a new page or tab, not supabase-js's own reconnect.
+pub(super) const FRESH_CLIENT: &str =
+    "a new client (its message refs start again): it loads the current data itself, so changes missed by an earlier page are not replayed";
 /// The gap notice of a rejoin whose missed changes are partly gone from the history.
 pub(super) const HISTORY_EXCEEDED: &str =
     "Some changes committed while this channel was away are no longer in the catch-up history and were not replayed; reload the data you display";
@@ -39,10 +44,23 @@ impl Session {
             pg.history.leave(key, channel.id);
         }
         channel.catchup_key = identity_key(&channel.claims.raw, &channel.key.topic, raw);
-        let resume = channel.catchup_key.as_ref().and_then(|k| {
-            pg.history
-                .join(k, channel.id, self.inbound_position.clone())
+        let rejoin = channel.catchup_key.as_ref().map_or(Rejoin::New, |k| {
+            pg.history.join(
+                k,
+                channel.id,
+                self.inbound_position.clone(),
+                self.last_ref.clone(),
+                numeric_ref(&channel.join_ref),
+            )
         });
+        let resume = match rejoin {
+            Rejoin::Resume(r) => Some(r),
+            Rejoin::New | Rejoin::Fresh => None,
+        };
+        channel.catchup_fresh = rejoin == Rejoin::Fresh;
+        if channel.catchup_fresh {
+            metrics::counter!(telemetry::CATCHUP_REJOINS, "result" => "fresh").increment(1);
+        }
         channel.catchup_from = resume.map(|r| r.from);
         channel.catchup_lost = resume.is_some_and(|r| r.gap);
     }
@@ -64,6 +82,9 @@ impl Session {
         }
         if channel.catchup_key.is_none() {
             return Some(json!({"status": "unavailable", "reason": ANONYMOUS}));
+        }
+        if channel.catchup_fresh {
+            return Some(json!({"status": "fresh", "reason": FRESH_CLIENT}));
         }
         channel.catchup_from.map(|_| json!({"status": "resumed"}))
     }
@@ -188,6 +209,7 @@ impl Session {
         };
         // A rejoin whose replay had not finished stands where it stood before.
         let pos = ch.catchup_from.map_or(at, |f| f.min(at));
-        pg.history.remember(Arc::clone(key), pos);
+        pg.history
+            .remember(Arc::clone(key), pos, self.last_ref.load(Ordering::SeqCst));
     }
 }

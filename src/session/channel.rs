@@ -68,6 +68,9 @@ pub(super) struct Channel {
     pub(super) catchup_lost: bool,
     /// The rejoin was told that part of what it missed is gone.
     pub(super) catchup_gap_told: bool,
+    /// A join under a remembered (or live) key whose message ref does not continue the old
+    /// socket's: a new page, not a reconnect; nothing is replayed.
+    pub(super) catchup_fresh: bool,
 }
 
 /// One kind of background check for a channel, run under its claims. At most one runs at a

@@ -357,6 +357,7 @@ impl Session {
             catchup_alive: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             catchup_lost: false,
             catchup_gap_told: false,
+            catchup_fresh: false,
         };
 
         let bindings: Vec<Value> = cfg

@@ -160,6 +160,9 @@ struct Session {
     /// The change-stream position delivered when the client's last message arrived (what a
     /// rejoin resumes from, see `catchup.rs`).
     inbound_position: Arc<std::sync::atomic::AtomicU64>,
+    /// The highest numeric message ref the client has sent (0: none): a rejoin whose ref does
+    /// not go beyond it is a new page, not this client reconnecting (see `catchup.rs`).
+    last_ref: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Serves one upgraded socket until it closes.
@@ -189,6 +192,7 @@ pub async fn run(socket: WebSocket, ctx: Arc<Context>, connect: Connect) {
         inbound_position: Arc::new(std::sync::atomic::AtomicU64::new(
             ctx.pg.as_ref().map_or(0, |pg| pg.history.delivered()),
         )),
+        last_ref: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         ctx,
     };
     let mut last_inbound = Instant::now();
@@ -382,6 +386,10 @@ impl Session {
     }
 
     fn dispatch(&mut self, m: Inbound) {
+        if let Some(r) = crate::postgres_changes::history::numeric_ref(&m.msg_ref) {
+            self.last_ref
+                .fetch_max(r, std::sync::atomic::Ordering::SeqCst);
+        }
         metrics::counter!(telemetry::MESSAGES_IN, "kind" => ClientEvent::metric_kind(&m.event))
             .increment(1);
         match ClientEvent::parse(&m) {
