@@ -16,7 +16,7 @@ const SCHEMA = () => `
 
 const t = useTarget({ db: true, file: import.meta.url })
 const S = t.schema
-const needs = ['db']
+const needs = ['db', 'walcast']
 let db
 let nextId = 1
 t.prepare(async () => {
