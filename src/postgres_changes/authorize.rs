@@ -25,6 +25,9 @@ const PRIVILEGE_TTL: Duration = Duration::from_secs(2);
 const CACHE_LIMIT: usize = 10_000;
 
 /// (role, table) → when it was looked up, and the columns the role may select.
+/// (role, table) → when it was looked up, and its SELECT policies as one condition.
+type PolicyCache = HashMap<(String, u32), (Instant, Option<Arc<str>>)>;
+
 type ColumnCache = HashMap<(String, u32), (Instant, Arc<HashSet<String>>)>;
 
 pub struct Authorizer {
@@ -32,6 +35,9 @@ pub struct Authorizer {
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
     plans: Mutex<HashMap<u32, PlanChoice>>,
+    /// (role, table) → when it was looked up, and the table's SELECT policies for that role as
+    /// one condition (`None`: no permissive policy, nothing is visible).
+    policies: Mutex<PolicyCache>,
 }
 /// Why a batch of row checks failed (then narrowed down, and what still fails is withheld and
 /// logged; clients never see these).
@@ -63,6 +69,15 @@ impl CheckError {
     }
 }
 
+/// One old-row question (DELETEs of `REPLICA IDENTITY FULL` tables): which of these rows,
+/// given by their key and their values (a JSON object of column texts), would this cohort's
+/// SELECT policies let it see?
+pub struct OldRowRequest {
+    pub table: Arc<TableInfo>,
+    pub cohort: Arc<Cohort>,
+    pub rows: Vec<(Vec<String>, String)>,
+}
+
 /// One row-visibility question: which of these primary keys may this cohort see in this table?
 pub struct RlsRequest {
     pub table: Arc<TableInfo>,
@@ -77,6 +92,7 @@ impl Authorizer {
             columns: Mutex::new(HashMap::new()),
             bypass: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -134,6 +150,205 @@ impl Authorizer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(_, t), _| *t != table);
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, t), _| *t != table);
+    }
+
+    /// The SELECT policies of `table` that apply to `role`, as one condition on the table's
+    /// row (permissive ones OR'd, restrictive ones AND'd, as PostgreSQL combines them); `None`
+    /// when no permissive one applies (nothing is visible). Cached like privileges.
+    async fn select_policies(&self, role: &str, table: u32) -> Result<Option<Arc<str>>, DbError> {
+        let key = (role.to_owned(), table);
+        if let Some((at, cond)) = self
+            .policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < PRIVILEGE_TTL {
+                return Ok(cond.clone());
+            }
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT p.polpermissive, pg_get_expr(p.polqual, p.polrelid)
+                   FROM pg_policy p
+                  WHERE p.polrelid = $1 AND p.polcmd IN ('r', '*')
+                    AND (0::oid = ANY (p.polroles)
+                         OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
+                                     WHERE pg_has_role($2::text::name, r, 'MEMBER')))
+                  ORDER BY p.polname",
+                &[&table, &role],
+            )
+            .await?;
+        let mut permissive = Vec::new();
+        let mut restrictive = Vec::new();
+        for r in rows {
+            let is_permissive: bool = r.try_get(0)?;
+            // A policy without a condition is taken as allowing nothing (in doubt, deny).
+            let qual: Option<String> = r.try_get(1)?;
+            let qual = format!("({})", qual.unwrap_or_else(|| "false".into()));
+            if is_permissive {
+                permissive.push(qual);
+            } else {
+                restrictive.push(qual);
+            }
+        }
+        let cond: Option<Arc<str>> = if permissive.is_empty() {
+            None
+        } else {
+            let mut c = format!("({})", permissive.join(" OR "));
+            for r in restrictive {
+                c.push_str(" AND ");
+                c.push_str(&r);
+            }
+            Some(Arc::from(c))
+        };
+        let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, (Instant::now(), cond.clone()));
+        Ok(cond)
+    }
+
+    /// Answers old-row requests: the keys of the rows each cohort's SELECT policies admit,
+    /// evaluated on the rows' values (`jsonb_populate_record` of the table's row type, named
+    /// as the table so that the policies' conditions read it) under the cohort's role and
+    /// claims, in one read-only transaction. A request that fails, or whose policies cannot
+    /// be read, sees nothing (and is logged as withheld).
+    pub async fn visible_old_rows(
+        &self,
+        requests: &[OldRowRequest],
+        xids: &[u32],
+    ) -> Vec<HashSet<Vec<String>>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let mut statements: Vec<Option<String>> = Vec::with_capacity(requests.len());
+        for r in requests {
+            match self.select_policies(&r.cohort.role, r.table.oid).await {
+                Ok(cond) => statements.push(cond.map(|c| old_rows_sql(r, &c))),
+                Err(e) => {
+                    withheld_old(r, &e.to_string());
+                    statements.push(None);
+                }
+            }
+        }
+        let asked: Vec<usize> = (0..requests.len())
+            .filter(|&i| statements[i].is_some())
+            .collect();
+        let mut out = vec![HashSet::new(); requests.len()];
+        if asked.is_empty() {
+            return out;
+        }
+        let run = |members: Vec<usize>| {
+            let statements = &statements;
+            async move {
+                let mut client = self.pool.get().await.map_err(CheckError::from)?;
+                let r = self
+                    .check_old_rows(&mut client, requests, statements, &members, xids)
+                    .await;
+                if r.is_err() {
+                    client.discard();
+                }
+                r
+            }
+        };
+        match run(asked.clone()).await {
+            Ok(answers) => {
+                for (i, keys) in answers {
+                    out[i] = keys;
+                }
+            }
+            Err(_) => {
+                // Narrow down: a failing request withholds only itself.
+                for i in asked {
+                    match run(vec![i]).await {
+                        Ok(answers) => {
+                            for (i, keys) in answers {
+                                out[i] = keys;
+                            }
+                        }
+                        Err(e) => withheld_old(&requests[i], &e.to_string()),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn check_old_rows(
+        &self,
+        client: &mut crate::db::PooledClient,
+        requests: &[OldRowRequest],
+        statements: &[Option<String>],
+        members: &[usize],
+        xids: &[u32],
+    ) -> Result<Vec<(usize, HashSet<Vec<String>>)>, CheckError> {
+        let mut setup = String::from("BEGIN READ ONLY; SET LOCAL statement_timeout = '10s';");
+        if !xids.is_empty() {
+            let xids: Vec<String> = xids.iter().map(u32::to_string).collect();
+            setup.push_str(&format!(
+                "SELECT walcast.wait_visible('{{{}}}'::text[]::xid[])",
+                xids.join(",")
+            ));
+        }
+        client.simple_query(&setup).await?;
+        let roles: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.role.as_str())
+            .collect();
+        let claims: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.claims.as_str())
+            .collect();
+        let subs: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.sub.as_str())
+            .collect();
+        let stmts: Vec<&str> = members
+            .iter()
+            .map(|&i| statements[i].as_deref().unwrap_or("SELECT NULL::text[]"))
+            .collect();
+        let rows = client
+            .query_typed(
+                "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+                &[
+                    (&roles, Type::TEXT_ARRAY),
+                    (&claims, Type::TEXT_ARRAY),
+                    (&subs, Type::TEXT_ARRAY),
+                    (&stmts, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => CheckError::Lookup {
+                    code: db.code().code().to_owned(),
+                    message: db.message().to_owned(),
+                },
+                None => CheckError::Sql(e),
+            })?;
+        let mut out = Vec::with_capacity(members.len());
+        for row in rows {
+            let cohort: i32 = row.try_get(0)?;
+            let visible: Option<Vec<String>> = row.try_get(1)?;
+            let i = usize::try_from(cohort - 1)
+                .ok()
+                .and_then(|i| members.get(i).copied())
+                .ok_or(CheckError::UnknownCohort(cohort))?;
+            let mut keys = HashSet::new();
+            for key in visible.unwrap_or_default() {
+                // Every key comes as a JSON array of its columns' texts.
+                keys.insert(serde_json::from_str::<Vec<String>>(&key)?);
+            }
+            out.push((i, keys));
+        }
+        client.batch_execute("ROLLBACK").await?;
+        Ok(out)
     }
 
     /// Whether `role` bypasses row level security (BYPASSRLS or superuser).
@@ -446,6 +661,42 @@ fn withheld(r: &RlsRequest, error: &CheckError) {
         error = %error,
         "RlsPolicyError: row check failed, change withheld"
     );
+}
+
+/// Says, in a metric and a log line, that an old-row check failed and its DELETEs are not sent.
+fn withheld_old(r: &OldRowRequest, error: &str) {
+    metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "policy_error").increment(1);
+    tracing::warn!(
+        table = %format!("{}.{}", r.table.schema, r.table.name),
+        role = %r.cohort.role,
+        rows = r.rows.len(),
+        error = %error,
+        "RlsPolicyError: old-row check of a DELETE failed, DELETE withheld"
+    );
+}
+
+/// The old-row lookup of one request: its rows' keys (each a JSON array of the key columns'
+/// texts) whose values pass `cond`, the cohort's SELECT policies, with the row named as the
+/// table is (the policies' conditions may say `messages.room`).
+fn old_rows_sql(r: &OldRowRequest, cond: &str) -> String {
+    let t = &r.table;
+    let values: Vec<String> = r
+        .rows
+        .iter()
+        .map(|(pk, json)| {
+            let key = serde_json::to_string(pk).unwrap_or_else(|_| "[]".into());
+            format!("({}, {}::jsonb)", quote_literal(&key), quote_literal(json))
+        })
+        .collect();
+    format!(
+        "SELECT array_agg(walcast_v.walcast_k) FROM (VALUES {}) AS walcast_v(walcast_k, walcast_j) \
+         CROSS JOIN LATERAL jsonb_populate_record(NULL::{}.{}, walcast_v.walcast_j) AS {} WHERE {}",
+        values.join(", "),
+        quote_ident(&t.schema),
+        quote_ident(&t.name),
+        quote_ident(&t.name),
+        cond
+    )
 }
 
 /// Records the batch's duration when the check ends, however it ends.

@@ -30,6 +30,7 @@ pub mod payload;
 mod plans;
 pub mod prepare;
 pub mod registry;
+pub mod visibility;
 
 use std::sync::Arc;
 
@@ -58,6 +59,10 @@ pub struct PgChanges {
     pub history: history::History,
     /// `DB_CHECKS_IN_FLIGHT`: batches whose row checks run at the same time.
     pub checks_in_flight: usize,
+    /// Who could see each row at its last change (for RLS DELETEs and leaves).
+    pub visibility: visibility::VisibilityMemory,
+    /// `DELETE_VISIBILITY`.
+    pub delete_visibility: crate::config::DeleteVisibility,
 }
 
 impl PgChanges {
@@ -78,7 +83,22 @@ impl PgChanges {
             max_record_bytes,
             history: history::History::new(crate::config::CatchupConfig::default()),
             checks_in_flight: checks_in_flight.max(1),
+            visibility: visibility::VisibilityMemory::new(
+                crate::config::DEFAULT_VISIBILITY_MEMORY_BYTES,
+            ),
+            delete_visibility: crate::config::DeleteVisibility::default(),
         }
+    }
+
+    /// With these `DELETE_VISIBILITY` and `VISIBILITY_MEMORY_BYTES` settings.
+    pub fn with_visibility(
+        mut self,
+        rule: crate::config::DeleteVisibility,
+        memory_bytes: usize,
+    ) -> Self {
+        self.visibility = visibility::VisibilityMemory::new(memory_bytes);
+        self.delete_visibility = rule;
+        self
     }
 
     /// With these catch-up settings.

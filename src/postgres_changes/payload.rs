@@ -52,6 +52,9 @@ pub struct Change {
     pub commit_ts: i64,
     /// The transaction that made the change.
     pub xid: u32,
+    /// A leave (a DELETE of the key only, sent for an UPDATE that took the row out of a
+    /// subscriber's view): its payload says `"left_view":true`.
+    pub left_view: bool,
 }
 
 impl Change {
@@ -78,6 +81,44 @@ impl Change {
                 self.current_cell(i)?.text().map(str::to_owned)
             })
             .collect()
+    }
+
+    /// Primary key values of the old row image (a DELETE's row, or an UPDATE's old key), when
+    /// it has every key column.
+    pub fn old_pk_values(&self) -> Option<Vec<String>> {
+        let old = self.old.as_ref()?;
+        self.table
+            .pk
+            .iter()
+            .map(|(name, _)| {
+                let i = self.table.column_index(name)?;
+                old.get(i)?.text().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// The old row as a JSON object of column texts (NULL as null), for evaluating policies on
+    /// it; `None` unless every column's value is in it (`REPLICA IDENTITY FULL`).
+    pub fn old_row_json(&self) -> Option<String> {
+        let old = self.old.as_ref()?;
+        if old.len() != self.table.columns.len() {
+            return None;
+        }
+        let mut out = String::from("{");
+        for (i, (c, cell)) in self.table.columns.iter().zip(old).enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, &c.name);
+            out.push(':');
+            match cell {
+                RowCell::Missing => return None,
+                RowCell::Null => out.push_str("null"),
+                RowCell::Text(_) => push_json_string(&mut out, cell.text()?),
+            }
+        }
+        out.push('}');
+        Some(out)
     }
 
     /// The value of column `i` as the row now is: the new image's value, or for a value the new
@@ -215,10 +256,14 @@ pub fn build_data(
     if too_big {
         out.push_str(",\"errors\":[");
         push_json_string(&mut out, ERROR_413);
-        out.push_str("]}");
+        out.push(']');
     } else {
-        out.push_str(",\"errors\":null}");
+        out.push_str(",\"errors\":null");
     }
+    if change.left_view {
+        out.push_str(",\"left_view\":true");
+    }
+    out.push('}');
     out
 }
 
