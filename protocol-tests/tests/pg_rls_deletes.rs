@@ -344,3 +344,49 @@ async fn leaves_on_a_binding_that_cannot_receive_them_is_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_old_row_decision_reads_arrays_json_and_qualified_columns_as_postgres_does() {
+    let (_db, server, mut db) = setup(&[]).await;
+    db.sql
+        .batch_execute(
+            "CREATE TABLE tagged (id int PRIMARY KEY, owner uuid, tags text[], meta jsonb, at timestamptz);
+             ALTER TABLE tagged REPLICA IDENTITY FULL;
+             ALTER TABLE tagged ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY mine ON tagged FOR SELECT TO authenticated
+                 USING (tagged.owner = auth.uid() AND 'x' = ANY (tags) AND (meta ->> 'hidden') IS NULL);
+             CREATE POLICY not_future ON tagged AS RESTRICTIVE FOR SELECT USING (at < now());
+             GRANT SELECT ON tagged TO authenticated;
+             ALTER PUBLICATION supabase_realtime ADD TABLE tagged;",
+        )
+        .await
+        .unwrap();
+    // (id, tags, meta, in the future): only row 1 passes every policy.
+    let rows = [
+        (1, "{x,y}", r#"{"a": [1, "two"]}"#, false),
+        (2, "{y}", "{}", false),
+        (3, "{x}", r#"{"hidden": true}"#, false),
+        (4, "{x}", "{}", true),
+    ];
+    for (id, tags, meta, future) in rows {
+        let at = if future { "2999-01-01" } else { "2000-01-01" };
+        db.exec(
+            "INSERT INTO tagged VALUES ($1, $2::text::uuid, $3::text::text[], $4::text::jsonb, $5::text::timestamptz)",
+            &[&id, &user(1), &tags, &meta, &at],
+        )
+        .await;
+    }
+    let mut one = subscriber(
+        &server,
+        Vsn::V2,
+        1,
+        json!([{"event":"DELETE","schema":"public","table":"tagged"}]),
+    )
+    .await;
+    db.exec("DELETE FROM tagged", &[]).await;
+    let m = db.mark().await;
+    let got = until_mark(&mut one, m).await;
+    // Without the old-row decision (DELETE_VISIBILITY=original), all four.
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["old_record"], json!({"id": 1}));
+}

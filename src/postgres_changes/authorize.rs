@@ -26,7 +26,16 @@ const CACHE_LIMIT: usize = 10_000;
 
 /// (role, table) → when it was looked up, and the columns the role may select.
 /// (role, table) → when it was looked up, and its SELECT policies as one condition.
-type PolicyCache = HashMap<(String, u32), (Instant, Option<Arc<str>>)>;
+type PolicyCache = HashMap<(String, u32), (Instant, Option<Arc<Policies>>)>;
+
+/// A table's SELECT policies for one role, and its columns, to evaluate them on old rows.
+#[derive(Debug)]
+pub struct Policies {
+    /// Permissive conditions OR'd, restrictive ones AND'd.
+    cond: String,
+    /// Every column of the table (name, `format_type`), in order.
+    columns: Vec<(String, String)>,
+}
 
 type ColumnCache = HashMap<(String, u32), (Instant, Arc<HashSet<String>>)>;
 
@@ -35,8 +44,8 @@ pub struct Authorizer {
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
     plans: Mutex<HashMap<u32, PlanChoice>>,
-    /// (role, table) → when it was looked up, and the table's SELECT policies for that role as
-    /// one condition (`None`: no permissive policy, nothing is visible).
+    /// (role, table) → when it was looked up, and the table's SELECT policies for that role
+    /// (`None`: no permissive policy, nothing is visible).
     policies: Mutex<PolicyCache>,
 }
 /// Why a batch of row checks failed (then narrowed down, and what still fails is withheld and
@@ -70,13 +79,16 @@ impl CheckError {
 }
 
 /// One old-row question (DELETEs of `REPLICA IDENTITY FULL` tables): which of these rows,
-/// given by their key and their values (a JSON object of column texts), would this cohort's
-/// SELECT policies let it see?
+/// given by their key and their values (column, text or NULL), would this cohort's SELECT
+/// policies let it see?
 pub struct OldRowRequest {
     pub table: Arc<TableInfo>,
     pub cohort: Arc<Cohort>,
-    pub rows: Vec<(Vec<String>, String)>,
+    pub rows: Vec<OldRow>,
 }
+
+/// A deleted row: its key, and its columns' values as text (NULL as `None`).
+pub type OldRow = (Vec<String>, Vec<(String, Option<String>)>);
 
 /// One row-visibility question: which of these primary keys may this cohort see in this table?
 pub struct RlsRequest {
@@ -156,10 +168,16 @@ impl Authorizer {
             .retain(|(_, t), _| *t != table);
     }
 
-    /// The SELECT policies of `table` that apply to `role`, as one condition on the table's
-    /// row (permissive ones OR'd, restrictive ones AND'd, as PostgreSQL combines them); `None`
-    /// when no permissive one applies (nothing is visible). Cached like privileges.
-    async fn select_policies(&self, role: &str, table: u32) -> Result<Option<Arc<str>>, DbError> {
+    /// The SELECT policies of `table` that apply to `role` (as PostgreSQL picks them: `TO` a
+    /// role whose privileges `role` has, or PUBLIC), as one condition on the table's row
+    /// (permissive ones OR'd, restrictive ones AND'd, as PostgreSQL combines them), with the
+    /// table's columns; `None` when no permissive one applies (nothing is visible). Cached
+    /// like privileges.
+    async fn select_policies(
+        &self,
+        role: &str,
+        table: u32,
+    ) -> Result<Option<Arc<Policies>>, DbError> {
         let key = (role.to_owned(), table);
         if let Some((at, cond)) = self
             .policies
@@ -179,7 +197,7 @@ impl Authorizer {
                   WHERE p.polrelid = $1 AND p.polcmd IN ('r', '*')
                     AND (0::oid = ANY (p.polroles)
                          OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
-                                     WHERE pg_has_role($2::text::name, r, 'MEMBER')))
+                                     WHERE pg_has_role($2::text::name, r, 'USAGE')))
                   ORDER BY p.polname",
                 &[&table, &role],
             )
@@ -197,7 +215,7 @@ impl Authorizer {
                 restrictive.push(qual);
             }
         }
-        let cond: Option<Arc<str>> = if permissive.is_empty() {
+        let cond: Option<Arc<Policies>> = if permissive.is_empty() {
             None
         } else {
             let mut c = format!("({})", permissive.join(" OR "));
@@ -205,7 +223,17 @@ impl Authorizer {
                 c.push_str(" AND ");
                 c.push_str(&r);
             }
-            Some(Arc::from(c))
+            let columns = client
+                .query(
+                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+                      WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &[&table],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()?;
+            Some(Arc::new(Policies { cond: c, columns }))
         };
         let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() > CACHE_LIMIT {
@@ -216,22 +244,31 @@ impl Authorizer {
     }
 
     /// Answers old-row requests: the keys of the rows each cohort's SELECT policies admit,
-    /// evaluated on the rows' values (`jsonb_populate_record` of the table's row type, named
-    /// as the table so that the policies' conditions read it) under the cohort's role and
-    /// claims, in one read-only transaction. A request that fails, or whose policies cannot
-    /// be read, sees nothing (and is logged as withheld).
+    /// evaluated on the rows' values (each cast from its text to its column's type, in a row
+    /// named as the table so that the policies' conditions read it) under the cohort's role
+    /// and claims, in one read-only transaction. A request that fails, or whose policies
+    /// cannot be read, sees nothing (and is logged as withheld); one whose rows lack a column
+    /// of the table (a generated column pgoutput does not send) is not answered (`None`).
     pub async fn visible_old_rows(
         &self,
         requests: &[OldRowRequest],
         xids: &[u32],
-    ) -> Vec<HashSet<Vec<String>>> {
+    ) -> Vec<Option<HashSet<Vec<String>>>> {
         if requests.is_empty() {
             return Vec::new();
         }
+        let mut out: Vec<Option<HashSet<Vec<String>>>> = vec![Some(HashSet::new()); requests.len()];
         let mut statements: Vec<Option<String>> = Vec::with_capacity(requests.len());
-        for r in requests {
+        for (i, r) in requests.iter().enumerate() {
             match self.select_policies(&r.cohort.role, r.table.oid).await {
-                Ok(cond) => statements.push(cond.map(|c| old_rows_sql(r, &c))),
+                Ok(Some(p)) => {
+                    let sql = old_rows_sql(r, &p);
+                    if sql.is_none() {
+                        out[i] = None;
+                    }
+                    statements.push(sql);
+                }
+                Ok(None) => statements.push(None),
                 Err(e) => {
                     withheld_old(r, &e.to_string());
                     statements.push(None);
@@ -241,7 +278,6 @@ impl Authorizer {
         let asked: Vec<usize> = (0..requests.len())
             .filter(|&i| statements[i].is_some())
             .collect();
-        let mut out = vec![HashSet::new(); requests.len()];
         if asked.is_empty() {
             return out;
         }
@@ -261,7 +297,7 @@ impl Authorizer {
         match run(asked.clone()).await {
             Ok(answers) => {
                 for (i, keys) in answers {
-                    out[i] = keys;
+                    out[i] = Some(keys);
                 }
             }
             Err(_) => {
@@ -270,7 +306,7 @@ impl Authorizer {
                     match run(vec![i]).await {
                         Ok(answers) => {
                             for (i, keys) in answers {
-                                out[i] = keys;
+                                out[i] = Some(keys);
                             }
                         }
                         Err(e) => withheld_old(&requests[i], &e.to_string()),
@@ -676,27 +712,32 @@ fn withheld_old(r: &OldRowRequest, error: &str) {
 }
 
 /// The old-row lookup of one request: its rows' keys (each a JSON array of the key columns'
-/// texts) whose values pass `cond`, the cohort's SELECT policies, with the row named as the
-/// table is (the policies' conditions may say `messages.room`).
-fn old_rows_sql(r: &OldRowRequest, cond: &str) -> String {
+/// texts) whose values pass the cohort's SELECT policies, with the rows named as the table is
+/// (the policies' conditions may say `messages.room`) and each value cast from its text to its
+/// column's type. `None` when a row lacks a column of the table.
+fn old_rows_sql(r: &OldRowRequest, p: &Policies) -> Option<String> {
     let t = &r.table;
-    let values: Vec<String> = r
-        .rows
-        .iter()
-        .map(|(pk, json)| {
-            let key = serde_json::to_string(pk).unwrap_or_else(|_| "[]".into());
-            format!("({}, {}::jsonb)", quote_literal(&key), quote_literal(json))
-        })
-        .collect();
-    format!(
-        "SELECT array_agg(walcast_v.walcast_k) FROM (VALUES {}) AS walcast_v(walcast_k, walcast_j) \
-         CROSS JOIN LATERAL jsonb_populate_record(NULL::{}.{}, walcast_v.walcast_j) AS {} WHERE {}",
-        values.join(", "),
-        quote_ident(&t.schema),
+    let mut rows = Vec::with_capacity(r.rows.len());
+    for (pk, values) in &r.rows {
+        let key = serde_json::to_string(pk).unwrap_or_else(|_| "[]".into());
+        let mut row = vec![format!("{}::text", quote_literal(&key))];
+        for (name, ty) in &p.columns {
+            let (_, value) = values.iter().find(|(n, _)| n == name)?;
+            row.push(match value {
+                Some(v) => format!("{}::{ty}", quote_literal(v)),
+                None => format!("NULL::{ty}"),
+            });
+        }
+        rows.push(format!("({})", row.join(", ")));
+    }
+    let names: Vec<String> = p.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    Some(format!(
+        "SELECT array_agg(walcast_k) FROM (VALUES {}) AS {}(walcast_k, {}) WHERE {}",
+        rows.join(", "),
         quote_ident(&t.name),
-        quote_ident(&t.name),
-        cond
-    )
+        names.join(", "),
+        p.cond
+    ))
 }
 
 /// Records the batch's duration when the check ends, however it ends.

@@ -140,14 +140,18 @@ impl PgChanges {
                 });
                 for (s, gate) in subs.iter().zip(gates) {
                     let o = match gate {
-                        Gate::Delete { exact: Some(idx) } => {
-                            let o = key
-                                .as_ref()
-                                .is_some_and(|k| exact.get(*idx).is_some_and(|v| v.contains(k)));
-                            delete_decision("exact", o);
-                            o
+                        Gate::Delete { exact: Some(idx) }
+                            if exact.get(*idx).is_some_and(Option::is_some) =>
+                        {
+                            let o = key.as_ref().is_some_and(|k| {
+                                exact
+                                    .get(*idx)
+                                    .and_then(Option::as_ref)
+                                    .is_some_and(|v| v.contains(k))
+                            });
+                            delete_decision("exact", o)
                         }
-                        Gate::Delete { exact: None } => {
+                        Gate::Delete { .. } => {
                             match known
                                 .as_ref()
                                 .map_or(Known::Unknown, |v| v.get(s.cohort.key))
@@ -302,8 +306,9 @@ pub(super) struct Checked {
     pending: Vec<(Change, Vec<Arc<Sub>>)>,
     gates: Vec<Vec<Gate>>,
     visible: Vec<HashSet<Vec<String>>>,
-    /// Answers of the old-row requests (DELETEs of `REPLICA IDENTITY FULL` tables).
-    exact: Vec<HashSet<Vec<String>>>,
+    /// Answers of the old-row requests (DELETEs of `REPLICA IDENTITY FULL` tables); `None`
+    /// for a request the old rows could not answer (then as without them).
+    exact: Vec<Option<HashSet<Vec<String>>>>,
 }
 
 /// What one subscriber's delivery of one change waits on.
@@ -316,7 +321,8 @@ enum Gate {
     /// Under RLS but the row's key is not in the change: it cannot be checked, so it is not sent.
     Withheld,
     /// A DELETE under RLS, decided when it is sent: by old-row request `exact` when there is
-    /// one, else by what is remembered of the row's last change, else by `DELETE_VISIBILITY`.
+    /// one and it could be answered, else by what is remembered of the row's last change, else
+    /// by `DELETE_VISIBILITY`.
     Delete { exact: Option<usize> },
 }
 
@@ -354,7 +360,7 @@ fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> b
             // The old row decides exactly when it is whole (REPLICA IDENTITY FULL).
             let old = change
                 .old_pk_values()
-                .zip(change.old_row_json())
+                .zip(change.old_row_texts())
                 .filter(|_| t.replica_identity == b'f');
             let change_gates = subs
                 .iter()

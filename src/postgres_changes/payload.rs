@@ -97,28 +97,23 @@ impl Change {
             .collect()
     }
 
-    /// The old row as a JSON object of column texts (NULL as null), for evaluating policies on
-    /// it; `None` unless every column's value is in it (`REPLICA IDENTITY FULL`).
-    pub fn old_row_json(&self) -> Option<String> {
+    /// The old row as (column, text or NULL) pairs, for evaluating policies on it; `None`
+    /// unless every column's value is in it (`REPLICA IDENTITY FULL`).
+    pub fn old_row_texts(&self) -> Option<Vec<(String, Option<String>)>> {
         let old = self.old.as_ref()?;
         if old.len() != self.table.columns.len() {
             return None;
         }
-        let mut out = String::from("{");
-        for (i, (c, cell)) in self.table.columns.iter().zip(old).enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_string(&mut out, &c.name);
-            out.push(':');
-            match cell {
-                RowCell::Missing => return None,
-                RowCell::Null => out.push_str("null"),
-                RowCell::Text(_) => push_json_string(&mut out, cell.text()?),
-            }
-        }
-        out.push('}');
-        Some(out)
+        self.table
+            .columns
+            .iter()
+            .zip(old)
+            .map(|(c, cell)| match cell {
+                RowCell::Missing => None,
+                RowCell::Null => Some((c.name.clone(), None)),
+                RowCell::Text(_) => Some((c.name.clone(), Some(cell.text()?.to_owned()))),
+            })
+            .collect()
     }
 
     /// The value of column `i` as the row now is: the new image's value, or for a value the new
