@@ -94,11 +94,12 @@ impl PgChanges {
                             leave_key = Some(old.clone());
                             self.visibility.take(t.oid, old)
                         }
-                        (None, Some(k)) => {
+                        // (Read only when someone asked for leaves.)
+                        (None, Some(k)) if subs.iter().any(|s| s.leaves) => {
                             leave_key = Some(k.clone());
                             self.visibility.get(t.oid, k)
                         }
-                        (None, None) => None,
+                        (None, _) => None,
                     }
                 } else {
                     None

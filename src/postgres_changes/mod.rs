@@ -13,6 +13,10 @@
 //!   once on the delivery pool's connections, then builds each payload once per audience
 //!   ([`payload`]) and sends batch after batch in commit order, then the commit is
 //!   acknowledged so the slot can advance;
+//! - [`visibility`] remembers who could see each row under RLS at its last change: a DELETE
+//!   goes only to them (or, with `REPLICA IDENTITY FULL`, to those whose policies admit the
+//!   old row; `DELETE_VISIBILITY` for the rest), and an UPDATE that takes a row out of an
+//!   opted-in subscriber's view is a leave for it (see [`deliver`]);
 //! - [`history`] keeps recent changes and the positions of subscribers that went away, for
 //!   catch-up on rejoin;
 //! - [`db_broadcast`] fans rows inserted into `realtime.messages` out as broadcasts.
