@@ -466,6 +466,10 @@ mod tests {
     use bytes::Bytes;
 
     fn table(oid: u32, rls: bool) -> Arc<TableInfo> {
+        table_with(oid, rls, b'd')
+    }
+
+    fn table_with(oid: u32, rls: bool, replica_identity: u8) -> Arc<TableInfo> {
         let col = |name: &str, pk: bool| catalog::ColumnInfo {
             name: name.into(),
             type_oid: 25,
@@ -478,7 +482,7 @@ mod tests {
             oid,
             schema: "public".into(),
             name: format!("t{oid}"),
-            replica_identity: b'd',
+            replica_identity,
             columns: vec![col("id", true), col("body", false)],
             rls,
             has_pk: true,
@@ -570,6 +574,55 @@ mod tests {
         );
         assert_eq!(alone, vec![Gate::Delete { exact: None }]);
         assert_eq!(together, alone, "a DELETE's fate depends on its neighbours");
+    }
+
+    #[test]
+    fn a_delete_under_rls_is_decided_from_its_old_row_only_when_the_row_is_whole() {
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Delete, &alice);
+        let full = table_with(3, true, b'f');
+        let whole = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(whole, vec![s.clone()])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Delete { exact: Some(0) }]]);
+        assert_eq!(plan.old_rows.len(), 1);
+        assert_eq!(plan.old_rows[0].rows[0].0, vec!["9".to_owned()]);
+        assert!(
+            plan.requests.is_empty(),
+            "no key lookup for a row that is gone"
+        );
+        // A value missing from the old row (key-only identity): the memory and the rule decide.
+        let partial = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), RowCell::Missing]),
+        );
+        let plan = plan_checks(&[(partial, vec![s.clone()])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Delete { exact: None }]]);
+        assert!(plan.old_rows.is_empty());
+        // A role that bypasses RLS gets it; a table without RLS is not decided at all.
+        let whole = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(whole, vec![s.clone()])], |_| true);
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+        let open = table(4, false);
+        let d = change(
+            &open,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(d, vec![s])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
     }
 
     #[test]

@@ -79,7 +79,7 @@ pub struct VisibilityMemory {
 fn cost(key: &RowKey, verdicts: &Verdicts) -> usize {
     let key_bytes: usize = key.1.iter().map(|k| k.len() + 24).sum();
     // The key is held twice (map and order queue).
-    2 * (key_bytes + 48) + verdicts.0.len() * 24 + 64
+    2 * (key_bytes + 48) + verdicts.0.len() * std::mem::size_of::<(CohortKey, bool)>() + 64
 }
 
 impl VisibilityMemory {
