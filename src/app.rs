@@ -370,7 +370,8 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
             // Each check in flight holds a delivery connection: never more than there are.
             db.checks_in_flight.min(db.delivery_pool_size),
         )
-        .with_catchup(db.catchup.clone()),
+        .with_catchup(db.catchup.clone())
+        .with_visibility(db.delete_visibility, db.visibility_memory_bytes),
     );
     pg.catalog.load_types().await?;
     pg.load_positions().await;

@@ -344,6 +344,18 @@ pub struct ServeArgs {
     #[arg(long, env = "DB_CHECKS_IN_FLIGHT", default_value_t = DEFAULT_DB_CHECKS_IN_FLIGHT)]
     pub db_checks_in_flight: usize,
 
+    /// What a DELETE of a row under row level security does for a subscriber walcast cannot
+    /// decide for (the row's last change was before walcast saw it, or left its memory, and the
+    /// table's old rows carry the key only): `original` sends it (the key only), as the original
+    /// sends every such DELETE; `withhold` sends nothing.
+    #[arg(long, env = "DELETE_VISIBILITY", default_value = "original")]
+    pub delete_visibility: String,
+
+    /// Bound of the memory of who could see each row at its last change (bytes; 0 remembers
+    /// nothing, so every RLS DELETE is decided by DELETE_VISIBILITY or the old row).
+    #[arg(long, env = "VISIBILITY_MEMORY_BYTES", default_value_t = DEFAULT_VISIBILITY_MEMORY_BYTES)]
+    pub visibility_memory_bytes: usize,
+
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -523,6 +535,9 @@ pub enum ConfigError {
     /// A cluster setting that cannot work.
     #[error("{0}")]
     Cluster(String),
+    /// A setting with a value outside its list.
+    #[error("{0} must be {1}")]
+    BadValue(&'static str, &'static str),
 }
 
 /// Default of `CATCHUP_WINDOW_MS`.
@@ -533,6 +548,19 @@ pub const DEFAULT_CATCHUP_HISTORY_BYTES: usize = 64 << 20;
 pub const DEFAULT_CATCHUP_HISTORY_AGE_MS: u64 = 300_000;
 /// Default of `CATCHUP_MAX_REMEMBERED`.
 pub const DEFAULT_CATCHUP_MAX_REMEMBERED: usize = 100_000;
+
+/// Default of `VISIBILITY_MEMORY_BYTES`.
+pub const DEFAULT_VISIBILITY_MEMORY_BYTES: usize = 32 << 20;
+
+/// `DELETE_VISIBILITY`: what an RLS DELETE walcast cannot decide for does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeleteVisibility {
+    /// Sent, the key only, as the original sends every DELETE.
+    #[default]
+    Original,
+    /// Not sent.
+    Withhold,
+}
 
 /// The catch-up settings.
 #[derive(Debug, Clone)]
@@ -629,6 +657,10 @@ pub struct DatabaseSettings {
     pub catchup: CatchupConfig,
     /// `REPLICATION_READY_TIMEOUT_MS`.
     pub replication_ready_timeout: std::time::Duration,
+    /// `DELETE_VISIBILITY`.
+    pub delete_visibility: DeleteVisibility,
+    /// `VISIBILITY_MEMORY_BYTES`.
+    pub visibility_memory_bytes: usize,
     /// `SLOT_WAL_WARN_BYTES`.
     pub slot_wal_warn_bytes: u64,
 }
@@ -886,7 +918,19 @@ impl ServeArgs {
         if self.db_checks_in_flight == 0 {
             return Err(ConfigError::Zero("DB_CHECKS_IN_FLIGHT"));
         }
+        let delete_visibility = match self.delete_visibility.to_ascii_lowercase().as_str() {
+            "original" => DeleteVisibility::Original,
+            "withhold" => DeleteVisibility::Withhold,
+            _ => {
+                return Err(ConfigError::BadValue(
+                    "DELETE_VISIBILITY",
+                    "original or withhold",
+                ))
+            }
+        };
         Ok(DatabaseSettings {
+            delete_visibility,
+            visibility_memory_bytes: self.visibility_memory_bytes,
             db,
             pool_size: self.db_pool_size,
             delivery_pool_size: self.db_delivery_pool_size,

@@ -77,6 +77,17 @@ pub const DELIVERY_LATENCY_SECONDS: &str = "walcast_delivery_latency_seconds";
 /// Changes withheld from subscribers because they could not be authorized, by `reason` =
 /// no_key | policy_error (counter; one per change and reason, not per subscriber).
 pub const CHANGES_WITHHELD: &str = "walcast_changes_withheld_total";
+/// Rows whose last change's row-check verdicts are remembered, for DELETEs and leaves (gauge).
+pub const VISIBILITY_MEMORY_ROWS: &str = "walcast_visibility_memory_rows";
+/// Bytes charged to the remembered verdicts (gauge; bounded by `VISIBILITY_MEMORY_BYTES`).
+pub const VISIBILITY_MEMORY_BYTES: &str = "walcast_visibility_memory_bytes";
+/// Remembered rows dropped to stay within `VISIBILITY_MEMORY_BYTES` (counter).
+pub const VISIBILITY_MEMORY_EVICTED: &str = "walcast_visibility_memory_evicted_total";
+/// DELETEs of rows under row level security, one per subscriber, by `by` = memory | exact |
+/// rule and `result` = sent | withheld (counter).
+pub const RLS_DELETE_DECISIONS: &str = "walcast_rls_delete_decisions_total";
+/// Leave events sent: an UPDATE took a row out of an opted-in subscriber's view (counter).
+pub const LEAVE_EVENTS: &str = "walcast_leave_events_total";
 /// Decoded changes retained for catch-up on rejoin (gauge).
 pub const CATCHUP_HISTORY_CHANGES: &str = "walcast_catchup_history_changes";
 /// Bytes charged to the changes retained for catch-up (gauge).
@@ -113,6 +124,11 @@ pub const ALL: &[&str] = &[
     AUTHZ_COHORTS,
     DELIVERY_LATENCY_SECONDS,
     CHANGES_WITHHELD,
+    VISIBILITY_MEMORY_ROWS,
+    VISIBILITY_MEMORY_BYTES,
+    VISIBILITY_MEMORY_EVICTED,
+    RLS_DELETE_DECISIONS,
+    LEAVE_EVENTS,
     CATCHUP_HISTORY_CHANGES,
     CATCHUP_HISTORY_BYTES,
     CATCHUP_HISTORY_EVICTED,

@@ -65,6 +65,7 @@ export const FEATURES = [
   { id: 'rest-broadcast', line: 'REST `POST /api/broadcast` (202/401/403/422/429 shapes) and `POST /api/broadcast/:topic/events/:event`', status: 'implemented' },
   { id: 'http-misc', line: '`GET /api/ping`, `GET /healthcheck`, tenants admin API (Bearer API_JWT_SECRET, 403 empty), `/api/tenants/:id/health`, `/metrics`', status: 'implemented' },
   { id: 'or-filters', line: 'walcast extension (issue #14 §3): PostgREST `or=(...)` / nested `and(...)` / `not.or` filter trees, and `in` lists of up to 1,000 values (more: a clear error)', status: 'implemented' },
+  { id: 'rls-deletes', line: 'walcast extension (issue #14): a DELETE under RLS reaches only the subscribers that could see the row; `leaves: true` bindings hear (as a DELETE of the key) that an UPDATE took a row out of their view', status: 'implemented' },
   { id: 'catchup', line: 'walcast extension (issue #14): catch-up on rejoin — changes committed while a client was reconnecting reach its automatic rejoin, in order, authorized under its new token', status: 'implemented' },
 ]
 

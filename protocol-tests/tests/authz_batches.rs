@@ -7,6 +7,12 @@
 //! lets the user select once the transaction has committed) must arrive exactly once, with the
 //! `ids` of exactly the bindings it matched; nothing else may arrive. Run with RLS on and off.
 //!
+//! A DELETE under RLS goes to a channel when its cohort (role and claims) could see the row:
+//! for `convs` (`REPLICA IDENTITY FULL`) as PostgreSQL judges the old row (put back, in a probe
+//! table with the same policy); for `msgs` as PostgreSQL judged the row at its last INSERT or
+//! UPDATE, when some channel of that cohort was matched by it then (walcast's memory), and
+//! otherwise as the original (`DELETE_VISIBILITY=original`: sent).
+//!
 //! The seed is printed; `WALCAST_AUTHZ_SEED=<n>` replays a run.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -35,6 +41,11 @@ const SCHEMA: &str = "
     ALTER TABLE msgs ALTER COLUMN body SET STORAGE EXTERNAL;
     CREATE TABLE notes (id int PRIMARY KEY, room int, stamp text);
     CREATE TABLE marks (n int PRIMARY KEY);
+    CREATE TABLE convs_probe (LIKE convs);
+    ALTER TABLE convs_probe ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY mine ON convs_probe FOR SELECT TO authenticated
+        USING (owner = auth.uid() OR is_agent());
+    GRANT SELECT ON convs_probe TO anon, authenticated;
     CREATE POLICY mine ON convs FOR SELECT TO authenticated
         USING (owner = auth.uid() OR is_agent());
     CREATE POLICY through_parent ON msgs FOR SELECT TO authenticated
@@ -207,6 +218,14 @@ async fn every_change_reaches_exactly_its_channels_whatever_shares_its_transacti
         .await
         .unwrap();
     }
+    // The seed rows are through the stream before any channel joins (else a channel that
+    // joined first could get them).
+    let lsn: String = sql
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    protocol_tests::pg::wait_slot_confirmed(&sql, &format!("s_{}", db.name), &lsn).await;
 
     let mut mark = 0;
     let mut next_id: i64 = 100;
@@ -293,6 +312,9 @@ async fn every_change_reaches_exactly_its_channels_whatever_shares_its_transacti
             });
         }
 
+        // walcast's memory of who could see each msgs row at its last change, modelled:
+        // key -> cohort (role, claims) -> what PostgreSQL said then.
+        let mut memory: HashMap<String, HashMap<(String, String), bool>> = HashMap::new();
         for t in 0..TRANSACTIONS {
             let statements = if rng.chance(35) { 1 } else { 2 + rng.below(5) };
             if statements > 1 {
@@ -328,11 +350,52 @@ async fn every_change_reaches_exactly_its_channels_whatever_shares_its_transacti
             }
             tx.commit().await.unwrap();
 
+            // Who may get each DELETE under RLS, change by change in commit order.
+            let mut may_delete: HashMap<(usize, usize), bool> = HashMap::new();
+            if rls {
+                for (mi, m) in made.iter().enumerate() {
+                    match (m.table, m.kind) {
+                        ("notes", _) => {}
+                        ("convs", "DELETE") => {
+                            for (ci, ch) in channels.iter().enumerate() {
+                                let ok = old_row_selectable(&mut sql, ch, m).await;
+                                may_delete.insert((mi, ci), ok);
+                            }
+                        }
+                        ("msgs", "DELETE") => {
+                            let known = memory.remove(&m.key).unwrap_or_default();
+                            for (ci, ch) in channels.iter().enumerate() {
+                                let ok = known.get(&cohort(ch)).copied().unwrap_or(true);
+                                may_delete.insert((mi, ci), ok);
+                            }
+                        }
+                        ("msgs", _) => {
+                            // The cohorts checked: those with a channel whose msgs binding takes
+                            // this change or DELETEs and whose filter holds on the row.
+                            let mut verdicts = HashMap::new();
+                            for ch in &channels {
+                                let matched = ch.bindings.iter().any(|b| {
+                                    b.table == m.table
+                                        && (b.covers(m.kind) || b.covers("DELETE"))
+                                        && b.filter.as_ref().is_none_or(|f| f.matches(&m.image))
+                                });
+                                if matched && !verdicts.contains_key(&cohort(ch)) {
+                                    let ok = selectable(&mut sql, ch, m).await;
+                                    verdicts.insert(cohort(ch), ok);
+                                }
+                            }
+                            memory.insert(m.key.clone(), verdicts);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+
             // What each channel should get, judged now that the transaction has committed.
             let mut expected: Vec<BTreeMap<String, BTreeSet<u64>>> = Vec::new();
-            for ch in &channels {
+            for (ci, ch) in channels.iter().enumerate() {
                 let mut want = BTreeMap::new();
-                for m in &made {
+                for (mi, m) in made.iter().enumerate() {
                     let ids: BTreeSet<u64> = ch
                         .bindings
                         .iter()
@@ -346,6 +409,9 @@ async fn every_change_reaches_exactly_its_channels_whatever_shares_its_transacti
                     }
                     let checked = rls && m.table != "notes" && m.kind != "DELETE";
                     if checked && !selectable(&mut sql, ch, m).await {
+                        continue;
+                    }
+                    if may_delete.get(&(mi, ci)) == Some(&false) {
                         continue;
                     }
                     want.insert(m.identity(), ids);
@@ -462,6 +528,41 @@ async fn selectable(sql: &mut tokio_postgres::Client, ch: &Channel, m: &Made) ->
             &format!("SELECT count(*) FROM {} WHERE id::text = $1", m.table),
             &[&m.key],
         )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    n > 0
+}
+
+/// A channel's claims cohort, as walcast groups row checks.
+fn cohort(ch: &Channel) -> (String, String) {
+    (ch.role.to_owned(), ch.claims.to_string())
+}
+
+/// Whether PostgreSQL would let the channel's user see a deleted conversation as it was: the
+/// old row put back in a probe table with the same policy, selected under the user's claims.
+async fn old_row_selectable(sql: &mut tokio_postgres::Client, ch: &Channel, m: &Made) -> bool {
+    let tx = sql.transaction().await.unwrap();
+    let id = m.row["id"].as_i64().unwrap_or_default() as i32;
+    let text = |c: &str| m.row.get(c).and_then(Value::as_str).map(str::to_owned);
+    tx.execute(
+        "INSERT INTO convs_probe VALUES ($1, $2::text::uuid, $3, $4)",
+        &[&id, &text("owner"), &text("status"), &text("stamp")],
+    )
+    .await
+    .unwrap();
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", ch.role))
+        .await
+        .unwrap();
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        &[&ch.claims.to_string()],
+    )
+    .await
+    .unwrap();
+    let n: i64 = tx
+        .query_one("SELECT count(*) FROM convs_probe WHERE id = $1", &[&id])
         .await
         .unwrap()
         .get(0);

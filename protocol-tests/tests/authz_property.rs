@@ -4,9 +4,16 @@
 //! it may see (`SET ROLE`, `request.jwt.claims`, `SELECT`), change by change: nothing more
 //! (a leak) and nothing less. Deletes of rows under RLS carry the key only.
 //!
+//! DELETEs and leaves are checked against the row's last state: a DELETE reaches a subscriber
+//! when PostgreSQL let its cohort (role and claims) see the row at its last INSERT/UPDATE, as
+//! judged then for the cohorts some subscriber's binding matched (walcast checks those); for a
+//! cohort not judged then, `DELETE_VISIBILITY` (chosen by the seed) decides. A subscriber with
+//! `leaves: true` gets a leave (a DELETE marked `left_view`) for an UPDATE its binding matches
+//! when its cohort was allowed at the row's previous change and is not now.
+//!
 //! The seed is printed; `WALCAST_AUTHZ_SEED=<n>` replays a run.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use protocol_tests::*;
 use serde_json::{json, Value};
@@ -47,6 +54,8 @@ struct Subscriber {
     role: &'static str,
     claims: Value,
     event: &'static str,
+    /// `leaves: true` (only on `*` and DELETE bindings).
+    leaves: bool,
     /// The filter as sent, and the same as SQL for the ground truth.
     filter: Option<(String, String)>,
 }
@@ -85,9 +94,15 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
         .unwrap_or_else(|| now() as u64 ^ u64::from(std::process::id()));
     println!("WALCAST_AUTHZ_SEED={seed}");
     let mut rng = Rng(seed);
+    let rule = if rng.chance(50) {
+        "original"
+    } else {
+        "withhold"
+    };
+    println!("DELETE_VISIBILITY={rule}");
 
     let db = pg::TestDb::create("authz").await;
-    let server = Server::start_with_db(&db, &[]).await;
+    let server = Server::start_with_db(&db, &[("DELETE_VISIBILITY", rule)]).await;
     let mut sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE members (room int, user_id uuid);
@@ -107,6 +122,13 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
     let mut checked = 0usize;
     let mut delivered = 0usize;
     let mut deletes_seen = 0usize;
+    let mut leaves_seen = 0usize;
+    // DELETEs a subscriber's binding matched but its cohort could not see (the original sent
+    // them all).
+    let mut deletes_withheld = 0usize;
+    // walcast's memory, modelled: row -> cohort (role, claims) -> PostgreSQL's verdict at the
+    // row's last INSERT/UPDATE, for the cohorts judged then.
+    let mut memory: HashMap<i32, HashMap<(String, String), bool>> = HashMap::new();
     for round in 0..ROUNDS {
         // Policies: a random non-empty set of permissive ones, sometimes a restrictive one.
         sql.batch_execute(
@@ -162,9 +184,13 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
             }
             let event = *rng.pick(&["*", "*", "INSERT", "UPDATE", "DELETE"]);
             let filter = random_filter(&mut rng);
+            let leaves = matches!(event, "*" | "DELETE") && rng.chance(50);
             let mut binding = json!({"event": event, "schema": "public", "table": "msgs"});
             if let Some((f, _)) = &filter {
                 binding["filter"] = json!(f);
+            }
+            if leaves {
+                binding["leaves"] = json!(true);
             }
             let mut client = server.connect(Vsn::V2, &sign(claims.clone())).await;
             client
@@ -186,6 +212,7 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
                 role,
                 claims,
                 event,
+                leaves,
                 filter,
             });
         }
@@ -236,46 +263,65 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
             };
 
             // The ground truth, before anything else changes: may each subscriber select the
-            // row as it now is (through its filter)?
+            // row as it now is (through its filter)? For a DELETE: could its cohort see the row at
+            // its last change? For an UPDATE: does it leave an opted-in subscriber's view?
             let mut expected = BTreeSet::new();
-            if op != Op::Delete {
+            let mut expected_leaves = BTreeSet::new();
+            if op == Op::Delete {
+                let known = memory.remove(&id).unwrap_or_default();
                 for (i, s) in subs.iter().enumerate() {
+                    // The old row is the key only: a filter on another column never holds.
+                    if !matches!(s.event, "*" | "DELETE") || s.filter.is_some() {
+                        continue;
+                    }
+                    let sent = match known.get(&cohort(s)) {
+                        Some(v) => *v,
+                        None => rule == "original",
+                    };
+                    if sent {
+                        expected.insert(i);
+                    } else {
+                        deletes_withheld += 1;
+                    }
+                }
+            } else {
+                let before = memory.remove(&id).unwrap_or_default();
+                let mut verdicts: HashMap<(String, String), bool> = HashMap::new();
+                for (i, s) in subs.iter().enumerate() {
+                    let takes = match s.event {
+                        "*" | "DELETE" => true,
+                        "INSERT" => op == Op::Insert,
+                        _ => op == Op::Update,
+                    };
+                    if !takes || !filter_holds(&sql, s, id).await {
+                        continue;
+                    }
+                    let allowed = match verdicts.get(&cohort(s)) {
+                        Some(v) => *v,
+                        None => {
+                            let v = may_select(&mut sql, s, id).await;
+                            verdicts.insert(cohort(s), v);
+                            v
+                        }
+                    };
                     let wanted = match s.event {
                         "*" => true,
                         "INSERT" => op == Op::Insert,
                         "UPDATE" => op == Op::Update,
                         _ => false,
                     };
-                    if !wanted {
-                        continue;
-                    }
-                    let pred = s
-                        .filter
-                        .as_ref()
-                        .map_or("true".to_owned(), |(_, p)| p.clone());
-                    let tx = sql.transaction().await.unwrap();
-                    tx.batch_execute(&format!("SET LOCAL ROLE {}", s.role))
-                        .await
-                        .unwrap();
-                    tx.execute(
-                        "SELECT set_config('request.jwt.claims', $1, true)",
-                        &[&s.claims.to_string()],
-                    )
-                    .await
-                    .unwrap();
-                    let visible: i64 = tx
-                        .query_one(
-                            &format!("SELECT count(*) FROM msgs WHERE id = $1 AND ({pred})"),
-                            &[&id],
-                        )
-                        .await
-                        .unwrap()
-                        .get(0);
-                    tx.commit().await.unwrap();
-                    if visible > 0 {
+                    if wanted && allowed {
                         expected.insert(i);
                     }
+                    if op == Op::Update
+                        && s.leaves
+                        && !allowed
+                        && before.get(&cohort(s)) == Some(&true)
+                    {
+                        expected_leaves.insert(i);
+                    }
                 }
+                memory.insert(id, verdicts);
             }
 
             // A marker every subscriber receives: changes are delivered in commit order, so
@@ -285,6 +331,7 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
                 .await
                 .unwrap();
             let mut got = BTreeSet::new();
+            let mut got_leaves = BTreeSet::new();
             for (i, s) in subs.iter_mut().enumerate() {
                 loop {
                     let f = s
@@ -305,8 +352,19 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
                         );
                     }
                     match data["type"].as_str() {
+                        Some("DELETE") if data["left_view"] == true => {
+                            leaves_seen += 1;
+                            assert_eq!(op, Op::Update, "seed {seed}: a leave for a {op:?}: {data}");
+                            assert_eq!(
+                                data["old_record"],
+                                json!({"id": id}),
+                                "seed {seed}: {data}"
+                            );
+                            assert!(got_leaves.insert(i), "seed {seed}: two leaves for #{i}");
+                        }
                         Some("DELETE") => {
                             deletes_seen += 1;
+                            got.insert(i);
                             assert_eq!(op, Op::Delete, "seed {seed}: unexpected DELETE {data}");
                             assert!(
                                 s.event == "*" || s.event == "DELETE",
@@ -332,32 +390,82 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
                     }
                 }
             }
-            if op != Op::Delete {
+            {
                 checked += subs.len();
                 delivered += got.len();
-                if got != expected {
+                if got != expected || got_leaves != expected_leaves {
                     let detail: Vec<String> = subs
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| got.contains(i) != expected.contains(i))
+                        .filter(|(i, _)| {
+                            got.contains(i) != expected.contains(i)
+                                || got_leaves.contains(i) != expected_leaves.contains(i)
+                        })
                         .map(|(i, s)| {
-                            format!("#{i}: {} {} {} {:?}", s.role, s.claims, s.event, s.filter)
+                            format!(
+                                "#{i}: {} {} {} leaves={} {:?}",
+                                s.role, s.claims, s.event, s.leaves, s.filter
+                            )
                         })
                         .collect();
                     panic!(
-                        "seed {seed}, round {round} ({chosen:?}), op {n} {op:?} on row {id} (room {room}, level {level}, author {author}): \
-                         delivered to {got:?}, PostgreSQL allows {expected:?}; differing subscribers: {detail:?}"
+                        "seed {seed} ({rule}), round {round} ({chosen:?}), op {n} {op:?} on row {id} (room {room}, level {level}, author {author}): \
+                         delivered to {got:?} (leaves {got_leaves:?}), expected {expected:?} (leaves {expected_leaves:?}); differing subscribers: {detail:?}"
                     );
                 }
             }
         }
     }
     println!(
-        "{checked} subscriber-change decisions checked against PostgreSQL ({delivered} delivered), {deletes_seen} key-only deletes"
+        "{checked} subscriber-change decisions checked against PostgreSQL ({delivered} delivered), {deletes_seen} key-only deletes, {deletes_withheld} withheld, {leaves_seen} leaves"
     );
     assert!(checked >= 3000, "{checked}");
     assert!(
         delivered > 0 && delivered < checked,
         "the cases must include both verdicts"
     );
+}
+
+/// A subscriber's claims cohort, as walcast groups row checks.
+fn cohort(s: &Subscriber) -> (String, String) {
+    (s.role.to_owned(), s.claims.to_string())
+}
+
+/// Whether the subscriber's filter holds on the row as it now is (judged by PostgreSQL, as the
+/// table's owner).
+async fn filter_holds(sql: &tokio_postgres::Client, s: &Subscriber, id: i32) -> bool {
+    let pred = s
+        .filter
+        .as_ref()
+        .map_or("true".to_owned(), |(_, p)| p.clone());
+    let n: i64 = sql
+        .query_one(
+            &format!("SELECT count(*) FROM msgs WHERE id = $1 AND ({pred})"),
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    n > 0
+}
+
+/// Whether PostgreSQL lets the subscriber's role and claims select the row as it now is.
+async fn may_select(sql: &mut tokio_postgres::Client, s: &Subscriber, id: i32) -> bool {
+    let tx = sql.transaction().await.unwrap();
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", s.role))
+        .await
+        .unwrap();
+    tx.execute(
+        "SELECT set_config('request.jwt.claims', $1, true)",
+        &[&s.claims.to_string()],
+    )
+    .await
+    .unwrap();
+    let visible: i64 = tx
+        .query_one("SELECT count(*) FROM msgs WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    visible > 0
 }

@@ -25,6 +25,18 @@ const PRIVILEGE_TTL: Duration = Duration::from_secs(2);
 const CACHE_LIMIT: usize = 10_000;
 
 /// (role, table) → when it was looked up, and the columns the role may select.
+/// (role, table) → when it was looked up, and its SELECT policies as one condition.
+type PolicyCache = HashMap<(String, u32), (Instant, Option<Arc<Policies>>)>;
+
+/// A table's SELECT policies for one role, and its columns, to evaluate them on old rows.
+#[derive(Debug)]
+pub struct Policies {
+    /// Permissive conditions OR'd, restrictive ones AND'd.
+    cond: String,
+    /// Every column of the table (name, `format_type`), in order.
+    columns: Vec<(String, String)>,
+}
+
 type ColumnCache = HashMap<(String, u32), (Instant, Arc<HashSet<String>>)>;
 
 pub struct Authorizer {
@@ -32,6 +44,9 @@ pub struct Authorizer {
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
     plans: Mutex<HashMap<u32, PlanChoice>>,
+    /// (role, table) → when it was looked up, and the table's SELECT policies for that role
+    /// (`None`: no permissive policy, nothing is visible).
+    policies: Mutex<PolicyCache>,
 }
 /// Why a batch of row checks failed (then narrowed down, and what still fails is withheld and
 /// logged; clients never see these).
@@ -63,6 +78,18 @@ impl CheckError {
     }
 }
 
+/// One old-row question (DELETEs of `REPLICA IDENTITY FULL` tables): which of these rows,
+/// given by their key and their values (column, text or NULL), would this cohort's SELECT
+/// policies let it see?
+pub struct OldRowRequest {
+    pub table: Arc<TableInfo>,
+    pub cohort: Arc<Cohort>,
+    pub rows: Vec<OldRow>,
+}
+
+/// A deleted row: its key, and its columns' values as text (NULL as `None`).
+pub type OldRow = (Vec<String>, Vec<(String, Option<String>)>);
+
 /// One row-visibility question: which of these primary keys may this cohort see in this table?
 pub struct RlsRequest {
     pub table: Arc<TableInfo>,
@@ -77,6 +104,7 @@ impl Authorizer {
             columns: Mutex::new(HashMap::new()),
             bypass: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
+            policies: Mutex::new(HashMap::new()),
         }
     }
 
@@ -134,6 +162,229 @@ impl Authorizer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(_, t), _| *t != table);
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, t), _| *t != table);
+    }
+
+    /// The SELECT policies of `table` that apply to `role` (as PostgreSQL picks them: `TO` a
+    /// role whose privileges `role` has, or PUBLIC), as one condition on the table's row
+    /// (permissive ones OR'd, restrictive ones AND'd, as PostgreSQL combines them), with the
+    /// table's columns; `None` when no permissive one applies (nothing is visible). Cached
+    /// like privileges.
+    async fn select_policies(
+        &self,
+        role: &str,
+        table: u32,
+    ) -> Result<Option<Arc<Policies>>, DbError> {
+        let key = (role.to_owned(), table);
+        if let Some((at, cond)) = self
+            .policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < PRIVILEGE_TTL {
+                return Ok(cond.clone());
+            }
+        }
+        let client = self.pool.get().await?;
+        let rows = client
+            .query(
+                "SELECT p.polpermissive, pg_get_expr(p.polqual, p.polrelid)
+                   FROM pg_policy p
+                  WHERE p.polrelid = $1 AND p.polcmd IN ('r', '*')
+                    AND (0::oid = ANY (p.polroles)
+                         OR EXISTS (SELECT 1 FROM unnest(p.polroles) r
+                                     WHERE pg_has_role($2::text::name, r, 'USAGE')))
+                  ORDER BY p.polname",
+                &[&table, &role],
+            )
+            .await?;
+        let mut permissive = Vec::new();
+        let mut restrictive = Vec::new();
+        for r in rows {
+            let is_permissive: bool = r.try_get(0)?;
+            // A policy without a condition is taken as allowing nothing (in doubt, deny).
+            let qual: Option<String> = r.try_get(1)?;
+            let qual = format!("({})", qual.unwrap_or_else(|| "false".into()));
+            if is_permissive {
+                permissive.push(qual);
+            } else {
+                restrictive.push(qual);
+            }
+        }
+        let cond: Option<Arc<Policies>> = if permissive.is_empty() {
+            None
+        } else {
+            let mut c = format!("({})", permissive.join(" OR "));
+            for r in restrictive {
+                c.push_str(" AND ");
+                c.push_str(&r);
+            }
+            let columns = client
+                .query(
+                    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+                      WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    &[&table],
+                )
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<(String, String)>, tokio_postgres::Error>>()?;
+            Some(Arc::new(Policies { cond: c, columns }))
+        };
+        let mut cache = self.policies.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, (Instant::now(), cond.clone()));
+        Ok(cond)
+    }
+
+    /// Answers old-row requests: the keys of the rows each cohort's SELECT policies admit,
+    /// evaluated on the rows' values (each cast from its text to its column's type, in a row
+    /// named as the table so that the policies' conditions read it) under the cohort's role
+    /// and claims, in one read-only transaction. A request that fails, or whose policies
+    /// cannot be read, sees nothing (and is logged as withheld); one whose rows lack a column
+    /// of the table (a generated column pgoutput does not send) is not answered (`None`).
+    pub async fn visible_old_rows(
+        &self,
+        requests: &[OldRowRequest],
+        xids: &[u32],
+    ) -> Vec<Option<HashSet<Vec<String>>>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let mut out: Vec<Option<HashSet<Vec<String>>>> = vec![Some(HashSet::new()); requests.len()];
+        let mut statements: Vec<Option<String>> = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            match self.select_policies(&r.cohort.role, r.table.oid).await {
+                Ok(Some(p)) => {
+                    let sql = old_rows_sql(r, &p);
+                    if sql.is_none() {
+                        out[i] = None;
+                    }
+                    statements.push(sql);
+                }
+                Ok(None) => statements.push(None),
+                Err(e) => {
+                    withheld_old(r, &e.to_string());
+                    statements.push(None);
+                }
+            }
+        }
+        let asked: Vec<usize> = (0..requests.len())
+            .filter(|&i| statements[i].is_some())
+            .collect();
+        if asked.is_empty() {
+            return out;
+        }
+        let run = |members: Vec<usize>| {
+            let statements = &statements;
+            async move {
+                let mut client = self.pool.get().await.map_err(CheckError::from)?;
+                let r = self
+                    .check_old_rows(&mut client, requests, statements, &members, xids)
+                    .await;
+                if r.is_err() {
+                    client.discard();
+                }
+                r
+            }
+        };
+        match run(asked.clone()).await {
+            Ok(answers) => {
+                for (i, keys) in answers {
+                    out[i] = Some(keys);
+                }
+            }
+            Err(_) => {
+                // Narrow down: a failing request withholds only itself.
+                for i in asked {
+                    match run(vec![i]).await {
+                        Ok(answers) => {
+                            for (i, keys) in answers {
+                                out[i] = Some(keys);
+                            }
+                        }
+                        Err(e) => withheld_old(&requests[i], &e.to_string()),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn check_old_rows(
+        &self,
+        client: &mut crate::db::PooledClient,
+        requests: &[OldRowRequest],
+        statements: &[Option<String>],
+        members: &[usize],
+        xids: &[u32],
+    ) -> Result<Vec<(usize, HashSet<Vec<String>>)>, CheckError> {
+        let mut setup = String::from("BEGIN READ ONLY; SET LOCAL statement_timeout = '10s';");
+        if !xids.is_empty() {
+            let xids: Vec<String> = xids.iter().map(u32::to_string).collect();
+            setup.push_str(&format!(
+                "SELECT walcast.wait_visible('{{{}}}'::text[]::xid[])",
+                xids.join(",")
+            ));
+        }
+        client.simple_query(&setup).await?;
+        let roles: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.role.as_str())
+            .collect();
+        let claims: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.claims.as_str())
+            .collect();
+        let subs: Vec<&str> = members
+            .iter()
+            .map(|&i| requests[i].cohort.sub.as_str())
+            .collect();
+        let stmts: Vec<&str> = members
+            .iter()
+            .map(|&i| statements[i].as_deref().unwrap_or("SELECT NULL::text[]"))
+            .collect();
+        let rows = client
+            .query_typed(
+                "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+                &[
+                    (&roles, Type::TEXT_ARRAY),
+                    (&claims, Type::TEXT_ARRAY),
+                    (&subs, Type::TEXT_ARRAY),
+                    (&stmts, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
+            .map_err(|e| match e.as_db_error() {
+                Some(db) => CheckError::Lookup {
+                    code: db.code().code().to_owned(),
+                    message: db.message().to_owned(),
+                },
+                None => CheckError::Sql(e),
+            })?;
+        let mut out = Vec::with_capacity(members.len());
+        for row in rows {
+            let cohort: i32 = row.try_get(0)?;
+            let visible: Option<Vec<String>> = row.try_get(1)?;
+            let i = usize::try_from(cohort - 1)
+                .ok()
+                .and_then(|i| members.get(i).copied())
+                .ok_or(CheckError::UnknownCohort(cohort))?;
+            let mut keys = HashSet::new();
+            for key in visible.unwrap_or_default() {
+                // Every key comes as a JSON array of its columns' texts.
+                keys.insert(serde_json::from_str::<Vec<String>>(&key)?);
+            }
+            out.push((i, keys));
+        }
+        client.batch_execute("ROLLBACK").await?;
+        Ok(out)
     }
 
     /// Whether `role` bypasses row level security (BYPASSRLS or superuser).
@@ -446,6 +697,47 @@ fn withheld(r: &RlsRequest, error: &CheckError) {
         error = %error,
         "RlsPolicyError: row check failed, change withheld"
     );
+}
+
+/// Says, in a metric and a log line, that an old-row check failed and its DELETEs are not sent.
+fn withheld_old(r: &OldRowRequest, error: &str) {
+    metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "policy_error").increment(1);
+    tracing::warn!(
+        table = %format!("{}.{}", r.table.schema, r.table.name),
+        role = %r.cohort.role,
+        rows = r.rows.len(),
+        error = %error,
+        "RlsPolicyError: old-row check of a DELETE failed, DELETE withheld"
+    );
+}
+
+/// The old-row lookup of one request: its rows' keys (each a JSON array of the key columns'
+/// texts) whose values pass the cohort's SELECT policies, with the rows named as the table is
+/// (the policies' conditions may say `messages.room`) and each value cast from its text to its
+/// column's type. `None` when a row lacks a column of the table.
+fn old_rows_sql(r: &OldRowRequest, p: &Policies) -> Option<String> {
+    let t = &r.table;
+    let mut rows = Vec::with_capacity(r.rows.len());
+    for (pk, values) in &r.rows {
+        let key = serde_json::to_string(pk).unwrap_or_else(|_| "[]".into());
+        let mut row = vec![format!("{}::text", quote_literal(&key))];
+        for (name, ty) in &p.columns {
+            let (_, value) = values.iter().find(|(n, _)| n == name)?;
+            row.push(match value {
+                Some(v) => format!("{}::{ty}", quote_literal(v)),
+                None => format!("NULL::{ty}"),
+            });
+        }
+        rows.push(format!("({})", row.join(", ")));
+    }
+    let names: Vec<String> = p.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+    Some(format!(
+        "SELECT array_agg(walcast_k) FROM (VALUES {}) AS {}(walcast_k, {}) WHERE {}",
+        rows.join(", "),
+        quote_ident(&t.name),
+        names.join(", "),
+        p.cond
+    ))
 }
 
 /// Records the batch's duration when the check ends, however it ends.

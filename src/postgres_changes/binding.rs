@@ -34,6 +34,13 @@ pub enum BindingError {
     NoParams(String),
     #[error("Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.")]
     WildcardSelect,
+    /// walcast only: `leaves` that is not a boolean.
+    #[error("Error parsing `leaves` params: expected true or false")]
+    BadLeaves,
+    /// walcast only: `leaves` on a binding supabase-js would not hand a leave to (a leave is a
+    /// DELETE event).
+    #[error("`leaves: true` needs a binding whose event is `*` or `DELETE`: a leave is sent as a DELETE event")]
+    LeavesNeedDelete,
 }
 
 /// The error for a channel with too many bindings (the `system` message).
@@ -94,6 +101,9 @@ pub struct BindingSpec {
     /// Conditions that must all hold.
     pub filters: Vec<Cond<ParsedFilter>>,
     pub select: Option<Vec<String>>,
+    /// `leaves: true` (walcast only): an UPDATE that takes a row this subscriber could see out
+    /// of its view (row level security) is sent as a leave.
+    pub leaves: bool,
 }
 
 impl BindingSpec {
@@ -171,7 +181,16 @@ pub fn parse(raw: &Map<String, Value>, id: u32) -> Result<BindingSpec, BindingEr
     if select.is_some() && (schema == "*" || table == "*") {
         return Err(BindingError::WildcardSelect);
     }
+    let leaves = match raw.get("leaves") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(BindingError::BadLeaves),
+    };
+    if leaves && !action.admits(Action::Delete) {
+        return Err(BindingError::LeavesNeedDelete);
+    }
     Ok(BindingSpec {
+        leaves,
         id,
         action,
         schema,
@@ -235,6 +254,21 @@ mod tests {
         assert!(p(json!({"schema":"public","table":"t","select":"id"}))
             .unwrap_err()
             .starts_with("Error parsing `select` params"));
+        let b = p(json!({"schema":"public","table":"t","event":"DELETE","leaves":true})).unwrap();
+        assert!(b.leaves);
+        assert!(
+            !p(json!({"schema":"public","table":"t","leaves":false}))
+                .unwrap()
+                .leaves
+        );
+        assert_eq!(
+            p(json!({"schema":"public","table":"t","event":"UPDATE","leaves":true})).unwrap_err(),
+            BindingError::LeavesNeedDelete.to_string()
+        );
+        assert_eq!(
+            p(json!({"schema":"public","table":"t","leaves":"yes"})).unwrap_err(),
+            BindingError::BadLeaves.to_string()
+        );
         assert!(p(json!({"schema":"public","select":["id"]}))
             .unwrap_err()
             .starts_with("Column selection is not supported"));
@@ -267,6 +301,14 @@ mod tests {
             (
                 BindingError::WildcardSelect,
                 "Column selection is not supported for wildcard subscriptions. Provide an explicit schema and table name.",
+            ),
+            (
+                BindingError::BadLeaves,
+                "Error parsing `leaves` params: expected true or false",
+            ),
+            (
+                BindingError::LeavesNeedDelete,
+                "`leaves: true` needs a binding whose event is `*` or `DELETE`: a leave is sent as a DELETE event",
             ),
         ];
         for (e, wire) in cases {

@@ -1,23 +1,34 @@
 //! Delivery of a batch of matched changes: the row checks it needs (one request per table and
 //! claims cohort, each change gated by its own key), the payload built once per audience, one
 //! message per channel, in commit order.
+//!
+//! Rows under row level security: the verdicts of each INSERT/UPDATE's row checks are
+//! remembered per cohort ([`super::visibility`]) when its changes are sent, in commit order. A
+//! DELETE goes to the cohorts allowed at the row's last change; a cohort not known there is
+//! decided from the old row's values when the table has `REPLICA IDENTITY FULL` (its SELECT
+//! policies evaluated on them, under that cohort's role and claims), and by
+//! `DELETE_VISIBILITY` otherwise. An UPDATE that a cohort was allowed to see at the row's
+//! previous change but not now is a leave for its subscribers that asked for them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
+use crate::config::DeleteVisibility;
 use crate::protocol::encode;
 
-use super::authorize::RlsRequest;
+use super::authorize::{OldRowRequest, RlsRequest};
 use super::binding::Action;
-use super::payload::{self, Change};
+use super::payload::{self, Change, RowCell};
 use super::registry::{Cohort, Sub, Target};
+use super::visibility::{Known, Verdicts};
 use super::PgChanges;
 
 impl PgChanges {
     /// Delivery of a batch of matched changes is [`PgChanges::check`] then [`PgChanges::send`].
-    /// Whether a subscriber gets a change depends on that change and that subscriber only,
+    /// Whether a subscriber gets a change depends on that change and that subscriber only
+    /// (and, for a DELETE or a leave under row level security, the row's earlier changes),
     /// never on what else is in the batch: the batch only shares the database round trip.
     ///
     /// Step 1 of delivery: each (change, subscriber)'s gate and the row checks they need,
@@ -26,7 +37,7 @@ impl PgChanges {
     pub(super) async fn check(&self, pending: Vec<(Change, Vec<Arc<Sub>>)>) -> Checked {
         let mut bypass: HashMap<String, bool> = HashMap::new();
         for (change, subs) in &pending {
-            if needs_row_check(change) {
+            if needs_row_check(change) || tracks_deletes(change) {
                 for s in subs {
                     let role = &s.cohort.role;
                     if !bypass.contains_key(role) {
@@ -38,34 +49,136 @@ impl PgChanges {
         }
         let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
         let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
+        let exact = self
+            .authorizer
+            .visible_old_rows(&plan.old_rows, &plan.xids)
+            .await;
         Checked {
             pending,
             gates: plan.gates,
             visible,
+            exact,
         }
     }
 
     /// Step 2 of delivery: change by change, one message per channel, to the subscribers
-    /// whose gate is open.
-    pub(super) async fn send(&self, checked: Checked) {
+    /// whose gate is open. `live`: the changes come from the stream, in commit order, and
+    /// their verdicts are remembered; a catch-up replay (`false`) only reads what is known.
+    pub(super) async fn send(&self, checked: Checked, live: bool) {
         let Checked {
             pending,
             gates,
             visible,
+            exact,
         } = checked;
         for ((change, subs), gates) in pending.iter().zip(&gates) {
             let t = &change.table;
+            let tracked = t.rls && t.has_pk;
+            let is_open = |gate: &Gate| match gate {
+                Gate::Open => true,
+                Gate::Withheld | Gate::Delete { .. } => false,
+                Gate::Check(idx, pk) => visible.get(*idx).is_some_and(|v| v.contains(pk)),
+            };
+            // Leaves of this change: (subscriber, the key it knew the row by).
+            let mut leaves: Vec<&Arc<Sub>> = Vec::new();
+            let mut leave_key: Option<Vec<String>> = None;
+            // Per subscriber: delivered or not.
+            let mut open: Vec<bool> = Vec::with_capacity(subs.len());
+            if tracked && change.action != Action::Delete {
+                // What was known before this change (for leaves), then this change's verdicts.
+                let key = change.pk_values();
+                let old_key = change.old_pk_values().filter(|k| Some(k) != key.as_ref());
+                let before = if live {
+                    match (&old_key, &key) {
+                        (Some(old), _) => {
+                            leave_key = Some(old.clone());
+                            self.visibility.take(t.oid, old)
+                        }
+                        // (Read only when someone asked for leaves.)
+                        (None, Some(k)) if subs.iter().any(|s| s.leaves) => {
+                            leave_key = Some(k.clone());
+                            self.visibility.get(t.oid, k)
+                        }
+                        (None, _) => None,
+                    }
+                } else {
+                    None
+                };
+                let mut verdicts = Verdicts::new();
+                for (s, gate) in subs.iter().zip(gates) {
+                    let o = is_open(gate);
+                    if let Gate::Check(..) = gate {
+                        verdicts.set(s.cohort.key, o);
+                        if !o
+                            && s.leaves
+                            && before
+                                .as_ref()
+                                .is_some_and(|b| b.get(s.cohort.key) == Known::Allowed)
+                        {
+                            leaves.push(s);
+                        }
+                    }
+                    open.push(o && s.action.admits(change.action));
+                }
+                if live {
+                    if let Some(k) = key {
+                        if verdicts.is_empty() {
+                            self.visibility.take(t.oid, &k);
+                        } else {
+                            self.visibility.record(t.oid, k, verdicts);
+                        }
+                    }
+                }
+            } else if tracked {
+                // A DELETE: the row's last verdicts, read once (and forgotten, live).
+                let key = change.old_pk_values();
+                let known = key.as_ref().and_then(|k| {
+                    if live {
+                        self.visibility.take(t.oid, k)
+                    } else {
+                        self.visibility.get(t.oid, k)
+                    }
+                });
+                for (s, gate) in subs.iter().zip(gates) {
+                    let o = match gate {
+                        Gate::Delete { exact: Some(idx) }
+                            if exact.get(*idx).is_some_and(Option::is_some) =>
+                        {
+                            let o = key.as_ref().is_some_and(|k| {
+                                exact
+                                    .get(*idx)
+                                    .and_then(Option::as_ref)
+                                    .is_some_and(|v| v.contains(k))
+                            });
+                            delete_decision("exact", o)
+                        }
+                        Gate::Delete { .. } => {
+                            match known
+                                .as_ref()
+                                .map_or(Known::Unknown, |v| v.get(s.cohort.key))
+                            {
+                                Known::Allowed => delete_decision("memory", true),
+                                Known::Denied => delete_decision("memory", false),
+                                Known::Unknown => delete_decision(
+                                    "rule",
+                                    self.delete_visibility == DeleteVisibility::Original,
+                                ),
+                            }
+                        }
+                        g => is_open(g),
+                    };
+                    open.push(o);
+                }
+            } else {
+                open.extend(gates.iter().map(is_open));
+            }
+
             let mut per_channel: HashMap<
                 crate::channels::ChannelId,
                 (Arc<Target>, Vec<&Arc<Sub>>),
             > = HashMap::new();
-            for (s, gate) in subs.iter().zip(gates) {
-                let open = match gate {
-                    Gate::Open => true,
-                    Gate::Withheld => false,
-                    Gate::Check(idx, pk) => visible.get(*idx).is_some_and(|v| v.contains(pk)),
-                };
-                if !open {
+            for (s, o) in subs.iter().zip(&open) {
+                if !o {
                     continue;
                 }
                 per_channel
@@ -74,50 +187,25 @@ impl PgChanges {
                     .1
                     .push(s);
             }
-            let mut data_cache: HashMap<(String, Option<Vec<String>>), Arc<str>> = HashMap::new();
-            for (_, (target, subs)) in per_channel {
-                let role = subs[0].cohort.role.clone();
-                let select: Option<Vec<String>> = if subs.iter().any(|s| s.select.is_none()) {
-                    None
-                } else {
-                    let mut cols: Vec<String> = subs
-                        .iter()
-                        .flat_map(|s| s.select.as_deref().cloned().unwrap_or_default())
-                        .collect();
-                    cols.sort();
-                    cols.dedup();
-                    Some(cols)
-                };
-                let key = (role.clone(), select.clone());
-                let data = match data_cache.get(&key) {
-                    Some(d) => d.clone(),
-                    None => {
-                        let selectable = self.authorizer.selectable(&role, t.oid).await;
-                        let d: Arc<str> = Arc::from(payload::build_data(
-                            change,
-                            &selectable,
-                            select.as_deref(),
-                            self.max_record_bytes,
-                        ));
-                        data_cache.insert(key, d.clone());
-                        d
+            self.push_per_channel(change, per_channel).await;
+
+            if !leaves.is_empty() {
+                if let Some(key) = &leave_key {
+                    let leave = leave_change(change, key);
+                    let mut per_channel: HashMap<
+                        crate::channels::ChannelId,
+                        (Arc<Target>, Vec<&Arc<Sub>>),
+                    > = HashMap::new();
+                    for s in leaves {
+                        per_channel
+                            .entry(s.target.channel)
+                            .or_insert_with(|| (s.target.clone(), Vec::new()))
+                            .1
+                            .push(s);
                     }
-                };
-                let mut ids: Vec<u32> = subs.iter().map(|s| s.binding_id).collect();
-                ids.sort_unstable();
-                ids.dedup();
-                let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
-                let body = format!("{{\"ids\":{ids_json},\"data\":{data}}}");
-                let Ok(raw) = RawValue::from_string(body) else {
-                    tracing::error!("built an invalid postgres_changes payload; dropped");
-                    continue;
-                };
-                let frame = encode::fastlane(target.vsn, &target.topic, "postgres_changes", &raw);
-                if target.outbound.push(frame).is_err() {
-                    tracing::debug!(topic = %target.topic, "postgres_changes not queued: socket closing");
-                } else {
-                    metrics::counter!(crate::telemetry::MESSAGES_OUT, "kind" => "postgres_changes")
-                        .increment(1);
+                    let n = per_channel.len() as u64;
+                    self.push_per_channel(&leave, per_channel).await;
+                    metrics::counter!(crate::telemetry::LEAVE_EVENTS).increment(n);
                 }
             }
             let latency = now_since_2000_micros()
@@ -127,6 +215,91 @@ impl PgChanges {
             metrics::histogram!(crate::telemetry::DELIVERY_LATENCY_SECONDS).record(latency);
         }
     }
+
+    /// One message per channel: the payload built once per (role, select), the channel's
+    /// binding ids in `ids`.
+    async fn push_per_channel(
+        &self,
+        change: &Change,
+        per_channel: HashMap<crate::channels::ChannelId, (Arc<Target>, Vec<&Arc<Sub>>)>,
+    ) {
+        let t = &change.table;
+        let mut data_cache: HashMap<(String, Option<Vec<String>>), Arc<str>> = HashMap::new();
+        for (_, (target, subs)) in per_channel {
+            let role = subs[0].cohort.role.clone();
+            let select: Option<Vec<String>> = if subs.iter().any(|s| s.select.is_none()) {
+                None
+            } else {
+                let mut cols: Vec<String> = subs
+                    .iter()
+                    .flat_map(|s| s.select.as_deref().cloned().unwrap_or_default())
+                    .collect();
+                cols.sort();
+                cols.dedup();
+                Some(cols)
+            };
+            let key = (role.clone(), select.clone());
+            let data = match data_cache.get(&key) {
+                Some(d) => d.clone(),
+                None => {
+                    let selectable = self.authorizer.selectable(&role, t.oid).await;
+                    let d: Arc<str> = Arc::from(payload::build_data(
+                        change,
+                        &selectable,
+                        select.as_deref(),
+                        self.max_record_bytes,
+                    ));
+                    data_cache.insert(key, d.clone());
+                    d
+                }
+            };
+            let mut ids: Vec<u32> = subs.iter().map(|s| s.binding_id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let ids_json = serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into());
+            let body = format!("{{\"ids\":{ids_json},\"data\":{data}}}");
+            let Ok(raw) = RawValue::from_string(body) else {
+                tracing::error!("built an invalid postgres_changes payload; dropped");
+                continue;
+            };
+            let frame = encode::fastlane(target.vsn, &target.topic, "postgres_changes", &raw);
+            if target.outbound.push(frame).is_err() {
+                tracing::debug!(topic = %target.topic, "postgres_changes not queued: socket closing");
+            } else {
+                metrics::counter!(crate::telemetry::MESSAGES_OUT, "kind" => "postgres_changes")
+                    .increment(1);
+            }
+        }
+    }
+}
+
+/// Counts one subscriber's DELETE decision and returns it.
+fn delete_decision(by: &'static str, sent: bool) -> bool {
+    let result = if sent { "sent" } else { "withheld" };
+    metrics::counter!(crate::telemetry::RLS_DELETE_DECISIONS, "by" => by, "result" => result)
+        .increment(1);
+    sent
+}
+
+/// The leave of an UPDATE: a DELETE of the row's key as the subscriber knew it, marked
+/// `left_view` (see `payload::build_data`).
+fn leave_change(change: &Change, key: &[String]) -> Change {
+    let t = &change.table;
+    let mut old: Vec<RowCell> = vec![RowCell::Missing; t.columns.len()];
+    for ((name, _), value) in t.pk.iter().zip(key) {
+        if let Some(i) = t.column_index(name) {
+            old[i] = RowCell::Text(bytes::Bytes::copy_from_slice(value.as_bytes()));
+        }
+    }
+    Change {
+        table: t.clone(),
+        action: Action::Delete,
+        new: None,
+        old: Some(old),
+        commit_ts: change.commit_ts,
+        xid: change.xid,
+        left_view: true,
+    }
 }
 
 /// A batch whose row checks are answered, waiting for its turn to be sent.
@@ -134,42 +307,93 @@ pub(super) struct Checked {
     pending: Vec<(Change, Vec<Arc<Sub>>)>,
     gates: Vec<Vec<Gate>>,
     visible: Vec<HashSet<Vec<String>>>,
+    /// Answers of the old-row requests (DELETEs of `REPLICA IDENTITY FULL` tables); `None`
+    /// for a request the old rows could not answer (then as without them).
+    exact: Vec<Option<HashSet<Vec<String>>>>,
 }
 
 /// What one subscriber's delivery of one change waits on.
 #[derive(Debug, PartialEq)]
 enum Gate {
-    /// No row check: no RLS on the table, a DELETE (sent as its key only), or a role that
-    /// bypasses RLS.
+    /// No row check: no RLS on the table, or a role that bypasses it.
     Open,
     /// Visible if request `.0` of the batch answers key `.1`.
     Check(usize, Vec<String>),
     /// Under RLS but the row's key is not in the change: it cannot be checked, so it is not sent.
     Withheld,
+    /// A DELETE under RLS, decided when it is sent: by old-row request `exact` when there is
+    /// one and it could be answered, else by what is remembered of the row's last change, else
+    /// by `DELETE_VISIBILITY`.
+    Delete { exact: Option<usize> },
 }
 
 /// The row checks a batch needs: one request per (table, cohort) with every key asked about,
 /// the transactions to wait for, and a gate per (change, subscriber) that names its own key.
 struct CheckPlan {
     requests: Vec<RlsRequest>,
+    old_rows: Vec<OldRowRequest>,
     xids: Vec<u32>,
     gates: Vec<Vec<Gate>>,
 }
 
-/// Whether a change's subscribers are checked row by row: RLS tables, but not DELETEs (sent as
-/// their key only) and not tables without a primary key (they get the original's "no primary
-/// key" error payload, which carries no row).
+/// Whether a change's subscribers are checked row by row: INSERTs and UPDATEs of RLS tables,
+/// but not tables without a primary key (they get the original's "no primary key" error
+/// payload, which carries no row).
 fn needs_row_check(change: &Change) -> bool {
     change.table.rls && change.table.has_pk && change.action != Action::Delete
+}
+
+/// Whether a change is a DELETE under RLS, decided per subscriber (see [`Gate::Delete`]).
+fn tracks_deletes(change: &Change) -> bool {
+    change.table.rls && change.table.has_pk && change.action == Action::Delete
 }
 
 fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> bool) -> CheckPlan {
     let mut need: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
     let mut requests: Vec<RlsRequest> = Vec::new();
+    let mut need_old: HashMap<(u32, Arc<Cohort>), usize> = HashMap::new();
+    let mut old_rows: Vec<OldRowRequest> = Vec::new();
     let mut xids: Vec<u32> = Vec::new();
     let mut gates = Vec::with_capacity(pending.len());
     for (change, subs) in pending {
         let t = &change.table;
+        if tracks_deletes(change) {
+            // The old row decides exactly when it is whole (REPLICA IDENTITY FULL).
+            let old = change
+                .old_pk_values()
+                .zip(change.old_row_texts())
+                .filter(|_| t.replica_identity == b'f');
+            let change_gates = subs
+                .iter()
+                .map(|s| {
+                    if bypasses(&s.cohort.role) {
+                        return Gate::Open;
+                    }
+                    let Some((pk, json)) = &old else {
+                        return Gate::Delete { exact: None };
+                    };
+                    let idx = *need_old
+                        .entry((t.oid, s.cohort.clone()))
+                        .or_insert_with(|| {
+                            old_rows.push(OldRowRequest {
+                                table: t.clone(),
+                                cohort: s.cohort.clone(),
+                                rows: Vec::new(),
+                            });
+                            old_rows.len() - 1
+                        });
+                    if !old_rows[idx].rows.iter().any(|(k, _)| k == pk) {
+                        old_rows[idx].rows.push((pk.clone(), json.clone()));
+                    }
+                    if !xids.contains(&change.xid) {
+                        xids.push(change.xid);
+                    }
+                    Gate::Delete { exact: Some(idx) }
+                })
+                .collect();
+            gates.push(change_gates);
+            continue;
+        }
         let checked = needs_row_check(change);
         let pk = if checked { change.pk_values() } else { None };
         let mut withheld = false;
@@ -215,6 +439,7 @@ fn plan_checks(pending: &[(Change, Vec<Arc<Sub>>)], bypasses: impl Fn(&str) -> b
     xids.sort_unstable();
     CheckPlan {
         requests,
+        old_rows,
         xids,
         gates,
     }
@@ -241,6 +466,10 @@ mod tests {
     use bytes::Bytes;
 
     fn table(oid: u32, rls: bool) -> Arc<TableInfo> {
+        table_with(oid, rls, b'd')
+    }
+
+    fn table_with(oid: u32, rls: bool, replica_identity: u8) -> Arc<TableInfo> {
         let col = |name: &str, pk: bool| catalog::ColumnInfo {
             name: name.into(),
             type_oid: 25,
@@ -253,7 +482,7 @@ mod tests {
             oid,
             schema: "public".into(),
             name: format!("t{oid}"),
-            replica_identity: b'd',
+            replica_identity,
             columns: vec![col("id", true), col("body", false)],
             rls,
             has_pk: true,
@@ -263,11 +492,11 @@ mod tests {
     }
 
     fn cohort(role: &str, sub: &str) -> Arc<Cohort> {
-        Arc::new(Cohort {
-            role: role.into(),
-            claims: format!("{{\"sub\":\"{sub}\"}}"),
-            sub: sub.into(),
-        })
+        Arc::new(Cohort::new(
+            role.into(),
+            format!("{{\"sub\":\"{sub}\"}}"),
+            sub.into(),
+        ))
     }
 
     fn sub(action: Action, cohort: &Arc<Cohort>) -> Arc<Sub> {
@@ -283,6 +512,7 @@ mod tests {
             filters: Vec::new(),
             select: None,
             cohort: cohort.clone(),
+            leaves: false,
         })
     }
 
@@ -298,6 +528,7 @@ mod tests {
             old,
             commit_ts: 0,
             xid: 7,
+            left_view: false,
         }
     }
 
@@ -341,8 +572,57 @@ mod tests {
                 (update, vec![channel_subs[0].clone()]),
             ],
         );
-        assert_eq!(alone, vec![Gate::Open]);
+        assert_eq!(alone, vec![Gate::Delete { exact: None }]);
         assert_eq!(together, alone, "a DELETE's fate depends on its neighbours");
+    }
+
+    #[test]
+    fn a_delete_under_rls_is_decided_from_its_old_row_only_when_the_row_is_whole() {
+        let alice = cohort("authenticated", "a");
+        let s = sub(Action::Delete, &alice);
+        let full = table_with(3, true, b'f');
+        let whole = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(whole, vec![s.clone()])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Delete { exact: Some(0) }]]);
+        assert_eq!(plan.old_rows.len(), 1);
+        assert_eq!(plan.old_rows[0].rows[0].0, vec!["9".to_owned()]);
+        assert!(
+            plan.requests.is_empty(),
+            "no key lookup for a row that is gone"
+        );
+        // A value missing from the old row (key-only identity): the memory and the rule decide.
+        let partial = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), RowCell::Missing]),
+        );
+        let plan = plan_checks(&[(partial, vec![s.clone()])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Delete { exact: None }]]);
+        assert!(plan.old_rows.is_empty());
+        // A role that bypasses RLS gets it; a table without RLS is not decided at all.
+        let whole = change(
+            &full,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(whole, vec![s.clone()])], |_| true);
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
+        let open = table(4, false);
+        let d = change(
+            &open,
+            Action::Delete,
+            None,
+            Some(vec![text("9"), text("x")]),
+        );
+        let plan = plan_checks(&[(d, vec![s])], |_| false);
+        assert_eq!(plan.gates, vec![vec![Gate::Open]]);
     }
 
     #[test]

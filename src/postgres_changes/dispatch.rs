@@ -125,6 +125,10 @@ impl PgChanges {
                             messages_oids.remove(&rel.oid);
                         }
                         self.authorizer.forget_table(rel.oid);
+                        // Remembered verdicts name rows by key: a new key is a new naming.
+                        if tables.get(&rel.oid).is_some_and(|old| old.pk != info.pk) {
+                            self.visibility.forget_table(rel.oid);
+                        }
                         tables.insert(rel.oid, Arc::new(info));
                     }
                     Event::Begin {
@@ -273,7 +277,7 @@ impl PgChanges {
             match step {
                 Step::Changes(checked, upto) => match checked.await {
                     Ok(checked) => {
-                        self.send(checked).await;
+                        self.send(checked, true).await;
                         // At once: a client that read these and spoke again must not have its
                         // catch-up position fall before them (it would get them twice).
                         self.history.mark_delivered(upto);
@@ -325,6 +329,7 @@ impl PgChanges {
             old: old.map(|o| old_row(&o, table)),
             commit_ts,
             xid,
+            left_view: false,
         };
         if change.filter_row().is_none() {
             return;
@@ -342,7 +347,12 @@ impl PgChanges {
                 None => Cell::Missing,
             },
         };
-        let subs = self.registry.matches(relation, action, &lookup);
+        // Under RLS, an INSERT or UPDATE is also checked for the cohorts that take DELETEs
+        // (remembered for the row's DELETE and for leaves).
+        let and_deletes = table.rls && table.has_pk && action != Action::Delete;
+        let subs = self
+            .registry
+            .matches(relation, action, and_deletes, &lookup);
         if !subs.is_empty() {
             pending.push((change, subs));
         }

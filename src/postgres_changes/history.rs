@@ -529,7 +529,7 @@ impl PgChanges {
             // batch matched before the rejoined channel's subscription was installed was
             // matched without it, so the channel's live changes all come after these.
             let checked = self.check(pending).await;
-            self.send(checked).await;
+            self.send(checked, false).await;
         }
         for (channel, gap, tx) in done {
             let _ = tx.send(Outcome {
@@ -552,7 +552,7 @@ impl PgChanges {
             },
         };
         let action: Action = change.action;
-        self.registry.matches(relation, action, &lookup)
+        self.registry.matches(relation, action, false, &lookup)
     }
 }
 

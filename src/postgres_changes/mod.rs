@@ -13,6 +13,10 @@
 //!   once on the delivery pool's connections, then builds each payload once per audience
 //!   ([`payload`]) and sends batch after batch in commit order, then the commit is
 //!   acknowledged so the slot can advance;
+//! - [`visibility`] remembers who could see each row under RLS at its last change: a DELETE
+//!   goes only to them (or, with `REPLICA IDENTITY FULL`, to those whose policies admit the
+//!   old row; `DELETE_VISIBILITY` for the rest), and an UPDATE that takes a row out of an
+//!   opted-in subscriber's view is a leave for it (see [`deliver`]);
 //! - [`history`] keeps recent changes and the positions of subscribers that went away, for
 //!   catch-up on rejoin;
 //! - [`db_broadcast`] fans rows inserted into `realtime.messages` out as broadcasts.
@@ -30,6 +34,7 @@ pub mod payload;
 mod plans;
 pub mod prepare;
 pub mod registry;
+pub mod visibility;
 
 use std::sync::Arc;
 
@@ -58,6 +63,10 @@ pub struct PgChanges {
     pub history: history::History,
     /// `DB_CHECKS_IN_FLIGHT`: batches whose row checks run at the same time.
     pub checks_in_flight: usize,
+    /// Who could see each row at its last change (for RLS DELETEs and leaves).
+    pub visibility: visibility::VisibilityMemory,
+    /// `DELETE_VISIBILITY`.
+    pub delete_visibility: crate::config::DeleteVisibility,
 }
 
 impl PgChanges {
@@ -78,7 +87,22 @@ impl PgChanges {
             max_record_bytes,
             history: history::History::new(crate::config::CatchupConfig::default()),
             checks_in_flight: checks_in_flight.max(1),
+            visibility: visibility::VisibilityMemory::new(
+                crate::config::DEFAULT_VISIBILITY_MEMORY_BYTES,
+            ),
+            delete_visibility: crate::config::DeleteVisibility::default(),
         }
+    }
+
+    /// With these `DELETE_VISIBILITY` and `VISIBILITY_MEMORY_BYTES` settings.
+    pub fn with_visibility(
+        mut self,
+        rule: crate::config::DeleteVisibility,
+        memory_bytes: usize,
+    ) -> Self {
+        self.visibility = visibility::VisibilityMemory::new(memory_bytes);
+        self.delete_visibility = rule;
+        self
     }
 
     /// With these catch-up settings.

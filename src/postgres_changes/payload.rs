@@ -52,6 +52,9 @@ pub struct Change {
     pub commit_ts: i64,
     /// The transaction that made the change.
     pub xid: u32,
+    /// A leave (a DELETE of the key only, sent for an UPDATE that took the row out of a
+    /// subscriber's view): its payload says `"left_view":true`.
+    pub left_view: bool,
 }
 
 impl Change {
@@ -76,6 +79,39 @@ impl Change {
             .map(|(name, _)| {
                 let i = self.table.column_index(name)?;
                 self.current_cell(i)?.text().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Primary key values of the old row image (a DELETE's row, or an UPDATE's old key), when
+    /// it has every key column.
+    pub fn old_pk_values(&self) -> Option<Vec<String>> {
+        let old = self.old.as_ref()?;
+        self.table
+            .pk
+            .iter()
+            .map(|(name, _)| {
+                let i = self.table.column_index(name)?;
+                old.get(i)?.text().map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// The old row as (column, text or NULL) pairs, for evaluating policies on it; `None`
+    /// unless every column's value is in it (`REPLICA IDENTITY FULL`).
+    pub fn old_row_texts(&self) -> Option<Vec<(String, Option<String>)>> {
+        let old = self.old.as_ref()?;
+        if old.len() != self.table.columns.len() {
+            return None;
+        }
+        self.table
+            .columns
+            .iter()
+            .zip(old)
+            .map(|(c, cell)| match cell {
+                RowCell::Missing => None,
+                RowCell::Null => Some((c.name.clone(), None)),
+                RowCell::Text(_) => Some((c.name.clone(), Some(cell.text()?.to_owned()))),
             })
             .collect()
     }
@@ -215,10 +251,14 @@ pub fn build_data(
     if too_big {
         out.push_str(",\"errors\":[");
         push_json_string(&mut out, ERROR_413);
-        out.push_str("]}");
+        out.push(']');
     } else {
-        out.push_str(",\"errors\":null}");
+        out.push_str(",\"errors\":null");
     }
+    if change.left_view {
+        out.push_str(",\"left_view\":true");
+    }
+    out.push('}');
     out
 }
 

@@ -29,11 +29,11 @@ impl PgChanges {
         claims: &Claims,
         bindings: &[BindingSpec],
     ) -> Result<Vec<(u32, Sub)>, SubscribeError> {
-        let cohort = Arc::new(Cohort {
-            role: claims.role.clone(),
-            claims: serde_json::to_string(&*claims.raw).unwrap_or_else(|_| "{}".into()),
-            sub: claims.sub().unwrap_or_default().to_owned(),
-        });
+        let cohort = Arc::new(Cohort::new(
+            claims.role.clone(),
+            serde_json::to_string(&*claims.raw).unwrap_or_else(|_| "{}".into()),
+            claims.sub().unwrap_or_default().to_owned(),
+        ));
         let mut out = Vec::new();
         for b in bindings {
             let subs = self
@@ -139,6 +139,7 @@ impl PgChanges {
                     filters,
                     select: b.select.clone().map(Arc::new),
                     cohort: cohort.clone(),
+                    leaves: b.leaves,
                 },
             ));
         }

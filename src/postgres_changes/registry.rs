@@ -28,6 +28,33 @@ pub struct Cohort {
     /// The full claims as JSON, set as `request.jwt.claims`.
     pub claims: String,
     pub sub: String,
+    /// Its name in the visibility memory: a 128-bit keyed hash of role and claims (the keys are
+    /// random per process, so no one can aim for a collision).
+    pub key: u128,
+}
+
+impl Cohort {
+    pub fn new(role: String, claims: String, sub: String) -> Self {
+        use std::hash::BuildHasher;
+        static KEYS: std::sync::OnceLock<(
+            std::collections::hash_map::RandomState,
+            std::collections::hash_map::RandomState,
+        )> = std::sync::OnceLock::new();
+        let (a, b) = KEYS.get_or_init(Default::default);
+        let half = |s: &std::collections::hash_map::RandomState| {
+            let mut h = s.build_hasher();
+            role.hash(&mut h);
+            claims.hash(&mut h);
+            h.finish()
+        };
+        let key = (u128::from(half(a)) << 64) | u128::from(half(b));
+        Self {
+            role,
+            claims,
+            sub,
+            key,
+        }
+    }
 }
 
 impl PartialEq for Cohort {
@@ -52,6 +79,8 @@ pub struct Sub {
     /// `select`: only these columns (plus the primary key) are sent.
     pub select: Option<Arc<Vec<String>>>,
     pub cohort: Arc<Cohort>,
+    /// `leaves: true`: told when an UPDATE takes a row it could see out of its view.
+    pub leaves: bool,
 }
 
 /// A column value as a filter sees it.
@@ -173,11 +202,15 @@ impl Registry {
             .contains_key(&table)
     }
 
-    /// Subscriptions of `table` that take `action` and whose filters all hold on `row`.
+    /// Subscriptions of `table` that take `action` and whose filters all hold on `row`. With
+    /// `and_deletes` (an INSERT or UPDATE of a row under row level security), also those that
+    /// take DELETEs: their cohorts' verdicts on the row are remembered for its DELETE (and for
+    /// leaves), though the change itself is not theirs.
     pub fn matches<'a>(
         &self,
         table: u32,
         action: Action,
+        and_deletes: bool,
         row: &dyn Fn(&str) -> Cell<'a>,
     ) -> Vec<Arc<Sub>> {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
@@ -186,7 +219,9 @@ impl Registry {
         };
         let mut out = Vec::new();
         let mut consider = |sub: &Arc<Sub>| {
-            if !sub.action.admits(action) {
+            let wanted =
+                sub.action.admits(action) || (and_deletes && sub.action.admits(Action::Delete));
+            if !wanted {
                 return;
             }
             // A value not in the row image is unknown: it never makes a condition true alone.
@@ -245,11 +280,8 @@ mod tests {
             action: Action::Insert,
             filters: filters.into_iter().map(Cond::Leaf).collect(),
             select: None,
-            cohort: Arc::new(Cohort {
-                role: "anon".into(),
-                claims: "{}".into(),
-                sub: String::new(),
-            }),
+            cohort: Arc::new(Cohort::new("anon".into(), "{}".into(), String::new())),
+            leaves: false,
         }
     }
 
@@ -280,7 +312,7 @@ mod tests {
             }
         };
         let hits: Vec<ChannelId> = r
-            .matches(7, Action::Insert, &row("01"))
+            .matches(7, Action::Insert, false, &row("01"))
             .iter()
             .map(|s| s.target.channel)
             .collect();
@@ -289,11 +321,11 @@ mod tests {
             "int keys normalise: 01 == 1"
         );
         assert!(
-            r.matches(7, Action::Delete, &row("1")).is_empty(),
+            r.matches(7, Action::Delete, false, &row("1")).is_empty(),
             "action filter"
         );
         r.remove(a);
-        assert_eq!(r.matches(7, Action::Insert, &row("1")).len(), 1);
+        assert_eq!(r.matches(7, Action::Insert, false, &row("1")).len(), 1);
         r.remove(b);
         r.remove(c);
         assert_eq!(r.size(), (0, 0));
@@ -319,7 +351,7 @@ mod tests {
                 _ => Cell::Missing,
             }
         };
-        let hit = |n, other| r.matches(7, Action::Insert, &row(n, other)).len();
+        let hit = |n, other| r.matches(7, Action::Insert, false, &row(n, other)).len();
         assert_eq!(hit(Cell::Value("1"), Cell::Value("9")), 1);
         assert_eq!(hit(Cell::Value("2"), Cell::Value("5")), 1);
         assert_eq!(hit(Cell::Value("2"), Cell::Value("9")), 0);
