@@ -270,3 +270,58 @@ async fn killing_the_slot_holder_under_load_loses_nothing_at_the_surviving_subsc
     assert_eq!(walsenders(&sql).await, 1);
     drop(proxy);
 }
+
+/// A node cut off from NATS misses what the slot holder streams meanwhile: once back, its
+/// subscribed channels are told (a `system` message, gap reason `cluster_lost`) rather than
+/// left silent, and later changes reach them again.
+#[tokio::test]
+async fn a_node_that_missed_the_holders_stream_tells_its_channels() {
+    let nats = Nats::start().await;
+    let proxy = Proxy::start(nats.port).await;
+    let db = TestDb::create("cluster_pg_gap").await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    pg::create_ticks(&sql).await;
+    // b reaches NATS through the proxy.
+    let b = pg_node(&db, &proxy.url(), "b", "1000").await;
+    assert_eq!(holder(&a).await.0, "a");
+    assert_eq!(holder(&b).await.0, "a");
+    let mut cb = pg::subscribe_to_ticks(&b).await.0;
+    pg::insert_tick(&sql, 1).await;
+    assert_eq!(ks_until(&mut cb, 1).await, vec![1]);
+    proxy.partition();
+    // Rows b cannot get; a goes on streaming them.
+    for k in 2..=5 {
+        pg::insert_tick(&sql, k).await;
+    }
+    proxy.heal();
+    let f = cb
+        .recv_until("the gap notice", |f| {
+            f.event() == "system" && f.payload()["gap"]["reason"] == "cluster_lost"
+        })
+        .await;
+    assert_eq!(f.payload()["extension"], "postgres_changes");
+    assert_eq!(f.payload()["status"], "error");
+    // Later changes arrive again (b follows the holder anew).
+    let started = tokio::time::Instant::now();
+    let mut k = 100;
+    loop {
+        pg::insert_tick(&sql, k).await;
+        let got = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                if k_of(&cb.recv().await) == Some(i64::from(k)) {
+                    return;
+                }
+            }
+        })
+        .await;
+        if got.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no change reached b after the gap"
+        );
+        k += 1;
+    }
+}

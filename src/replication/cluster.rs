@@ -379,6 +379,8 @@ struct Follower {
     heard_any: bool,
     /// Whether the messages from the current holder start at a transaction's beginning.
     synced: bool,
+    /// When a gap was last told.
+    last_gap: Option<Instant>,
 }
 
 impl Follower {
@@ -395,11 +397,21 @@ impl Follower {
             last_heard: None,
             heard_any: false,
             synced: false,
+            last_gap: None,
         }
     }
 
     fn gap(&mut self, status: &Status) {
         self.chunks.clear();
+        // One interruption is one gap: NATS reconnecting and the hole in the numbering it
+        // leaves are told once.
+        if self
+            .last_gap
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_gap = Some(Instant::now());
         status.record_gap(
             GapReason::ClusterLost,
             "Changes streamed by another node may have been lost on their way to this one (the connection to the cluster broker, NATS, was interrupted or fell behind); refetch to catch up".to_string(),
