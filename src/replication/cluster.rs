@@ -554,6 +554,169 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BufMut;
+
+    fn begin(final_lsn: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'B');
+        b.put_u64(final_lsn);
+        b.put_i64(0);
+        b.put_u32(7);
+        b.freeze()
+    }
+
+    fn commit(end_lsn: u64) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'C');
+        b.put_u8(0);
+        b.put_u64(end_lsn - 1);
+        b.put_u64(end_lsn);
+        b.put_i64(0);
+        b.freeze()
+    }
+
+    fn insert(v: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(b'I');
+        b.put_u32(16388);
+        b.put_u8(b'N');
+        b.put_u16(2);
+        b.put_u8(b't');
+        b.put_i32(v.len() as i32);
+        b.put_slice(v);
+        b.put_u8(b'n');
+        b.freeze()
+    }
+
+    fn msg(origin: u64, seq: u64, data: Bytes, more: bool) -> FromCluster {
+        FromCluster::Message {
+            origin,
+            seq,
+            node: Some("h".into()),
+            kind: Received::Wal {
+                lsn: seq,
+                data,
+                more,
+            },
+        }
+    }
+
+    fn kinds(rx: &mut mpsc::Receiver<Event>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            out.push(match ev {
+                Event::Relation(_) => "R".to_string(),
+                Event::Begin { final_lsn, .. } => format!("B{final_lsn}"),
+                Event::Insert { new, .. } => match &new[0] {
+                    super::super::pgoutput::Datum::Text(t) => {
+                        format!("I{}", String::from_utf8_lossy(t))
+                    }
+                    _ => "I?".into(),
+                },
+                Event::Commit { end_lsn } => format!("C{end_lsn}"),
+                other => format!("{other:?}"),
+            });
+        }
+        out
+    }
+
+    fn status() -> Status {
+        Status::new(Duration::from_secs(60), Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_follower_hands_on_whole_transactions_reassembles_chunks_and_tells_holes() {
+        let status = status();
+        let (tx, mut rx) = mpsc::channel(64);
+        let mut f = Follower::new(Duration::from_secs(1));
+        let rel = super::super::pgoutput::tests::relation_bytes();
+        // Joined mid-transaction: its rest is not handed on, the next one is.
+        f.on(msg(1, 10, insert(b"old"), false), &tx, &status).await;
+        f.on(msg(1, 11, commit(100), false), &tx, &status).await;
+        f.on(msg(1, 12, begin(150), false), &tx, &status).await;
+        f.on(msg(1, 13, rel.clone(), false), &tx, &status).await;
+        // An insert in two chunks.
+        let ins = insert(b"abcdef");
+        f.on(msg(1, 14, ins.slice(..5), true), &tx, &status).await;
+        f.on(msg(1, 15, ins.slice(5..), false), &tx, &status).await;
+        f.on(msg(1, 16, commit(200), false), &tx, &status).await;
+        assert_eq!(kinds(&mut rx), ["B150", "R", "Iabcdef", "C200"]);
+        assert!(status.gap_for_join().is_none());
+        // The same Relation again (the holder sends it with each transaction): not handed on.
+        f.on(msg(1, 17, begin(250), false), &tx, &status).await;
+        f.on(msg(1, 18, rel.clone(), false), &tx, &status).await;
+        f.on(msg(1, 19, insert(b"x"), false), &tx, &status).await;
+        f.on(msg(1, 20, commit(300), false), &tx, &status).await;
+        assert_eq!(kinds(&mut rx), ["B250", "Ix", "C300"]);
+        // A hole in the numbering is a gap, told.
+        f.on(msg(1, 23, begin(350), false), &tx, &status).await;
+        let gap = status.gap_for_join().expect("a gap");
+        assert_eq!(gap.reason, GapReason::ClusterLost);
+        // A new holder numbers from 1 (no gap); the old one's late messages are ignored.
+        f.on(msg(2, 1, begin(400), false), &tx, &status).await;
+        f.on(msg(1, 24, insert(b"late"), false), &tx, &status).await;
+        f.on(msg(2, 2, insert(b"new"), false), &tx, &status).await;
+        assert_eq!(kinds(&mut rx), ["B350", "B400", "Inew"]);
+        assert_eq!(status.gap_for_join().map(|g| g.id), Some(gap.id));
+    }
+
+    #[tokio::test]
+    async fn the_holder_sends_a_tables_relation_with_each_transaction_that_touches_it() {
+        let (tap, mut out) = mpsc::channel(64);
+        let mut link = Link::new(tap, Arc::new(|| None), Arc::new(status()));
+        let rel = super::super::pgoutput::tests::relation_bytes();
+        let publish = |data: Bytes, lsn: u64| {
+            let ev = super::super::pgoutput::decode(&data)
+                .ok()
+                .and_then(|m| super::super::event_of(m, lsn))
+                .expect("an event");
+            (ev, data)
+        };
+        let stream = [
+            publish(begin(100), 1),
+            publish(rel.clone(), 2),
+            publish(insert(b"a"), 3),
+            publish(commit(150), 4),
+            publish(begin(200), 5),
+            publish(insert(b"b"), 6),
+            publish(insert(b"c"), 7),
+            publish(commit(250), 8),
+        ];
+        for (ev, data) in stream {
+            let lsn = match &ev {
+                Event::Insert { lsn, .. } => *lsn,
+                _ => 0,
+            };
+            link.publish_event(&ev, lsn, data).await;
+        }
+        let mut tags = String::new();
+        while let Ok(Published::Wal { data, .. }) = out.try_recv() {
+            tags.push(char::from(data[0]));
+        }
+        // The second transaction carries the Relation (once) before its first change.
+        assert_eq!(tags, "BRICBRIIC");
+    }
+
+    #[tokio::test]
+    async fn the_holders_position_is_this_nodes_once_its_commits_are_delivered() {
+        let status = status();
+        let (tx, _rx) = mpsc::channel(64);
+        let mut f = Follower::new(Duration::from_secs(1));
+        let pos = |seq, lsn| FromCluster::Message {
+            origin: 1,
+            seq,
+            node: Some("h".into()),
+            kind: Received::Position(lsn),
+        };
+        f.on(msg(1, 1, begin(150), false), &tx, &status).await;
+        f.on(msg(1, 2, commit(200), false), &tx, &status).await;
+        f.on(pos(3, 210), &tx, &status).await;
+        assert_eq!(status.position(), 0, "the commit is not delivered yet");
+        status.acked.store(200, Ordering::Relaxed);
+        f.tick(&status);
+        assert_eq!(status.position(), 210);
+        assert_eq!(status.cluster.holder().as_deref(), Some("h"));
+    }
 
     #[test]
     fn the_lock_key_is_stable_and_per_slot() {
