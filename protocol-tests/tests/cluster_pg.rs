@@ -389,3 +389,78 @@ async fn a_rejoin_on_a_follower_catches_up() {
     c.assert_no_more("postgres_changes", "the rejoined client")
         .await;
 }
+
+/// A broadcast from the database (`realtime.send`) with every node reading the stream: sent on
+/// by the node that streams the slot only, so a subscriber on each node gets it once.
+#[tokio::test]
+async fn a_broadcast_from_the_database_reaches_each_node_once() {
+    let nats = Nats::start().await;
+    let db = TestDb::create("cluster_pg_dbb").await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let b = pg_node(&db, &nats.url(), "b", "1000").await;
+    let c = pg_node(&db, &nats.url(), "c", "1000").await;
+    for node in [&a, &b, &c] {
+        assert_eq!(holder(node).await.0, "a");
+    }
+    let topic = "realtime:dbroom";
+    let mut clients = Vec::new();
+    for node in [&a, &b, &c] {
+        let mut cl = node.connect(Vsn::V2, &token("anon")).await;
+        cl.join_ok(topic, serde_json::json!({})).await;
+        clients.push(cl);
+    }
+    let sql = db.client().await;
+    // Until every node follows the topic on NATS, a broadcast may miss one: send numbered ones
+    // until one reaches all three, then one more that must arrive once everywhere.
+    let send = |n: i64| {
+        let sql = &sql;
+        async move {
+            sql.execute(
+                "SELECT realtime.send(jsonb_build_object('n', $1::int8), 'ev', 'dbroom', false)",
+                &[&n],
+            )
+            .await
+            .expect("realtime.send");
+        }
+    };
+    let n_of = |f: &Frame| match f {
+        Frame::Binary { event, payload, .. } if event == "ev" => {
+            serde_json::from_slice::<Value>(payload).ok()?["n"].as_i64()
+        }
+        _ => None,
+    };
+    let started = tokio::time::Instant::now();
+    let mut probe = 0;
+    'probing: loop {
+        probe += 1;
+        send(probe).await;
+        for cl in clients.iter_mut() {
+            let got = tokio::time::timeout(Duration::from_millis(300), async {
+                loop {
+                    if n_of(&cl.recv().await) == Some(probe) {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_err() {
+                assert!(
+                    started.elapsed() < WAIT,
+                    "a broadcast never reached every node"
+                );
+                continue 'probing;
+            }
+        }
+        break;
+    }
+    send(1000).await;
+    for (name, cl) in ["a", "b", "c"].iter().zip(clients.iter_mut()) {
+        cl.recv_until("the broadcast", |f| n_of(f) == Some(1000))
+            .await;
+        let more: Vec<Frame> = cl.barrier().await;
+        assert!(
+            more.iter().all(|f| n_of(f) != Some(1000)),
+            "node {name} got the broadcast twice: {more:?}"
+        );
+    }
+}

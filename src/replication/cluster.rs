@@ -381,6 +381,8 @@ struct Follower {
     synced: bool,
     /// When a gap was last told.
     last_gap: Option<Instant>,
+    /// Whether the dispatcher was told that what follows comes from another node.
+    announced: bool,
 }
 
 impl Follower {
@@ -398,6 +400,7 @@ impl Follower {
             heard_any: false,
             synced: false,
             last_gap: None,
+            announced: false,
         }
     }
 
@@ -524,6 +527,10 @@ impl Follower {
                     Event::Commit { end_lsn } => self.last_fed_commit = *end_lsn,
                     _ => {}
                 }
+                if !self.announced {
+                    self.announced = true;
+                    let _ = tx.send(Event::Source { remote: true }).await;
+                }
                 // Backpressure: waits while the dispatcher is behind.
                 let _ = tx.send(event).await;
             }
@@ -614,6 +621,7 @@ mod tests {
                     _ => "I?".into(),
                 },
                 Event::Commit { end_lsn } => format!("C{end_lsn}"),
+                Event::Source { remote } => format!("S{remote}"),
                 other => format!("{other:?}"),
             });
         }
@@ -640,7 +648,7 @@ mod tests {
         f.on(msg(1, 14, ins.slice(..5), true), &tx, &status).await;
         f.on(msg(1, 15, ins.slice(5..), false), &tx, &status).await;
         f.on(msg(1, 16, commit(200), false), &tx, &status).await;
-        assert_eq!(kinds(&mut rx), ["B150", "R", "Iabcdef", "C200"]);
+        assert_eq!(kinds(&mut rx), ["Strue", "B150", "R", "Iabcdef", "C200"]);
         assert!(status.gap_for_join().is_none());
         // The same Relation again (the holder sends it with each transaction): not handed on.
         f.on(msg(1, 17, begin(250), false), &tx, &status).await;

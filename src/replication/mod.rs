@@ -65,6 +65,13 @@ pub enum Event {
         prefix: String,
         content: bytes::Bytes,
     },
+    /// Cluster mode: the events that follow come from this node's own stream of the slot
+    /// (`remote: false`) or from the slot holder over NATS (`remote: true`). Broadcasts from
+    /// the database are sent on by the node that streams them only (its broker reaches every
+    /// node).
+    Source {
+        remote: bool,
+    },
 }
 
 /// Replication settings.
@@ -523,6 +530,9 @@ async fn stream(
         0
     };
     conn.start_replication(&command).await?;
+    if link.is_some() && tx.send(Event::Source { remote: false }).await.is_err() {
+        return Ok(());
+    }
     status.set_connected(true);
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server_lsn = %xlogpos, "replication stream started");
 
