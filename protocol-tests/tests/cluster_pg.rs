@@ -464,3 +464,74 @@ async fn a_broadcast_from_the_database_reaches_each_node_once() {
         );
     }
 }
+
+/// A rolling restart: the slot holder stopped gracefully (SIGTERM) under a steady write load;
+/// the other node takes over and its subscriber gets every committed row once.
+#[tokio::test]
+async fn stopping_the_slot_holder_gracefully_hands_the_slot_over_losing_nothing() {
+    let nats = Nats::start().await;
+    let db = TestDb::create("cluster_pg_term").await;
+    let mut a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    pg::create_ticks(&sql).await;
+    let b = pg_node(&db, &nats.url(), "b", "1000").await;
+    assert_eq!(holder(&b).await.0, "a");
+    let mut cb = pg::subscribe_to_ticks(&b).await.0;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer_sql = db.client().await;
+    let writer = tokio::spawn(async move {
+        let mut k = 0;
+        while !*stop_rx.borrow() {
+            k += 1;
+            writer_sql
+                .execute("INSERT INTO ticks (k) VALUES ($1)", &[&k])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        k
+    });
+    cb.recv_until("rows via a", |f| k_of(f).is_some_and(|k| k >= 30))
+        .await;
+    a.terminate();
+    a.wait_exit(WAIT).await;
+    let started = tokio::time::Instant::now();
+    loop {
+        let (h, role) = holder(&b).await;
+        if h == "b" && role == "holder" {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "b never took the slot over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = sql
+        .query_one("SELECT max(k) FROM ticks", &[])
+        .await
+        .expect("max k")
+        .get::<_, Option<i32>>(0)
+        .unwrap_or(0);
+    cb.recv_until("rows via b", |f| {
+        k_of(f).is_some_and(|k| k > i64::from(after) + 20)
+    })
+    .await;
+    stop_tx.send_replace(true);
+    let last = i64::from(writer.await.expect("writer"));
+    let mut seen = Vec::new();
+    for raw in cb.raw.iter() {
+        if let Ok(v) = serde_json::from_str::<Value>(raw) {
+            if v[3] == "postgres_changes" {
+                if let Some(k) = v[4]["data"]["record"]["k"].as_i64() {
+                    seen.push(k);
+                }
+            }
+        }
+    }
+    if seen.last() != Some(&last) {
+        seen.extend(ks_until(&mut cb, last).await);
+    }
+    assert_eq!(
+        seen,
+        (1..=last).collect::<Vec<_>>(),
+        "every row once, in order"
+    );
+}
