@@ -156,6 +156,7 @@ pub async fn run(
                             tap_tx,
                             Arc::new(move || peers.peers_position()),
                             status.clone(),
+                            cluster.node_timeout(),
                         ),
                         incoming: in_rx,
                         node_timeout: cluster.node_timeout(),

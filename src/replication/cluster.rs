@@ -134,11 +134,20 @@ pub struct Link {
     /// current transaction.
     relations: HashMap<u32, Bytes>,
     sent_in_txn: HashSet<u32>,
+    /// How often the holder's position goes out even when it did not move: the others'
+    /// sign that it is alive (well within their node timeout).
+    pub(super) liveness: Duration,
 }
 
 impl Link {
-    pub fn new(tap: mpsc::Sender<Published>, peers: PeersPosition, status: Arc<Status>) -> Self {
+    pub fn new(
+        tap: mpsc::Sender<Published>,
+        peers: PeersPosition,
+        status: Arc<Status>,
+        node_timeout: Duration,
+    ) -> Self {
         Self {
+            liveness: (node_timeout / 3).min(Duration::from_secs(1)),
             tap,
             peers,
             status,
@@ -671,7 +680,12 @@ mod tests {
     #[tokio::test]
     async fn the_holder_sends_a_tables_relation_with_each_transaction_that_touches_it() {
         let (tap, mut out) = mpsc::channel(64);
-        let mut link = Link::new(tap, Arc::new(|| None), Arc::new(status()));
+        let mut link = Link::new(
+            tap,
+            Arc::new(|| None),
+            Arc::new(status()),
+            Duration::from_secs(5),
+        );
         let rel = super::super::pgoutput::tests::relation_bytes();
         let publish = |data: Bytes, lsn: u64| {
             let ev = super::super::pgoutput::decode(&data)

@@ -618,8 +618,8 @@ async fn stream(
                 let own = confirmable(status, last_commit_sent, in_txn, received);
                 status.publish_position(own);
                 if let Some(link) = link.as_mut() {
-                    // The other nodes' position (and a sign of life, at least once a second).
-                    if own > last_published.0 || last_published.1.elapsed() >= Duration::from_secs(1) {
+                    // The other nodes' position (and a sign of life, see `Link::liveness`).
+                    if own > last_published.0 || last_published.1.elapsed() >= link.liveness {
                         link.publish(Published::Position(own)).await;
                         last_published = (own, tokio::time::Instant::now());
                     }
