@@ -22,6 +22,10 @@ use crate::server;
 /// Decoded change events waiting for the dispatcher. When full, reading from PostgreSQL pauses.
 const CHANGE_QUEUE: usize = 4096;
 
+/// Cluster mode: change messages waiting to go to NATS (on the slot holder) or to this node's
+/// dispatcher (on the others).
+const CLUSTER_CHANGES_QUEUE: usize = 4096;
+
 /// How long shutdown waits for each background task to stop before aborting it.
 const TASK_STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -131,10 +135,43 @@ pub async fn run(
                 status_interval: Duration::from_secs(10),
                 startup_grace: db.startup_grace,
             };
-            tasks.spawn(
-                "replication",
-                replication::run(cfg, tx, status.clone(), shutdown_rx.clone()),
-            );
+            match &channels.cluster {
+                None => tasks.spawn(
+                    "replication",
+                    replication::run(cfg, tx, status.clone(), shutdown_rx.clone(), None),
+                ),
+                Some(cluster) => {
+                    // One node streams the slot, the others receive the stream over NATS.
+                    let (tap_tx, tap_rx) = mpsc::channel(CLUSTER_CHANGES_QUEUE);
+                    let (in_tx, in_rx) = mpsc::channel(CLUSTER_CHANGES_QUEUE);
+                    for (name, task) in cluster.changes_tasks(status.clone(), tap_rx, in_tx) {
+                        tasks.spawn_until_shutdown(name, task);
+                    }
+                    let peers = cluster.clone();
+                    let health = cluster.health();
+                    let election = replication::cluster::Election {
+                        cfg,
+                        node: health.node,
+                        link: replication::cluster::Link::new(
+                            tap_tx,
+                            Arc::new(move || peers.peers_position()),
+                            status.clone(),
+                            cluster.node_timeout(),
+                        ),
+                        incoming: in_rx,
+                        node_timeout: cluster.node_timeout(),
+                    };
+                    tasks.spawn(
+                        "replication",
+                        replication::cluster::run(
+                            election,
+                            tx,
+                            status.clone(),
+                            shutdown_rx.clone(),
+                        ),
+                    );
+                }
+            }
             tasks.spawn_until_shutdown(
                 "replication readiness",
                 replication::serve_readiness(pg.pool.clone(), status.clone()),

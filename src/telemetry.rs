@@ -38,16 +38,20 @@ pub const CLUSTER_CONNECTED: &str = "walcast_cluster_connected";
 pub const CLUSTER_PEERS: &str = "walcast_cluster_peers";
 /// Cluster mode: topics this node follows on NATS (has local subscribers for) (gauge).
 pub const CLUSTER_TOPICS: &str = "walcast_cluster_topics";
-/// Cluster mode: messages sent to NATS, by `kind` = broadcast | presence | control | heartbeat (counter).
+/// Cluster mode: messages sent to NATS, by `kind` = broadcast | presence | control | heartbeat | changes (counter).
 pub const CLUSTER_MESSAGES_OUT: &str = "walcast_cluster_messages_out_total";
-/// Cluster mode: messages received from other nodes, by `kind` = broadcast | presence | control (counter).
+/// Cluster mode: messages received from other nodes, by `kind` = broadcast | presence | control | changes (counter).
 pub const CLUSTER_MESSAGES_IN: &str = "walcast_cluster_messages_in_total";
-/// Cluster mode: messages lost between nodes, by `reason` = publish_queue_full | publish_error | slow_consumer | malformed (counter).
+/// Cluster mode: messages lost between nodes, by `reason` = publish_queue_full | changes_queue_full | publish_error | slow_consumer | malformed (counter).
 pub const CLUSTER_DROPPED: &str = "walcast_cluster_dropped_total";
 /// Cluster mode: connections to NATS lost (counter).
 pub const CLUSTER_DISCONNECTS: &str = "walcast_cluster_disconnects_total";
 /// Cluster mode: presence snapshots asked of other nodes (a topic newly followed, a gap, a reconnect) (counter).
 pub const CLUSTER_RESYNCS: &str = "walcast_cluster_resyncs_total";
+/// Cluster mode: whether this node streams the replication slot (holds its lock) (gauge, 0 or 1).
+pub const SLOT_HOLDER: &str = "walcast_slot_holder";
+/// Cluster mode: times this node took the replication slot over and started streaming it (counter).
+pub const SLOT_TAKEOVERS: &str = "walcast_slot_takeovers_total";
 /// Sockets closed for falling behind (counter).
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "walcast_slow_consumer_disconnects_total";
 /// Requests refused by a rate or size limit, by `limit` (counter).
@@ -64,7 +68,7 @@ pub const REPLICATION_CONNECTED: &str = "walcast_replication_connected";
 /// restart_lsn), in bytes (gauge).
 pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
 /// Gaps in the change stream told to channels, by `reason` = restart | slot_lost |
-/// catchup_history (counter).
+/// cluster_lost | catchup_history (counter).
 pub const REPLICATION_GAPS: &str = "walcast_replication_gaps_total";
 /// Row changes decoded from the stream (counter; its rate is changes per second).
 pub const DECODED_CHANGES: &str = "walcast_decoded_changes_total";
@@ -118,6 +122,8 @@ pub const ALL: &[&str] = &[
     REPLICATION_LAG_SECONDS,
     REPLICATION_CONNECTED,
     SLOT_RETAINED_WAL_BYTES,
+    SLOT_HOLDER,
+    SLOT_TAKEOVERS,
     REPLICATION_GAPS,
     DECODED_CHANGES,
     AUTHZ_QUERY_SECONDS,
@@ -210,6 +216,8 @@ fn describe() {
         Unit::Bytes,
         "WAL the database keeps for the slot"
     );
+    describe_gauge!(SLOT_HOLDER, "This node streams the replication slot (0/1)");
+    describe_counter!(SLOT_TAKEOVERS, "Replication slot takeovers by this node");
     describe_counter!(REPLICATION_GAPS, "Gaps in the change stream by reason");
     describe_counter!(DECODED_CHANGES, "Row changes decoded from the stream");
     describe_histogram!(

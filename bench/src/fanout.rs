@@ -321,6 +321,11 @@ async fn measure<T: Target>(
     })
 }
 
+/// A nats-server on a free loopback port (killed when dropped).
+pub(crate) async fn start_nats_server() -> anyhow::Result<(tokio::process::Child, u16)> {
+    start_nats(nats_bin()?).await
+}
+
 async fn start_nats(bin: &str) -> anyhow::Result<(tokio::process::Child, u16)> {
     let nport = free_port()?;
     let n = tokio::process::Command::new(bin)

@@ -13,6 +13,7 @@ mod catchup;
 mod chart;
 mod chat;
 mod drain;
+mod failover;
 mod fanout;
 mod harness;
 mod idle;
@@ -117,6 +118,15 @@ enum Scenario {
         seconds: u64,
         #[arg(long, default_value_t = 50.0)]
         p99_bound_ms: f64,
+    },
+    /// Slot failover (cluster mode): N nodes with one database behind nats-server, a row
+    /// committed every 10 ms, the slot holder killed (SIGKILL); time until a subscriber on a
+    /// surviving node gets the first row committed after the kill, and every row checked.
+    SlotFailover {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
     },
     /// Stalled readers: S sockets on a busy topic stop reading, next to healthy readers; the
     /// server's memory, the sockets cut off, and the healthy readers' latency, against a run
@@ -229,6 +239,9 @@ async fn main() -> anyhow::Result<()> {
                 p99_bound_ms,
             })
             .await
+        }
+        Scenario::SlotFailover { nodes, rounds } => {
+            failover::slot_failover(failover::FailoverArgs { nodes, rounds }).await
         }
         Scenario::Stall {
             stalled,

@@ -207,3 +207,12 @@ fn cluster() {
         "cluster.json",
     );
 }
+
+#[test]
+fn slot_failover() {
+    run(
+        "slot-failover",
+        &["--nodes", "2", "--rounds", "1"],
+        "slot_failover.json",
+    );
+}

@@ -63,6 +63,8 @@ impl PgChanges {
         ));
         // The end LSN of the last commit handed to the sender: it will be delivered.
         let mut dispatched: u64 = 0;
+        // Cluster mode: the events come from the slot holder over NATS (see `Event::Source`).
+        let mut remote = false;
         while let Some(first) = rx.recv().await {
             batch.push(first);
             // Take what is already waiting (batches form by themselves under load), and the
@@ -152,6 +154,7 @@ impl PgChanges {
                         txn.commit();
                     }
                     Event::Message { .. } => {}
+                    Event::Source { remote: r } => remote = r,
                     Event::Insert { relation, new, lsn }
                         if messages_oids.contains(&relation) && txn.take(lsn) =>
                     {
@@ -162,7 +165,9 @@ impl PgChanges {
                                 return;
                             }
                         }
-                        if let Some(table) = tables.get(&relation) {
+                        // In a cluster only the node streaming the slot sends it on: its
+                        // broker reaches every node.
+                        if let Some(table) = tables.get(&relation).filter(|_| !remote) {
                             if steps
                                 .send(Step::Stored(table.clone(), new.clone()))
                                 .await

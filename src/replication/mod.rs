@@ -11,11 +11,13 @@
 //! connection in [`conn`]; decoding in [`pgoutput`] and [`values`]. This file is the stream loop
 //! and its status, one cohesive thing (about 610 lines).
 
+pub mod cluster;
 pub mod conn;
 pub mod pgoutput;
 pub mod slot;
 pub mod values;
 
+pub use cluster::Published;
 pub use slot::{ensure_slot, slot_gap_message, SlotState};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -62,6 +64,13 @@ pub enum Event {
     Message {
         prefix: String,
         content: bytes::Bytes,
+    },
+    /// Cluster mode: the events that follow come from this node's own stream of the slot
+    /// (`remote: false`) or from the slot holder over NATS (`remote: true`). Broadcasts from
+    /// the database are sent on by the node that streams them only (its broker reaches every
+    /// node).
+    Source {
+        remote: bool,
     },
 }
 
@@ -119,6 +128,10 @@ pub enum GapReason {
     /// The replication slot was invalidated (`max_slot_wal_keep_size`) or dropped, and recreated:
     /// the changes it had kept are gone for everyone.
     SlotLost,
+    /// Cluster mode: messages carrying the change stream from the slot holder to this node were
+    /// lost (NATS interrupted, or this node fell behind): changes committed meanwhile may be
+    /// missing here.
+    ClusterLost,
 }
 
 impl GapReason {
@@ -126,7 +139,14 @@ impl GapReason {
         match self {
             GapReason::Restart => "restart",
             GapReason::SlotLost => "slot_lost",
+            GapReason::ClusterLost => "cluster_lost",
         }
+    }
+
+    /// Whether the channels subscribed when it happened missed changes (not only those joining
+    /// after it), and a catch-up's history cannot cover it.
+    pub fn concerns_subscribed(self) -> bool {
+        matches!(self, GapReason::SlotLost | GapReason::ClusterLost)
     }
 }
 
@@ -171,6 +191,8 @@ pub struct Status {
     ready_served: watch::Sender<u64>,
     /// How long a `replication_ready` join waits before its channel is shut down.
     pub ready_timeout: Duration,
+    /// Cluster mode: who streams the slot, and this node's part (see [`cluster`]).
+    pub cluster: cluster::SlotView,
 }
 
 impl Status {
@@ -189,7 +211,13 @@ impl Status {
             ready_wake: Notify::new(),
             ready_served: watch::channel(0).0,
             ready_timeout,
+            cluster: cluster::SlotView::default(),
         }
+    }
+
+    /// Everything in the WAL before this position has been handed to this node's hubs.
+    pub fn position(&self) -> u64 {
+        *self.position.borrow()
     }
 
     /// What the stream is doing, and how long the backlog hold still lasts.
@@ -226,7 +254,7 @@ impl Status {
     }
 
     /// Publishes the stream's position (it only moves forward).
-    fn publish_position(&self, lsn: u64) {
+    pub(crate) fn publish_position(&self, lsn: u64) {
         self.position.send_if_modified(|p| {
             if lsn > *p {
                 *p = lsn;
@@ -272,7 +300,7 @@ impl Status {
         self.gap.subscribe()
     }
 
-    fn set_connected(&self, up: bool) {
+    pub(crate) fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Relaxed);
         self.set_phase(if up {
             Phase::Streaming
@@ -305,6 +333,7 @@ pub async fn run(
     tx: mpsc::Sender<Event>,
     status: Arc<Status>,
     mut shutdown: watch::Receiver<bool>,
+    mut link: Option<cluster::Link>,
 ) {
     let backlog_end = status.backlog_end.load(Ordering::Relaxed);
     if backlog_end != 0 && !cfg.startup_grace.is_zero() {
@@ -343,7 +372,7 @@ pub async fn run(
             return;
         }
         // On shutdown the stream confirms what was delivered, then ends.
-        let result = stream(&cfg, &tx, &status, &mut shutdown).await;
+        let result = stream(&cfg, &tx, &status, &mut shutdown, link.as_mut()).await;
         status.set_connected(false);
         match result {
             Ok(()) => return,
@@ -464,6 +493,7 @@ async fn stream(
     tx: &mpsc::Sender<Event>,
     status: &Status,
     shutdown: &mut watch::Receiver<bool>,
+    mut link: Option<&mut cluster::Link>,
 ) -> Result<(), ConnError> {
     if *shutdown.borrow() {
         return Ok(());
@@ -492,7 +522,17 @@ async fn stream(
         crate::db::quote_ident(&cfg.slot),
         quote_literal(&publications),
     );
+    // In a cluster the position confirmed may be held back by other nodes: never report less
+    // than the slot has already confirmed.
+    let confirmed_at_start = if link.is_some() {
+        slot_confirmed(&mut conn, &cfg.slot).await?
+    } else {
+        0
+    };
     conn.start_replication(&command).await?;
+    if link.is_some() && tx.send(Event::Source { remote: false }).await.is_err() {
+        return Ok(());
+    }
     status.set_connected(true);
     tracing::info!(slot = %cfg.slot, publication = %cfg.publication, server_lsn = %xlogpos, "replication stream started");
 
@@ -502,7 +542,8 @@ async fn stream(
     let mut received: u64 = 0;
     let mut last_commit_sent: u64 = status.acked.load(Ordering::Relaxed);
     let mut in_txn = false;
-    let mut reported: u64 = 0;
+    let mut reported: u64 = confirmed_at_start;
+    let mut last_published = (0u64, tokio::time::Instant::now());
     let mut ticker = tokio::time::interval(Duration::from_millis(100));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = tokio::time::Instant::now();
@@ -522,20 +563,19 @@ async fn stream(
                                 return Err(ConnError::Protocol(format!("undecodable pgoutput message: {e}")));
                             }
                         };
-                        let event = match msg {
-                            Message::Begin { commit_ts, final_lsn, xid } => { in_txn = true; Some(Event::Begin { commit_ts, final_lsn, xid }) }
-                            Message::Commit { end_lsn, .. } => {
+                        let event = event_of(msg, lsn);
+                        match &event {
+                            Some(Event::Begin { .. }) => in_txn = true,
+                            Some(Event::Commit { end_lsn }) => {
                                 in_txn = false;
-                                last_commit_sent = end_lsn;
-                                Some(Event::Commit { end_lsn })
+                                last_commit_sent = *end_lsn;
                             }
-                            Message::Relation(r) => Some(Event::Relation(r)),
-                            Message::Insert { relation, new } => Some(Event::Insert { relation, new, lsn }),
-                            Message::Update { relation, old, new } => Some(Event::Update { relation, old, new, lsn }),
-                            Message::Delete { relation, old } => Some(Event::Delete { relation, old, lsn }),
-                            Message::Message { prefix, content, .. } => Some(Event::Message { prefix, content }),
-                            Message::Truncate { .. } | Message::Type { .. } | Message::Origin { .. } => None,
-                        };
+                            _ => {}
+                        }
+                        if let (Some(link), Some(ev)) = (&mut link, &event) {
+                            // The other nodes decode the same bytes (in WAL order, numbered).
+                            link.publish_event(ev, lsn, data).await;
+                        }
                         if !backlog_told && lsn < backlog_end && matches!(event, Some(Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. })) {
                             // The first change committed while walcast was down goes out now:
                             // channels joining from here on have missed it (and maybe others).
@@ -559,7 +599,7 @@ async fn stream(
                         received = received.max(wal_end);
                         status.publish_position(confirmable(status, last_commit_sent, in_txn, received));
                         if reply {
-                            let flush = confirmable(status, last_commit_sent, in_txn, received);
+                            let flush = held_for_peers(&link, confirmable(status, last_commit_sent, in_txn, received), reported);
                             conn.send_status(received, flush, false).await?;
                             reported = flush;
                             last_status = tokio::time::Instant::now();
@@ -569,14 +609,22 @@ async fn stream(
             }
             // Shutdown: confirm everything delivered so far, so a restart does not send it again.
             _ = shutdown.changed() => {
-                let flush = confirmable(status, last_commit_sent, in_txn, received);
+                let flush = held_for_peers(&link, confirmable(status, last_commit_sent, in_txn, received), reported);
                 conn.send_status(received.max(flush), flush, false).await?;
                 tracing::info!(flush = %format_lsn(flush), "replication stream stopped; delivered changes confirmed");
                 return Ok(());
             }
             _ = ticker.tick() => {
-                let flush = confirmable(status, last_commit_sent, in_txn, received);
-                status.publish_position(flush);
+                let own = confirmable(status, last_commit_sent, in_txn, received);
+                status.publish_position(own);
+                if let Some(link) = link.as_mut() {
+                    // The other nodes' position (and a sign of life, see `Link::liveness`).
+                    if own > last_published.0 || last_published.1.elapsed() >= link.liveness {
+                        link.publish(Published::Position(own)).await;
+                        last_published = (own, tokio::time::Instant::now());
+                    }
+                }
+                let flush = held_for_peers(&link, own, reported);
                 metrics::gauge!(crate::telemetry::REPLICATION_LAG_BYTES).set(received.saturating_sub(flush) as f64);
                 if flush > reported || last_status.elapsed() >= cfg.status_interval {
                     conn.send_status(received.max(flush), flush, false).await?;
@@ -587,6 +635,62 @@ async fn stream(
             }
         }
     }
+}
+
+/// The dispatcher's event for one decoded pgoutput message found at `lsn` (`None`: nothing for
+/// it). The stream and, in a cluster, the nodes that receive the stream from the slot holder
+/// both use it.
+pub fn event_of(msg: Message, lsn: u64) -> Option<Event> {
+    match msg {
+        Message::Begin {
+            commit_ts,
+            final_lsn,
+            xid,
+        } => Some(Event::Begin {
+            commit_ts,
+            final_lsn,
+            xid,
+        }),
+        Message::Commit { end_lsn, .. } => Some(Event::Commit { end_lsn }),
+        Message::Relation(r) => Some(Event::Relation(r)),
+        Message::Insert { relation, new } => Some(Event::Insert { relation, new, lsn }),
+        Message::Update { relation, old, new } => Some(Event::Update {
+            relation,
+            old,
+            new,
+            lsn,
+        }),
+        Message::Delete { relation, old } => Some(Event::Delete { relation, old, lsn }),
+        Message::Message {
+            prefix, content, ..
+        } => Some(Event::Message { prefix, content }),
+        Message::Truncate { .. } | Message::Type { .. } | Message::Origin { .. } => None,
+    }
+}
+
+/// In a cluster, what may be confirmed to the slot: no further than every other node that
+/// streams changes has delivered (see RELIABILITY.md, "Several nodes"), never below what was
+/// reported before.
+fn held_for_peers(link: &Option<&mut cluster::Link>, flush: u64, reported: u64) -> u64 {
+    match link.as_ref().and_then(|l| l.peers_position()) {
+        Some(peers) => flush.min(peers).max(reported),
+        None => flush,
+    }
+}
+
+/// The slot's confirmed position now (0 when unknown).
+async fn slot_confirmed(conn: &mut ReplicationConn, slot: &str) -> Result<u64, ConnError> {
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|s| parse_lsn(&s))
+        .unwrap_or(0))
 }
 
 fn confirmable(status: &Status, last_commit_sent: u64, in_txn: bool, received: u64) -> u64 {

@@ -43,11 +43,20 @@ pub async fn ensure_slot(conn: &mut ReplicationConn, slot: &str) -> Result<SlotS
         .await?;
         state = SlotState::Recreated { confirmed };
     }
-    conn.simple_query(&format!(
-        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-        crate::db::quote_ident(slot)
-    ))
-    .await?;
+    match conn
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+            crate::db::quote_ident(slot)
+        ))
+        .await
+    {
+        Ok(_) => {}
+        // Another node of a cluster created it in between (42710 duplicate_object).
+        Err(ConnError::Server { code, .. }) if code == "42710" && state == SlotState::Created => {
+            return Ok(SlotState::Existing)
+        }
+        Err(e) => return Err(e),
+    }
     tracing::info!(%slot, "created logical replication slot");
     Ok(state)
 }

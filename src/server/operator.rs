@@ -67,6 +67,17 @@ pub(super) async fn tenant_health(State(ctx): State<Arc<Context>>, headers: Head
     let (node, nodes) = cluster.as_ref().map_or(("walcast".to_owned(), 1), |c| {
         (c.node.clone(), 1 + c.peers.len())
     });
+    // Cluster mode: who streams the replication slot, and this node's part.
+    let slot = ctx.replication.as_ref().and_then(|s| {
+        let view = &s.cluster;
+        view.role().map(|role| {
+            json!({
+                "role": role,
+                "holder": view.holder(),
+                "last_lsn": crate::replication::conn::format_lsn(view.last_lsn()),
+            })
+        })
+    });
     (
         status,
         Json(json!({"data": {
@@ -79,6 +90,7 @@ pub(super) async fn tenant_health(State(ctx): State<Arc<Context>>, headers: Head
             "region": null,
             "node": node,
             "cluster": cluster,
+            "slot": slot,
         }})),
     )
         .into_response()

@@ -109,7 +109,7 @@ impl Session {
         }
         // A lost slot is a gap the history cannot cover either.
         let gap = self.ctx.replication.as_ref().and_then(|s| s.gap_for_join());
-        let slot_lost = gap.filter(|g| g.reason == crate::replication::GapReason::SlotLost);
+        let slot_lost = gap.filter(|g| g.reason.concerns_subscribed());
         let (id, generation, alive) = (ch.id, ch.pg_generation, ch.catchup_alive.clone());
         let events = self.events.clone();
         let task = self.tasks.spawn(async move {

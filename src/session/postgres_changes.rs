@@ -180,7 +180,7 @@ impl Session {
 
     /// A gap that concerns the channels subscribed now (a lost slot): tell each.
     pub(super) fn tell_gap_to_subscribed(&mut self, gap: &crate::replication::Gap) {
-        if gap.reason != crate::replication::GapReason::SlotLost {
+        if !gap.reason.concerns_subscribed() {
             return;
         }
         let topics: Vec<String> = self

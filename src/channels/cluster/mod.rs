@@ -21,6 +21,7 @@
 //! Here: the broker, following topics, messages on a topic's subject, NATS events;
 //! [`wire`]: subjects and message encoding; `peers.rs`: heartbeats, node liveness, goodbyes.
 
+mod changes;
 mod peers;
 pub mod wire;
 
@@ -63,6 +64,9 @@ struct RemoteSeq {
 struct Peer {
     name: String,
     last_heard: Instant,
+    /// How far it has delivered the change stream, from its last heartbeat (`None`: it does
+    /// not stream changes).
+    pg_position: Option<u64>,
 }
 
 /// This node's presence numbering: one counter for all topics, and per topic the number of its
@@ -87,6 +91,9 @@ pub struct Cluster {
     connected: AtomicBool,
     /// Topics this node follows (has a NATS subscription for), with their reader task.
     followed: Mutex<HashMap<TopicKey, JoinHandle<()>>>,
+    client: async_nats::Client,
+    /// The change stream's state, once postgres_changes runs ([`Cluster::changes_tasks`]).
+    pg: std::sync::OnceLock<changes::Attached>,
 }
 
 /// The broker of a node in a cluster.
@@ -188,6 +195,8 @@ impl Cluster {
             peers: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             followed: Mutex::new(HashMap::new()),
+            client: client.clone(),
+            pg: std::sync::OnceLock::new(),
         });
         tracing::info!(node = %cluster.settings.node, urls = cluster.settings.urls.len(), "cluster mode: connecting to NATS");
         let heartbeats = client
@@ -241,6 +250,11 @@ impl Cluster {
             broker_connected: self.connected.load(Ordering::Relaxed),
             peers,
         }
+    }
+
+    /// `CLUSTER_NODE_TIMEOUT_MS`.
+    pub fn node_timeout(&self) -> Duration {
+        self.settings.node_timeout
     }
 
     fn subject(&self, key: &TopicKey) -> String {
@@ -438,7 +452,10 @@ impl Cluster {
                     self.send_snapshot(key);
                 }
             }
-            Message::Heartbeat { .. } | Message::Bye { .. } => {}
+            Message::Heartbeat { .. }
+            | Message::Bye { .. }
+            | Message::Wal { .. }
+            | Message::Position { .. } => {}
         }
     }
 
@@ -521,6 +538,7 @@ impl Cluster {
                         );
                     }
                     if std::mem::take(&mut lost) {
+                        self.changes_lost();
                         // What was missed meanwhile: told, and presence resynchronised.
                         for key in self.followed_topics() {
                             self.tell_lost(&key);
@@ -539,6 +557,7 @@ impl Cluster {
                     metrics::counter!(telemetry::CLUSTER_DROPPED, "reason" => "slow_consumer")
                         .increment(1);
                     tracing::warn!("cluster: messages from other nodes dropped (slow consumer)");
+                    self.changes_lost();
                     for key in self.followed_topics() {
                         self.tell_lost(&key);
                         self.request_sync(&key);

@@ -16,11 +16,19 @@ impl Cluster {
     /// Marks a node alive (a new one is logged; one that replaced an older process of the same
     /// name makes that one gone).
     pub(super) fn heard_from(&self, origin: u64, name: Option<&str>) {
+        self.heard_from_with(origin, name, None);
+    }
+
+    /// The same, with the change stream position its heartbeat reported.
+    fn heard_from_with(&self, origin: u64, name: Option<&str>, pg_position: Option<u64>) {
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         match peers.get_mut(&origin) {
             Some(p) => {
                 p.last_heard = now;
+                if name.is_some() {
+                    p.pg_position = pg_position;
+                }
                 if let Some(n) = name.filter(|n| *n != p.name) {
                     p.name = n.to_owned();
                 }
@@ -39,6 +47,7 @@ impl Cluster {
                     Peer {
                         name,
                         last_heard: now,
+                        pg_position,
                     },
                 );
                 metrics::gauge!(telemetry::CLUSTER_PEERS).set(peers.len() as f64);
@@ -72,11 +81,17 @@ impl Cluster {
     }
 
     /// A heartbeat from another node.
-    pub(super) fn on_heartbeat(&self, origin: u64, node: &str, topics: Vec<(String, u64)>) {
+    pub(super) fn on_heartbeat(
+        &self,
+        origin: u64,
+        node: &str,
+        topics: Vec<(String, u64)>,
+        position: Option<u64>,
+    ) {
         if origin == self.instance {
             return;
         }
-        self.heard_from(origin, Some(node));
+        self.heard_from_with(origin, Some(node), position);
         let listed: HashMap<String, u64> = topics.into_iter().collect();
         let followed = self.followed_topics();
         let mut resync = Vec::new();
@@ -127,7 +142,8 @@ impl Cluster {
                     origin,
                     node,
                     topics,
-                }) => self.on_heartbeat(origin, &node, topics),
+                    position,
+                }) => self.on_heartbeat(origin, &node, topics, position),
                 Some(Message::Bye { origin }) if origin != self.instance => {
                     tracing::info!("cluster: a node is shutting down");
                     self.node_gone(origin);
@@ -162,6 +178,7 @@ impl Cluster {
                 origin: self.instance,
                 node: self.settings.node.clone(),
                 topics,
+                position: self.pg.get().map(|a| a.status.position()),
             });
             self.send(
                 wire::heartbeat_subject(&self.settings.prefix),

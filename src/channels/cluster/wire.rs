@@ -68,6 +68,11 @@ pub fn heartbeat_subject(prefix: &str) -> String {
     format!("{prefix}.hb")
 }
 
+/// The subject of the change stream the slot holder publishes (`<prefix>.pg`).
+pub fn changes_subject(prefix: &str) -> String {
+    format!("{prefix}.pg")
+}
+
 /// One message between nodes.
 #[derive(Debug)]
 pub enum Message {
@@ -95,6 +100,25 @@ pub enum Message {
         origin: u64,
         node: String,
         topics: Vec<(String, u64)>,
+        /// How far the node has delivered the change stream (`None`: it does not stream
+        /// changes, no database).
+        position: Option<u64>,
+    },
+    /// A pgoutput message (or a chunk of one: `more`) the slot holder `origin` streamed at
+    /// `lsn`; `seq` numbers the holder's change messages from 1.
+    Wal {
+        origin: u64,
+        seq: u64,
+        lsn: u64,
+        more: bool,
+        data: Bytes,
+    },
+    /// The slot holder has published everything before `lsn`.
+    Position {
+        origin: u64,
+        seq: u64,
+        lsn: u64,
+        node: String,
     },
     /// A node is shutting down: its presences leave now, not after the node timeout.
     Bye { origin: u64 },
@@ -132,6 +156,20 @@ struct Header {
     n: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     t: Vec<(String, u64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    w: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    l: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    c: bool,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 const BROADCAST: u8 = b'B';
@@ -140,6 +178,8 @@ const SNAPSHOT: u8 = b'S';
 const SYNC: u8 = b'R';
 const HEARTBEAT: u8 = b'H';
 const BYE: u8 = b'X';
+const WAL: u8 = b'W';
+const POSITION: u8 = b'P';
 
 fn frame(tag: u8, header: &Header, body: &[u8]) -> Bytes {
     let head = serde_json::to_vec(header).unwrap_or_default();
@@ -220,12 +260,47 @@ pub fn encode(msg: &Message) -> Bytes {
             origin,
             node,
             topics,
+            position,
         } => frame(
             HEARTBEAT,
             &Header {
                 o: *origin,
                 n: Some(node.clone()),
                 t: topics.clone(),
+                w: *position,
+                ..Header::default()
+            },
+            &[],
+        ),
+        Message::Wal {
+            origin,
+            seq,
+            lsn,
+            more,
+            data,
+        } => frame(
+            WAL,
+            &Header {
+                o: *origin,
+                s: *seq,
+                l: *lsn,
+                c: *more,
+                ..Header::default()
+            },
+            data,
+        ),
+        Message::Position {
+            origin,
+            seq,
+            lsn,
+            node,
+        } => frame(
+            POSITION,
+            &Header {
+                o: *origin,
+                s: *seq,
+                l: *lsn,
+                n: Some(node.clone()),
                 ..Header::default()
             },
             &[],
@@ -277,6 +352,20 @@ pub fn decode(bytes: &Bytes) -> Option<Message> {
             origin: header.o,
             node: header.n?,
             topics: header.t,
+            position: header.w,
+        },
+        WAL => Message::Wal {
+            origin: header.o,
+            seq: header.s,
+            lsn: header.l,
+            more: header.c,
+            data: body,
+        },
+        POSITION => Message::Position {
+            origin: header.o,
+            seq: header.s,
+            lsn: header.l,
+            node: header.n?,
         },
         BYE => Message::Bye { origin: header.o },
         _ => return None,
@@ -374,11 +463,36 @@ mod tests {
             origin: 9,
             node: "n".into(),
             topics: vec![("ab".into(), 4)],
+            position: Some(7),
         };
-        let Some(Message::Heartbeat { origin, topics, .. }) = decode(&encode(&hb)) else {
+        let Some(Message::Heartbeat {
+            origin,
+            topics,
+            position,
+            ..
+        }) = decode(&encode(&hb))
+        else {
             panic!("a heartbeat")
         };
-        assert_eq!((origin, topics[0].1), (9, 4));
+        assert_eq!((origin, topics[0].1, position), (9, 4, Some(7)));
+        let wal = Message::Wal {
+            origin: 3,
+            seq: 2,
+            lsn: 99,
+            more: true,
+            data: Bytes::from_static(b"I\n\x00"),
+        };
+        let Some(Message::Wal {
+            seq,
+            lsn,
+            more,
+            data,
+            ..
+        }) = decode(&encode(&wal))
+        else {
+            panic!("a change message")
+        };
+        assert_eq!((seq, lsn, more, &data[..]), (2, 99, true, &b"I\n\x00"[..]));
         assert!(decode(&Bytes::from_static(b"Bnot json")).is_none());
         assert!(decode(&Bytes::new()).is_none());
     }
