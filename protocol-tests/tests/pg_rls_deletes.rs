@@ -69,11 +69,24 @@ async fn until_mark(c: &mut Client, n: i32) -> Vec<Value> {
 struct Db {
     sql: tokio_postgres::Client,
     mark: i32,
+    slot: String,
 }
 
 impl Db {
     async fn exec(&self, q: &str, args: &[&(dyn tokio_postgres::types::ToSql + Sync)]) {
         self.sql.execute(q, args).await.unwrap();
+    }
+
+    /// Waits until walcast has taken in everything committed so far (its slot confirmed it):
+    /// rows written before this are ones the channels that join next never saw change.
+    async fn settled(&self) {
+        let lsn: String = self
+            .sql
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        protocol_tests::pg::wait_slot_confirmed(&self.sql, &self.slot, &lsn).await;
     }
 
     async fn mark(&mut self) -> i32 {
@@ -106,7 +119,8 @@ async fn setup(extra: &[(&str, &str)]) -> (TestDb, Server, Db) {
     let server = Server::start_with_db(&db, extra).await;
     let sql = db.client().await;
     sql.batch_execute(SCHEMA).await.unwrap();
-    (db, server, Db { sql, mark: 0 })
+    let slot = format!("s_{}", db.name);
+    (db, server, Db { sql, mark: 0, slot })
 }
 
 fn types(got: &[Value]) -> Vec<String> {
@@ -170,6 +184,8 @@ async fn unknown_rows_under(rule: &str) -> (Vec<Value>, Vec<Value>) {
     let (_db, server, mut db) = setup(&[("DELETE_VISIBILITY", rule)]).await;
     db.new_conversation(1, 1, None).await;
     db.new_conversation(2, 2, None).await;
+    // Else the INSERTs could reach the dispatcher after the channels joined, and be checked.
+    db.settled().await;
     let mut one = subscriber(&server, Vsn::V2, 1, conversations()).await;
     let mut two = subscriber(&server, Vsn::V2, 2, conversations()).await;
     db.delete_conversation(1).await;
@@ -215,6 +231,7 @@ async fn replica_identity_full_decides_every_delete_from_the_old_row() {
             )
             .await;
         }
+        db.settled().await;
         let messages = json!([{"event":"DELETE","schema":"public","table":"messages"}]);
         let mut one = subscriber(&server, Vsn::V2, 1, messages.clone()).await;
         let mut two = subscriber(&server, Vsn::V1, 2, messages.clone()).await;
