@@ -60,6 +60,8 @@ async fn exists(sql: &tokio_postgres::Client, query: &str, slot: &str) -> bool {
 }
 
 const SLOT_EXISTS: &str = "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)";
+const SLOT_ACTIVE: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)";
 const WALCAST_SCHEMA_EXISTS: &str = "SELECT to_regnamespace('walcast') IS NOT NULL OR $1 = ''";
 
 #[tokio::test]
@@ -80,6 +82,15 @@ async fn hand_back_on_a_database_the_original_set_up_leaves_its_schema_as_it_was
 
     let mut server = Server::start_with_db(&db, &[]).await;
     assert!(exists(&sql, SLOT_EXISTS, &slot).await);
+    // Once it streams (the slot can exist a moment before walcast opens it).
+    let streaming = std::time::Instant::now();
+    while !exists(&sql, SLOT_ACTIVE, &slot).await {
+        assert!(
+            streaming.elapsed() < WAIT,
+            "walcast never began streaming its slot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // A walcast still streams: refused, and nothing changes.
     let (ok, _, err) = migrate(&db, &["--hand-back"]).await;
     assert!(!ok, "a hand-back under a running walcast went ahead");

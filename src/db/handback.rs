@@ -204,10 +204,19 @@ pub async fn hand_back(pool: &Arc<Pool>, slot: &str, dry_run: bool) -> Result<Ve
         report.push("--dry-run: nothing was changed".into());
     } else {
         if drop_slot {
-            client
+            // A walcast that began streaming since the check above: refused as if seen then.
+            if let Err(e) = client
                 .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                 .await
-                .map_err(DbError::from)?;
+            {
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) {
+                    return Err(Error::Refused(format!(
+                        "the replication slot {slot} is in use ({}): stop every walcast first",
+                        e.as_db_error().map_or("in use", |d| d.message())
+                    )));
+                }
+                return Err(DbError::from(e).into());
+            }
         }
         let mut sql = String::from("BEGIN;\n");
         if has_schema {
