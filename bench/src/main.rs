@@ -104,16 +104,23 @@ enum Scenario {
         #[arg(long, default_value_t = 50.0)]
         p99_bound_ms: f64,
     },
-    /// Cluster hop: one topic with S subscribers on 1 walcast, then spread over N walcast nodes
-    /// behind nats-server (publisher on the first node); latency with and without the hop.
+    /// Cluster hop: one topic with S subscribers, and many topics with a few each, on 1 walcast
+    /// and then spread over N walcast nodes behind nats-server (publisher on the first node);
+    /// latency and sustained deliveries/s with and without the hop.
     Cluster {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Publish rates (messages per second).
+        /// Publish rates for the one-topic shape (messages per second).
         #[arg(long, value_delimiter = ',', default_value = "100,400,800")]
         rates: Vec<u64>,
+        /// Topics in the many-topics shape (subscribers are spread over them).
+        #[arg(long, default_value_t = 250)]
+        topics: usize,
+        /// Publish rates for the many-topics shape (messages per second over all topics).
+        #[arg(long, value_delimiter = ',', default_value = "2000,8000,16000")]
+        many_rates: Vec<u64>,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         #[arg(long, default_value_t = 50.0)]
@@ -228,6 +235,8 @@ async fn main() -> anyhow::Result<()> {
             subscribers,
             nodes,
             rates,
+            topics,
+            many_rates,
             seconds,
             p99_bound_ms,
         } => {
@@ -235,6 +244,8 @@ async fn main() -> anyhow::Result<()> {
                 subscribers,
                 nodes: nodes.max(1),
                 rates,
+                topics_for_many: topics,
+                many_rates,
                 seconds,
                 p99_bound_ms,
             })
