@@ -98,10 +98,13 @@ async fn rss_growth(db_url: &str, n: usize, catchup: bool) -> anyhow::Result<u64
     Ok(after.saturating_sub(before))
 }
 
-/// One client: join its room, wait for "Subscribed"; returns the socket.
-async fn subscribe(port: u16, user: &str, room: usize) -> anyhow::Result<Ws> {
+/// One client: join its room with message ref `msg_ref`, wait for "Subscribed"; returns the
+/// socket. A rejoin continues the refs its first socket used (as supabase-js does across its
+/// reconnects): a join that starts again from 1 is a new page, which starts fresh.
+async fn subscribe(port: u16, user: &str, room: usize, msg_ref: u64) -> anyhow::Result<Ws> {
     let mut ws = ws_connect(port, &token(user)).await?;
-    let join = json!(["1", "1", format!("realtime:room-{room}"), "phx_join",
+    let r = msg_ref.to_string();
+    let join = json!([r, r, format!("realtime:room-{room}"), "phx_join",
         {"config": {"broadcast": {"ack": false, "self": false}, "presence": {"enabled": false},
                     "postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items", "filter": format!("room=eq.{room}")}]}}]);
     ws.send(Message::Text(join.to_string().into())).await?;
@@ -114,6 +117,10 @@ async fn subscribe(port: u16, user: &str, room: usize) -> anyhow::Result<Ws> {
         if v[3] == "system" {
             if v[4]["status"] != "ok" {
                 bail!("subscription failed: {}", v[4]);
+            }
+            // A rejoin that was not resumed would wait for nothing: say why instead.
+            if msg_ref > 1 && v[4]["catchup"]["status"] != "resumed" {
+                bail!("the rejoin was not resumed: {}", v[4]);
             }
             return Ok(ws);
         }
@@ -129,7 +136,9 @@ async fn rejoin(
     expect: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
     let start = Instant::now();
-    let mut ws = subscribe(port, &user, room).await?;
+    // Ref 2 with catch-up on (a reconnect of the same client); with it off, ref 1 (a plain join).
+    let msg_ref = if expect > 0 { 2 } else { 1 };
+    let mut ws = subscribe(port, &user, room, msg_ref).await?;
     let subscribed = start.elapsed();
     let mut ids = HashSet::new();
     while ids.len() < expect {
@@ -171,7 +180,7 @@ async fn rejoin_run(db_url: &str, a: &CatchupArgs, catchup: bool) -> anyhow::Res
     let users: Vec<String> = (0..a.clients).map(|i| format!("user-{i}")).collect();
     let mut sockets = Vec::new();
     for (i, u) in users.iter().enumerate() {
-        sockets.push(subscribe(port, u, i % a.rooms).await?);
+        sockets.push(subscribe(port, u, i % a.rooms, 1).await?);
     }
     drop(sockets); // every socket dies without a leave
     let rooms: Vec<i32> = (0..a.rooms as i32).collect();
