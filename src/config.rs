@@ -59,6 +59,9 @@ pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
 /// 2-core project machine a second concurrent check raised tail latency for the cheap policy
 /// shapes (see BENCHMARKS.md, issue #13); a database with cores to spare can take more.
 pub const DEFAULT_DB_CHECKS_IN_FLIGHT: usize = 1;
+/// Default of `DB_REPLICA_MAX_WAIT_MS`: how long a row check waits on a read replica for it to
+/// replay the batch's commits before it is run on the primary instead.
+pub const DEFAULT_DB_REPLICA_MAX_WAIT_MS: u64 = 20;
 /// Default of `STARTUP_GRACE_MS`: how long a backlog found at start is held for subscribers to
 /// rejoin.
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
@@ -344,6 +347,19 @@ pub struct ServeArgs {
     #[arg(long, env = "DB_CHECKS_IN_FLIGHT", default_value_t = DEFAULT_DB_CHECKS_IN_FLIGHT)]
     pub db_checks_in_flight: usize,
 
+    /// Read replicas (streaming standbys of the database) for the row checks:
+    /// comma-separated `postgres://` URLs. A URL without user, password or database takes the
+    /// primary's; without `sslmode`, DB_SSL / DB_SSL_CA_CERT apply as for the primary. A batch's
+    /// checks run on a replica only once it has replayed the batch's commits; else on the
+    /// primary. Empty: every check runs on the primary.
+    #[arg(long, env = "DB_REPLICA_URLS", hide_env_values = true)]
+    pub db_replica_urls: Option<String>,
+
+    /// How long a batch's row checks wait on a replica for it to replay the batch's commits
+    /// before they run on the primary instead.
+    #[arg(long, env = "DB_REPLICA_MAX_WAIT_MS", default_value_t = DEFAULT_DB_REPLICA_MAX_WAIT_MS)]
+    pub db_replica_max_wait_ms: u64,
+
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -606,6 +622,10 @@ pub struct DatabaseSettings {
     pub delivery_pool_size: usize,
     /// `DB_CHECKS_IN_FLIGHT`.
     pub checks_in_flight: usize,
+    /// `DB_REPLICA_URLS`: where the row checks may also run.
+    pub replicas: Vec<crate::db::DbConfig>,
+    /// `DB_REPLICA_MAX_WAIT_MS`.
+    pub replica_max_wait: std::time::Duration,
     /// `PUBLICATION`.
     pub publication: String,
     /// `SLOT_NAME`.
@@ -861,6 +881,59 @@ impl ServeArgs {
         self.database_on(db).map(Some)
     }
 
+    /// `DB_REPLICA_URLS`, each a URL parsed as DATABASE_URL is: the user, password and
+    /// database the URL leaves out are the primary's (`primary`), and without `sslmode` in the
+    /// URL DB_SSL / DB_SSL_CA_CERT apply. A replica must hold the primary's database: one that
+    /// names another database is refused (its checks would answer for other tables).
+    fn replicas_of(
+        &self,
+        primary: &crate::db::DbConfig,
+    ) -> Result<Vec<crate::db::DbConfig>, ConfigError> {
+        use crate::db::tls::SslMode;
+        let mut out = Vec::new();
+        let urls = self.db_replica_urls.as_deref().unwrap_or("");
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let mut r = crate::db::DbConfig::from_url(url)?;
+            let (rest, query) = url.split_once('?').unwrap_or((url, ""));
+            let after_scheme = rest.split_once("://").map_or(rest, |(_, r)| r);
+            let (auth, hostpart) = after_scheme.rsplit_once('@').unwrap_or(("", after_scheme));
+            if auth.is_empty() {
+                r.user = primary.user.clone();
+            }
+            if !auth.contains(':') {
+                r.password = primary.password.clone();
+            }
+            let named_db = hostpart.split_once('/').is_some_and(|(_, d)| !d.is_empty());
+            if !named_db {
+                r.dbname = primary.dbname.clone();
+            } else if r.dbname != primary.dbname {
+                return Err(ConfigError::Database(crate::db::DbError::BadUrl(format!(
+                    "DB_REPLICA_URLS: a replica of database {} cannot answer for database {}",
+                    r.dbname, primary.dbname
+                ))));
+            }
+            let has_sslmode = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "sslmode");
+            let ca = self
+                .db_ssl_ca_cert
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty());
+            if !has_sslmode {
+                match self.db_ssl {
+                    Some(true) if ca.is_some() => r.tls.mode = SslMode::VerifyFull,
+                    Some(true) => r.tls.mode = SslMode::Require,
+                    Some(false) => r.tls.mode = SslMode::Disable,
+                    None => r.tls.mode = primary.tls.mode,
+                }
+            }
+            if r.tls.root_cert.is_none() {
+                r.tls.root_cert = ca.or_else(|| primary.tls.root_cert.clone());
+            }
+            r.tls_config()?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     /// The database settings for the connection `db` (from [`Self::database`], or `walcast
     /// dev`'s own cluster), every other field from these arguments, validated.
     pub fn database_on(&self, db: crate::db::DbConfig) -> Result<DatabaseSettings, ConfigError> {
@@ -886,7 +959,10 @@ impl ServeArgs {
         if self.db_checks_in_flight == 0 {
             return Err(ConfigError::Zero("DB_CHECKS_IN_FLIGHT"));
         }
+        let replicas = self.replicas_of(&db)?;
         Ok(DatabaseSettings {
+            replicas,
+            replica_max_wait: std::time::Duration::from_millis(self.db_replica_max_wait_ms),
             db,
             pool_size: self.db_pool_size,
             delivery_pool_size: self.db_delivery_pool_size,

@@ -4,6 +4,7 @@ pub mod handback;
 pub mod janitor;
 pub mod migrations;
 pub mod privileges;
+pub mod replicas;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
 
+use crate::db::replicas::{Replica, Replicas};
 use crate::db::{quote_ident, quote_literal, text_array_literal, DbError, Pool};
 
 use super::catalog::TableInfo;
@@ -27,8 +28,17 @@ const CACHE_LIMIT: usize = 10_000;
 /// (role, table) → when it was looked up, and the columns the role may select.
 type ColumnCache = HashMap<(String, u32), (Instant, Arc<HashSet<String>>)>;
 
+/// How long a replica may take over a batch's checks beyond its wait for replay before it is
+/// left out and the primary answers.
+const REPLICA_ATTEMPT: Duration = Duration::from_secs(5);
+/// SQLSTATEs the replay guard raises (see [`replay_guard_sql`]).
+const BEHIND: &str = "WC001";
+const NOT_STANDBY: &str = "WC002";
+
 pub struct Authorizer {
     pool: Arc<Pool>,
+    /// `DB_REPLICA_URLS`: where row checks may run instead (see [`crate::db::replicas`]).
+    replicas: Option<Arc<Replicas>>,
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
     plans: Mutex<HashMap<u32, PlanChoice>>,
@@ -74,10 +84,23 @@ impl Authorizer {
     pub fn new(pool: Arc<Pool>) -> Self {
         Self {
             pool,
+            replicas: None,
             columns: Mutex::new(HashMap::new()),
             bypass: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Row checks may also run on these replicas.
+    pub fn set_replicas(&mut self, replicas: Arc<Replicas>) {
+        if !replicas.is_empty() {
+            self.replicas = Some(replicas);
+        }
+    }
+
+    /// The replicas row checks may run on, if any.
+    pub fn replicas(&self) -> Option<Arc<Replicas>> {
+        self.replicas.clone()
     }
 
     /// Columns of `table` that `role` may SELECT. An unknown role may select nothing.
@@ -173,10 +196,13 @@ impl Authorizer {
     /// nothing. Returns the visible primary keys per request, in request order.
     /// `xids` are the transactions whose rows are checked: the check waits until they are
     /// visible (see `walcast.wait_visible`), so that it judges the committed row.
+    /// `commit_lsn` is the start of the batch's last commit record: a replica answers only once
+    /// it has replayed past it (see [`crate::db::replicas`]); else the primary answers.
     pub async fn visible(
         &self,
         requests: &[RlsRequest],
         xids: &[u32],
+        commit_lsn: u64,
     ) -> Vec<HashSet<Vec<String>>> {
         if requests.is_empty() {
             return Vec::new();
@@ -184,6 +210,23 @@ impl Authorizer {
         let started = std::time::Instant::now();
         metrics::histogram!(crate::telemetry::AUTHZ_COHORTS).record(requests.len() as f64);
         let _timer = TimerGuard(started);
+        if let Some(replicas) = &self.replicas {
+            if let Some((replica, _busy)) = replicas.pick(commit_lsn) {
+                match self
+                    .on_replica(&replica, replicas.max_wait, requests, xids, commit_lsn)
+                    .await
+                {
+                    Ok(v) => {
+                        metrics::counter!(crate::telemetry::AUTHZ_BATCHES, "on" => "replica")
+                            .increment(1);
+                        return v;
+                    }
+                    Err(miss) => miss.record(&replica),
+                }
+            }
+        }
+        let _busy = self.replicas.as_ref().map(|r| r.primary_busy());
+        metrics::counter!(crate::telemetry::AUTHZ_BATCHES, "on" => "primary").increment(1);
         match self.visible_batch(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
@@ -225,13 +268,65 @@ impl Authorizer {
         seen
     }
 
+    /// The whole batch on `replica`, all or nothing: any failure (still behind after the wait,
+    /// an error, a recovery conflict, a lost connection) returns why, and the primary answers
+    /// the batch instead. Policy errors are narrowed down on the primary only, so a replica
+    /// never answers for part of a batch.
+    async fn on_replica(
+        &self,
+        replica: &Replica,
+        wait: Duration,
+        requests: &[RlsRequest],
+        xids: &[u32],
+        commit_lsn: u64,
+    ) -> Result<Vec<HashSet<Vec<String>>>, Miss> {
+        let deadline = wait + REPLICA_ATTEMPT;
+        let mut client = match tokio::time::timeout(deadline, replica.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                replica.down();
+                return Err(Miss::Unavailable(e.to_string()));
+            }
+            Err(_) => {
+                replica.down();
+                return Err(Miss::Unavailable("no connection in time".into()));
+            }
+        };
+        let guard = Some((commit_lsn, wait));
+        match tokio::time::timeout(deadline, self.check(&mut client, requests, xids, guard)).await {
+            Ok(Ok(v)) => {
+                replica.replayed(commit_lsn.saturating_add(1));
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                client.discard();
+                let miss = Miss::of(&e);
+                match miss {
+                    Miss::Behind => replica.behind(commit_lsn),
+                    Miss::Unavailable(_) => replica.down(),
+                    Miss::Conflict(_) | Miss::Error(_) => {}
+                }
+                Err(miss)
+            }
+            Err(_) => {
+                // The check is cut off mid-transaction: its connection is not reused.
+                client.discard();
+                replica.down();
+                Err(Miss::Unavailable(format!(
+                    "no answer within {} ms",
+                    deadline.as_millis()
+                )))
+            }
+        }
+    }
+
     async fn visible_batch(
         &self,
         requests: &[RlsRequest],
         xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let mut client = self.pool.get().await?;
-        let result = self.check(&mut client, requests, xids).await;
+        let result = self.check(&mut client, requests, xids, None).await;
         if result.is_err() {
             // Its prepared statements may be what failed: start the next check afresh.
             client.discard();
@@ -243,11 +338,16 @@ impl Authorizer {
     /// `walcast.check_cohorts` that, cohort by cohort, set the role and claims and run that
     /// table's prepared key lookup under them: one call per plan mode in use (see
     /// [`PlanChoice`]), and a timed call of its own for each half of a table being compared.
+    /// On a replica, `replay` = (the batch's last commit LSN, how long to wait for it): the
+    /// transaction first makes sure the replica has replayed past it (see
+    /// [`replay_guard_sql`]). Nothing here writes (no temporary tables, no sequences): `SET
+    /// LOCAL`, `set_config`, `PREPARE`, savepoints and the lookups all run on a hot standby.
     async fn check(
         &self,
         client: &mut crate::db::PooledClient,
         requests: &[RlsRequest],
         xids: &[u32],
+        replay: Option<(u64, Duration)>,
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let calls = self.plan_calls(requests);
         // Each request's keys as one text array literal per key column.
@@ -310,6 +410,10 @@ impl Authorizer {
             "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; \
              SET LOCAL plan_cache_mode = force_generic_plan;",
         );
+        if let Some((lsn, wait)) = replay {
+            // Before any lookup: every later statement's snapshot includes the batch's commits.
+            setup.push_str(&replay_guard_sql(lsn, wait));
+        }
         for p in prepares.iter().flatten() {
             setup.push_str(p);
             setup.push(';');
@@ -433,6 +537,96 @@ impl Authorizer {
             plans.clear();
         }
         plan_calls(&mut plans, &tables)
+    }
+}
+
+/// The replay guard of a check on a replica: waits (at most `wait`, checking every half
+/// millisecond) until the standby has replayed past `commit_lsn` (the start of the batch's last
+/// commit record; the end of the last record replayed is then at or past that commit's end),
+/// and raises `WC001` if it has not by then, `WC002` if the server is not a standby (promoted:
+/// its data is no longer the primary's). Run first in the check's transaction, on the check's
+/// connection: replay only moves forward while the standby runs, and the connection dies with
+/// it, so the lookups that follow see at least everything up to that commit.
+fn replay_guard_sql(commit_lsn: u64, wait: Duration) -> String {
+    let lsn = format!("{:X}/{:X}", commit_lsn >> 32, commit_lsn & 0xFFFF_FFFF);
+    format!(
+        "DO $walcast_replay$ DECLARE deadline timestamptz := clock_timestamp() + interval '{ms} milliseconds'; \
+         BEGIN LOOP \
+           IF NOT pg_is_in_recovery() THEN RAISE EXCEPTION 'not a standby' USING ERRCODE = '{NOT_STANDBY}'; END IF; \
+           EXIT WHEN pg_last_wal_replay_lsn() > '{lsn}'::pg_lsn; \
+           IF clock_timestamp() >= deadline THEN \
+             RAISE EXCEPTION 'replay behind {lsn}' USING ERRCODE = '{BEHIND}'; END IF; \
+           PERFORM pg_sleep(0.0005); \
+         END LOOP; END $walcast_replay$;",
+        ms = wait.as_millis()
+    )
+}
+
+/// Why a replica did not answer a batch (which the primary then answers).
+#[derive(Debug)]
+enum Miss {
+    /// Not replayed past the batch's commits within `DB_REPLICA_MAX_WAIT_MS`.
+    Behind,
+    /// A query cancelled by a recovery conflict.
+    Conflict(String),
+    /// Any other error of the check (a policy error, a setting): the primary decides.
+    Error(String),
+    /// No connection, a lost one, no answer in time, or no longer a standby.
+    Unavailable(String),
+}
+
+impl Miss {
+    fn of(e: &CheckError) -> Miss {
+        let db = match e {
+            CheckError::Sql(e) => e.as_db_error().map(|d| (d.code().code(), d.message())),
+            CheckError::Lookup { code, message } => Some((code.as_str(), message.as_str())),
+            CheckError::Pool(e) => e.db_error().map(|d| (d.code().code(), d.message())),
+            _ => return Miss::Error(e.to_string()),
+        };
+        match db {
+            None => Miss::Unavailable(e.to_string()),
+            Some((BEHIND, _)) => Miss::Behind,
+            Some((NOT_STANDBY, _)) => Miss::Unavailable("no longer a standby".into()),
+            Some((code, message))
+                if matches!(code, "40001" | "40P01" | "57P04") && message.contains("recovery") =>
+            {
+                Miss::Conflict(format!("{code}: {message}"))
+            }
+            Some((code, message)) => Miss::Error(format!("{code}: {message}")),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Miss::Behind => "behind",
+            Miss::Conflict(_) => "conflict",
+            Miss::Error(_) => "error",
+            Miss::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The metric, and a log line where an operator has something to look at.
+    fn record(&self, replica: &Replica) {
+        metrics::counter!(crate::telemetry::REPLICA_FALLBACKS, "reason" => self.reason())
+            .increment(1);
+        match self {
+            Miss::Behind => tracing::debug!(
+                replica = %replica.label,
+                "replica had not replayed the batch's commits in time: checked on the primary"
+            ),
+            Miss::Conflict(e) => tracing::warn!(
+                replica = %replica.label, error = %e,
+                "row check cancelled on the replica by a recovery conflict: checked on the primary"
+            ),
+            Miss::Error(e) => tracing::debug!(
+                replica = %replica.label, error = %e,
+                "row check failed on the replica: checked on the primary"
+            ),
+            Miss::Unavailable(e) => tracing::warn!(
+                replica = %replica.label, error = %e,
+                "replica unavailable: row checks go to the primary until it answers again"
+            ),
+        }
     }
 }
 

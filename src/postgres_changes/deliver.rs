@@ -37,7 +37,12 @@ impl PgChanges {
             }
         }
         let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
-        let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
+        // The replica that answers must have replayed every commit of the batch.
+        let commit_lsn = pending.iter().map(|(c, _)| c.commit_lsn).max().unwrap_or(0);
+        let visible = self
+            .authorizer
+            .visible(&plan.requests, &plan.xids, commit_lsn)
+            .await;
         Checked {
             pending,
             gates: plan.gates,
@@ -298,6 +303,7 @@ mod tests {
             old,
             commit_ts: 0,
             xid: 7,
+            commit_lsn: 0,
         }
     }
 

@@ -52,6 +52,9 @@ pub struct Change {
     pub commit_ts: i64,
     /// The transaction that made the change.
     pub xid: u32,
+    /// Where its transaction's commit record starts (pgoutput's BEGIN `final_lsn`): a replica
+    /// has replayed the commit once its replay position is past this.
+    pub commit_lsn: u64,
 }
 
 impl Change {
