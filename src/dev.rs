@@ -221,8 +221,9 @@ impl DevCluster {
 
     /// A streaming replica of this cluster: a base backup (`pg_basebackup -R`, so it follows
     /// this cluster) under `<root>/<name>`, started as a hot standby on a free loopback port.
-    /// For tests and benchmarks of read replicas; stop it like any cluster.
-    pub fn start_replica(&self, name: &str) -> Result<DevCluster, DevError> {
+    /// For tests and benchmarks of read replicas; stop it like any cluster. `settings` are
+    /// more `-c name=value` options for the replica (e.g. `recovery_min_apply_delay`).
+    pub fn start_replica(&self, name: &str, settings: &[&str]) -> Result<DevCluster, DevError> {
         let root = self.root.join(name);
         let data = root.join("data");
         std::fs::create_dir_all(&root)?;
@@ -259,13 +260,16 @@ impl DevCluster {
             port: free_port()?,
         };
         // A standby needs at least the primary's limits (max_wal_senders and friends).
-        let opts = format!(
+        let mut opts = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
              -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 \
              -c hot_standby=on -c track_functions=all",
             replica.port,
             root.display()
         );
+        for s in settings {
+            opts.push_str(&format!(" -c {s}"));
+        }
         run(
             replica
                 .command("pg_ctl")

@@ -180,13 +180,31 @@ pub struct Replica {
 
 impl Replica {
     pub fn start() -> Replica {
+        Self::start_with(&[])
+    }
+
+    /// With more settings for the replica (`name=value`, e.g. `recovery_min_apply_delay=30ms`).
+    pub fn start_with(settings: &[&str]) -> Replica {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let c = cluster();
-        let dev = c
-            .dev
-            .start_replica(&format!("replica{n}"))
-            .unwrap_or_else(|e| panic!("cannot start a replica for tests: {e}"));
+        // One base backup at a time: each forces a checkpoint, and PostgreSQL 15 can end a
+        // concurrent backup's WAL stream at another's checkpoint ("terminating process ... to
+        // release replication slot"); such a backup is tried again.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempt = 0;
+        let dev = loop {
+            attempt += 1;
+            match c
+                .dev
+                .start_replica(&format!("replica{n}-{attempt}"), settings)
+            {
+                Ok(dev) => break dev,
+                Err(e) if attempt < 3 => eprintln!("replica base backup failed, again: {e}"),
+                Err(e) => panic!("cannot start a replica for tests: {e}"),
+            }
+        };
         stop_when_this_process_ends(&dev, &dev.root);
         Replica {
             port: dev.port,

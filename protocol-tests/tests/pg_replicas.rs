@@ -311,15 +311,20 @@ async fn a_replica_killed_during_a_check_loses_nothing() {
     // A check in flight on the replica: replay paused, so it waits there for the commit.
     replica.wait_caught_up(&sql, &rsql).await;
     replica.pause(&rsql).await;
+    let since: std::time::SystemTime = rsql
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0);
     insert(10).await;
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let waiting: i64 = rsql
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE application_name = 'walcast_replica_checks' AND query LIKE '%walcast_replay%'
-                    AND state = 'active'",
-                &[],
+                  WHERE application_name = 'walcast_replica_checks'
+                    AND query LIKE '%pg_last_wal_replay_lsn() > $1%' AND state_change > $1",
+                &[&since],
             )
             .await
             .unwrap()
@@ -327,10 +332,30 @@ async fn a_replica_killed_during_a_check_loses_nothing() {
         if waiting > 0 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no check ever waited on the replica"
-        );
+        if std::time::Instant::now() >= deadline {
+            let rows = rsql
+                .query("SELECT application_name, state, query, state_change::text FROM pg_stat_activity WHERE backend_type = 'client backend'", &[])
+                .await
+                .unwrap();
+            let seen: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:?} {:?} {:?} {:?}",
+                        r.get::<_, Option<String>>(0),
+                        r.get::<_, Option<String>>(1),
+                        r.get::<_, Option<String>>(2),
+                        r.get::<_, Option<String>>(3)
+                    )
+                })
+                .collect();
+            let log = std::fs::read_to_string(format!(
+                "/tmp/walcast-test-pg-{}/pg/replica0-1/postgres.log",
+                std::process::id()
+            ))
+            .unwrap_or_default();
+            panic!("no check ever waited on the replica (since {since:?}): {seen:#?}\n{log}");
+        }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     drop(rsql);

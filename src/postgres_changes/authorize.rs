@@ -292,15 +292,46 @@ impl Authorizer {
                 return Err(Miss::Unavailable("no connection in time".into()));
             }
         };
-        let guard = Some((commit_lsn, wait));
-        match tokio::time::timeout(deadline, self.check(&mut client, requests, xids, guard)).await {
+        let attempt = async {
+            let waited_until = tokio::time::Instant::now() + wait;
+            let mut waited = false;
+            loop {
+                match self
+                    .check(&mut client, requests, xids, Some(commit_lsn))
+                    .await
+                {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        let miss = Miss::of(&e);
+                        if !matches!(miss, Miss::Behind) || waited {
+                            return Err(miss);
+                        }
+                    }
+                }
+                // Not replayed yet: wait for it outside any transaction (a snapshot held while
+                // waiting could hold up the very replay it waits for, on a recovery conflict),
+                // then check again, guard included.
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| Miss::of(&CheckError::Sql(e)))?;
+                waited = true;
+                if !wait_replayed(&client, commit_lsn, waited_until)
+                    .await
+                    .map_err(|e| Miss::of(&CheckError::Sql(e)))?
+                {
+                    return Err(Miss::Behind);
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, attempt).await {
             Ok(Ok(v)) => {
                 replica.replayed(commit_lsn.saturating_add(1));
                 Ok(v)
             }
-            Ok(Err(e)) => {
+            Ok(Err(miss)) => {
+                // Its session state is in doubt (an aborted transaction, prepared statements).
                 client.discard();
-                let miss = Miss::of(&e);
                 match miss {
                     Miss::Behind => replica.behind(commit_lsn),
                     Miss::Unavailable(_) => replica.down(),
@@ -338,16 +369,15 @@ impl Authorizer {
     /// `walcast.check_cohorts` that, cohort by cohort, set the role and claims and run that
     /// table's prepared key lookup under them: one call per plan mode in use (see
     /// [`PlanChoice`]), and a timed call of its own for each half of a table being compared.
-    /// On a replica, `replay` = (the batch's last commit LSN, how long to wait for it): the
-    /// transaction first makes sure the replica has replayed past it (see
-    /// [`replay_guard_sql`]). Nothing here writes (no temporary tables, no sequences): `SET
+    /// On a replica, `replay` is the batch's last commit LSN: the transaction first makes sure
+    /// the replica has replayed past it (see [`replay_guard_sql`]), or fails with `WC001`. Nothing here writes (no temporary tables, no sequences): `SET
     /// LOCAL`, `set_config`, `PREPARE`, savepoints and the lookups all run on a hot standby.
     async fn check(
         &self,
         client: &mut crate::db::PooledClient,
         requests: &[RlsRequest],
         xids: &[u32],
-        replay: Option<(u64, Duration)>,
+        replay: Option<u64>,
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let calls = self.plan_calls(requests);
         // Each request's keys as one text array literal per key column.
@@ -410,9 +440,9 @@ impl Authorizer {
             "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; \
              SET LOCAL plan_cache_mode = force_generic_plan;",
         );
-        if let Some((lsn, wait)) = replay {
+        if let Some(lsn) = replay {
             // Before any lookup: every later statement's snapshot includes the batch's commits.
-            setup.push_str(&replay_guard_sql(lsn, wait));
+            setup.push_str(&replay_guard_sql(lsn));
         }
         for p in prepares.iter().flatten() {
             setup.push_str(p);
@@ -540,26 +570,53 @@ impl Authorizer {
     }
 }
 
-/// The replay guard of a check on a replica: waits (at most `wait`, checking every half
-/// millisecond) until the standby has replayed past `commit_lsn` (the start of the batch's last
-/// commit record; the end of the last record replayed is then at or past that commit's end),
-/// and raises `WC001` if it has not by then, `WC002` if the server is not a standby (promoted:
-/// its data is no longer the primary's). Run first in the check's transaction, on the check's
-/// connection: replay only moves forward while the standby runs, and the connection dies with
-/// it, so the lookups that follow see at least everything up to that commit.
-fn replay_guard_sql(commit_lsn: u64, wait: Duration) -> String {
-    let lsn = format!("{:X}/{:X}", commit_lsn >> 32, commit_lsn & 0xFFFF_FFFF);
+/// `commit_lsn` as PostgreSQL writes an LSN (`XXX/XXX`).
+fn lsn_text(commit_lsn: u64) -> String {
+    format!("{:X}/{:X}", commit_lsn >> 32, commit_lsn & 0xFFFF_FFFF)
+}
+
+/// The replay guard of a check on a replica, run first in the check's transaction on the
+/// check's connection: raises `WC001` unless the standby has replayed past `commit_lsn` (the
+/// start of the batch's last commit record; the end of the last record replayed is then at or
+/// past that commit's end), `WC002` if the server is not a standby (promoted: its data is no
+/// longer the primary's). Replay only moves forward while the standby runs, and the connection
+/// dies with it, so the lookups that follow see at least everything up to that commit.
+fn replay_guard_sql(commit_lsn: u64) -> String {
+    let lsn = lsn_text(commit_lsn);
     format!(
-        "DO $walcast_replay$ DECLARE deadline timestamptz := clock_timestamp() + interval '{ms} milliseconds'; \
-         BEGIN LOOP \
+        "DO $walcast_replay$ BEGIN \
            IF NOT pg_is_in_recovery() THEN RAISE EXCEPTION 'not a standby' USING ERRCODE = '{NOT_STANDBY}'; END IF; \
-           EXIT WHEN pg_last_wal_replay_lsn() > '{lsn}'::pg_lsn; \
-           IF clock_timestamp() >= deadline THEN \
+           IF NOT pg_last_wal_replay_lsn() > '{lsn}'::pg_lsn THEN \
              RAISE EXCEPTION 'replay behind {lsn}' USING ERRCODE = '{BEHIND}'; END IF; \
-           PERFORM pg_sleep(0.0005); \
-         END LOOP; END $walcast_replay$;",
-        ms = wait.as_millis()
+         END $walcast_replay$;"
     )
+}
+
+/// Waits, outside any transaction (each poll a statement of its own, so no snapshot is held
+/// across the wait), until the standby has replayed past `commit_lsn`; false if it has not by
+/// `until`.
+async fn wait_replayed(
+    client: &tokio_postgres::Client,
+    commit_lsn: u64,
+    until: tokio::time::Instant,
+) -> Result<bool, tokio_postgres::Error> {
+    let lsn = lsn_text(commit_lsn);
+    loop {
+        let done: Option<bool> = client
+            .query_one(
+                "SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() > $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .await?
+            .try_get(0)?;
+        if done == Some(true) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= until {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Why a replica did not answer a batch (which the primary then answers).
