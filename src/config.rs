@@ -539,6 +539,9 @@ pub enum ConfigError {
     /// A cluster setting that cannot work.
     #[error("{0}")]
     Cluster(String),
+    /// A `DB_REPLICA_URLS` entry that cannot work.
+    #[error("DB_REPLICA_URLS: {0}")]
+    Replica(String),
 }
 
 /// Default of `CATCHUP_WINDOW_MS`.
@@ -893,7 +896,12 @@ impl ServeArgs {
         let mut out = Vec::new();
         let urls = self.db_replica_urls.as_deref().unwrap_or("");
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let mut r = crate::db::DbConfig::from_url(url)?;
+            let mut r = crate::db::DbConfig::from_url(url).map_err(|e| match e {
+                crate::db::DbError::BadUrl(what) => {
+                    ConfigError::Replica(format!("not a valid postgres:// URL: {what}"))
+                }
+                e => ConfigError::Database(e),
+            })?;
             let (rest, query) = url.split_once('?').unwrap_or((url, ""));
             let after_scheme = rest.split_once("://").map_or(rest, |(_, r)| r);
             let (auth, hostpart) = after_scheme.rsplit_once('@').unwrap_or(("", after_scheme));
@@ -907,10 +915,11 @@ impl ServeArgs {
             if !named_db {
                 r.dbname = primary.dbname.clone();
             } else if r.dbname != primary.dbname {
-                return Err(ConfigError::Database(crate::db::DbError::BadUrl(format!(
-                    "DB_REPLICA_URLS: a replica of database {} cannot answer for database {}",
-                    r.dbname, primary.dbname
-                ))));
+                return Err(ConfigError::Replica(format!(
+                    "{} names database {}, but the checks are for database {}; leave the \
+                     database out of the URL or name the primary's",
+                    r.host, r.dbname, primary.dbname
+                )));
             }
             let has_sslmode = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "sslmode");
             let ca = self
@@ -1061,6 +1070,85 @@ mod tests {
         let s = args.settings().unwrap();
         assert_eq!(s.max_payload_bytes, 3_000_000);
         assert_eq!(s.channel_error_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn replica_urls_take_what_they_leave_out_from_the_primary_and_must_name_its_database() {
+        use crate::db::tls::SslMode;
+        let settings = |args: &[&str]| {
+            let mut all = vec!["walcast", "serve", "--api-jwt-secret", "s"];
+            all.extend_from_slice(args);
+            let Command::Serve(a) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("serve")
+            };
+            a.database()
+        };
+        let primary = "postgres://u:p@h/db";
+        let s = settings(&[
+            "--database-url",
+            primary,
+            "--db-ssl",
+            "true",
+            "--db-replica-urls",
+            "postgres://r1:5433, postgres://me:pw@r2/db?sslmode=disable,",
+        ])
+        .unwrap()
+        .unwrap();
+        let got: Vec<_> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.host.as_str(),
+                    r.port,
+                    r.user.as_str(),
+                    r.password.as_deref(),
+                    r.dbname.as_str(),
+                    r.tls.mode,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("r1", 5433, "u", Some("p"), "db", SslMode::Require),
+                ("r2", 5432, "me", Some("pw"), "db", SslMode::Disable),
+            ]
+        );
+        assert_eq!(
+            s.replica_max_wait,
+            std::time::Duration::from_millis(DEFAULT_DB_REPLICA_MAX_WAIT_MS)
+        );
+        // Unset or empty: no replicas.
+        let none = settings(&["--database-url", primary]).unwrap().unwrap();
+        assert!(none.replicas.is_empty());
+        // A replica of another database cannot answer for this one.
+        let err = settings(&[
+            "--database-url",
+            primary,
+            "--db-replica-urls",
+            "postgres://r1/other",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "DB_REPLICA_URLS: r1 names database other, but the checks are for database db; \
+             leave the database out of the URL or name the primary's"
+        );
+        let err = settings(&[
+            "--database-url",
+            primary,
+            "--db-replica-urls",
+            "mysql://me:secret@r1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("DB_REPLICA_URLS: not a valid postgres:// URL")
+                && !err.contains("secret"),
+            "{err}"
+        );
     }
 
     #[test]
