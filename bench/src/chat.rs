@@ -39,6 +39,7 @@ struct ChatRun {
     replica_cpu: f64,
     batches_on_replica: f64,
     batches_on_primary: f64,
+    replica_fallbacks: f64,
 }
 
 impl ChatRun {
@@ -51,7 +52,8 @@ impl ChatRun {
             "p50_ms": self.p50, "p95_ms": self.p95, "p99_ms": self.p99, "max_ms": self.max, "lost": self.lost, "duplicated": self.duplicated,
             "walcast_cpu_cores": self.walcast_cpu / self.seconds, "pg_cpu_cores": self.pg_cpu / self.seconds,
             "pg_cpu_us_per_delivery": self.pg_us_per_delivery(), "replica_cpu_cores": self.replica_cpu / self.seconds,
-            "batches_on_replica": self.batches_on_replica, "batches_on_primary": self.batches_on_primary})
+            "batches_on_replica": self.batches_on_replica, "batches_on_primary": self.batches_on_primary,
+            "replica_fallbacks": self.replica_fallbacks})
     }
 
     /// CPU time of walcast's PostgreSQL backends per delivery, in microseconds.
@@ -726,6 +728,7 @@ async fn chat_runs(
                 replica_cpu,
                 batches_on_replica: batches_end.0 - batches_start.0,
                 batches_on_primary: batches_end.1 - batches_start.1,
+                replica_fallbacks: batches_end.2 - batches_start.2,
             });
             all_inserted.extend(inserted.lock().unwrap().iter().copied());
         }
@@ -770,11 +773,21 @@ async fn metric(port: u16, series: &str) -> anyhow::Result<f64> {
         .unwrap_or(0.0))
 }
 
-/// Row-check batches answered so far: (on the replica, on the primary).
-async fn batches(port: u16) -> anyhow::Result<(f64, f64)> {
+/// Row-check batches so far: (answered on the replica, on the primary, tried on the replica
+/// and answered by the primary).
+async fn batches(port: u16) -> anyhow::Result<(f64, f64, f64)> {
+    let mut fallbacks = 0.0;
+    for reason in ["behind", "conflict", "error", "unavailable"] {
+        fallbacks += metric(
+            port,
+            &format!("walcast_replica_fallbacks_total{{reason=\"{reason}\"}}"),
+        )
+        .await?;
+    }
     Ok((
         metric(port, "walcast_authorization_batches_total{on=\"replica\"}").await?,
         metric(port, "walcast_authorization_batches_total{on=\"primary\"}").await?,
+        fallbacks,
     ))
 }
 
@@ -785,7 +798,7 @@ fn print_replica_table(policy: Policy, alone: &[ChatRun], with: &[(usize, Vec<Ch
         policy.name()
     );
     println!(
-        "{:<32} {:>8} {:>12} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8}",
+        "{:<32} {:>8} {:>12} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>6}",
         "setup",
         "commit/s",
         "delivered/s",
@@ -796,7 +809,8 @@ fn print_replica_table(policy: Policy, alone: &[ChatRun], with: &[(usize, Vec<Ch
         "walc CPU",
         "PG CPU",
         "repl CPU",
-        "on repl"
+        "on repl",
+        "fallbk"
     );
     let mut rows: Vec<(String, &ChatRun)> = alone
         .iter()
@@ -817,7 +831,7 @@ fn print_replica_table(policy: Policy, alone: &[ChatRun], with: &[(usize, Vec<Ch
             "-".to_string()
         };
         println!(
-            "{:<32} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8}",
+            "{:<32} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>6}",
             name,
             r.rate,
             r.delivered_per_sec(),
@@ -828,7 +842,8 @@ fn print_replica_table(policy: Policy, alone: &[ChatRun], with: &[(usize, Vec<Ch
             r.walcast_cpu / r.seconds,
             r.pg_cpu / r.seconds,
             r.replica_cpu / r.seconds,
-            share
+            share,
+            r.replica_fallbacks
         );
     }
     let best = |runs: &[ChatRun]| {
