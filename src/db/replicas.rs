@@ -283,3 +283,70 @@ fn publish_usable_gauge(list: &[Arc<Replica>]) {
     let n = list.iter().filter(|r| r.usable()).count();
     metrics::gauge!(crate::telemetry::REPLICAS_USABLE).set(n as f64);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replicas(n: usize) -> Arc<Replicas> {
+        let db = DbConfig::from_url("postgres://u@127.0.0.1:1/db").expect("url");
+        let r = Replicas::new(&vec![db; n], 2, Duration::from_millis(20));
+        for replica in &r.list {
+            replica.healthy.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    #[test]
+    fn a_replica_is_chosen_only_while_usable_and_not_known_to_be_behind() {
+        let r = replicas(1);
+        let one = &r.list[0];
+        // Position unknown, not behind: tried (the check's own guard decides).
+        assert!(r.pick(100).is_some());
+        // A wait for commit 100 ran out: not tried for 100 or later until it is past 100.
+        one.behind(100);
+        assert!(r.pick(100).is_none());
+        assert!(r.pick(150).is_none());
+        one.replayed(100);
+        assert!(
+            r.pick(150).is_none(),
+            "at the commit's start is not past it"
+        );
+        one.replayed(101);
+        assert!(
+            r.pick(150).is_some(),
+            "caught up with the LSN it was behind at"
+        );
+        // Known past an older commit: tried for it whatever else happens.
+        one.behind(200);
+        assert!(r.pick(50).is_some());
+        assert!(r.pick(200).is_none());
+        // Down (a failure), or unhealthy (a failed poll): never tried.
+        one.replayed(1_000);
+        one.down();
+        assert!(r.pick(10).is_none());
+        let r = replicas(1);
+        r.list[0].healthy.store(false, Ordering::Relaxed);
+        assert!(r.pick(10).is_none());
+    }
+
+    #[test]
+    fn checks_in_flight_spread_over_the_primary_and_the_replicas() {
+        let r = replicas(2);
+        // Equally idle: a replica first (the primary is spared).
+        let (a, _a) = r.pick(1).expect("a replica");
+        // One replica busy, the other idle: the idle one.
+        let (b, _b) = r.pick(1).expect("the other replica");
+        assert_ne!(a.index, b.index);
+        // Both replicas busy, the primary idle: the primary.
+        assert!(r.pick(1).is_none());
+        let _p = r.primary_busy();
+        // All equally busy again: a replica.
+        let (c, _c) = r.pick(1).expect("a replica");
+        drop(_a);
+        // A check ended on `a`: it is the least busy.
+        let (d, _d) = r.pick(1).expect("a replica");
+        assert_eq!(d.index, a.index);
+        assert!(c.index == a.index || c.index == b.index);
+    }
+}

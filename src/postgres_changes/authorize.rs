@@ -755,6 +755,21 @@ fn select_sql(t: &TableInfo, keys: &[String]) -> String {
 mod tests {
     use super::*;
 
+    /// The guard asks for replay strictly past the commit record's start (the end of the last
+    /// record replayed equals its start only before the commit is replayed), in PostgreSQL's
+    /// LSN notation.
+    #[test]
+    fn the_replay_guard_asks_for_replay_past_the_commit_record() {
+        assert_eq!(lsn_text(0x1_0000_00FF), "1/FF");
+        assert_eq!(lsn_text(0x306_BF00), "0/306BF00");
+        let sql = replay_guard_sql(0x2_ABCD_0001);
+        assert!(
+            sql.contains("IF NOT pg_last_wal_replay_lsn() > '2/ABCD0001'::pg_lsn THEN"),
+            "{sql}"
+        );
+        assert!(sql.contains("IF NOT pg_is_in_recovery()"), "{sql}");
+    }
+
     /// The log text of each error the check makes itself (the wrapped ones keep their own).
     #[test]
     fn check_errors_display_as_before() {
