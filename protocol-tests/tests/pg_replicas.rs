@@ -381,3 +381,82 @@ async fn a_replica_killed_during_a_check_loses_nothing() {
     );
     assert_eq!(server.metric("walcast_replicas_usable").await, 0.0);
 }
+
+/// A check cancelled on the replica by a recovery conflict (the replica replays an ACCESS
+/// EXCLUSIVE lock on the table while the check reads it, and `max_standby_streaming_delay = 0`
+/// cancels the reader at once) is answered by the primary: the row still reaches its owner.
+#[tokio::test]
+async fn a_check_cancelled_by_a_recovery_conflict_is_answered_by_the_primary() {
+    let db = TestDb::create("rep_conflict").await;
+    let replica = Replica::start_with(&["max_standby_streaming_delay=0"]);
+    let server = start(&db, &replica, "2000").await;
+    let sql = db.client().await;
+    // Each lookup takes 0.5 s, so the check is still reading when the lock is replayed.
+    sql.batch_execute(
+        "CREATE FUNCTION slow_true() RETURNS boolean LANGUAGE plpgsql VOLATILE AS
+           $$ BEGIN PERFORM pg_sleep(0.5); RETURN true; END $$;
+         CREATE TABLE slow (id serial PRIMARY KEY, owner uuid NOT NULL, body text);
+         ALTER TABLE slow ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own ON slow FOR SELECT TO authenticated
+             USING (owner = auth.uid() AND slow_true());
+         GRANT SELECT ON slow TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE slow;",
+    )
+    .await
+    .unwrap();
+    let rsql = replica.client(&db).await;
+    replica.wait_caught_up(&sql, &rsql).await;
+    let mut alice = server.connect(Vsn::V2, &user_token(1)).await;
+    let (_, reply) = alice
+        .join(
+            "realtime:slow",
+            json!({"config": {"postgres_changes": [{"event":"INSERT","schema":"public","table":"slow"}]}}),
+        )
+        .await;
+    assert_eq!(reply.payload()["status"], "ok");
+    alice.recv_until("system", |f| f.event() == "system").await;
+    let conflicts = "walcast_replica_fallbacks_total{reason=\"conflict\"}";
+    assert_eq!(server.metric(conflicts).await, 0.0);
+
+    sql.execute(
+        "INSERT INTO slow (owner, body) VALUES ($1::text::uuid, 'mine')",
+        &[&user(1)],
+    )
+    .await
+    .unwrap();
+    // The check is running on the replica...
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let running: i64 = rsql
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE application_name = 'walcast_replica_checks' AND state = 'active'
+                    AND query LIKE '%check_cohorts%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never ran on the replica"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // ...when the primary takes a lock the replica must replay: the replica cancels the check.
+    sql.batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE; COMMIT;")
+        .await
+        .unwrap();
+    let got = alice
+        .recv_until("change", |f| f.event() == "postgres_changes")
+        .await;
+    assert_eq!(got.payload()["data"]["record"]["body"], "mine");
+    assert!(
+        server.metric(conflicts).await >= 1.0,
+        "the check was not cancelled by a recovery conflict"
+    );
+    assert!(server.metric(ON_PRIMARY).await >= 1.0);
+}
