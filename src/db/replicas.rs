@@ -110,8 +110,8 @@ pub struct Replicas {
     /// `DB_REPLICA_MAX_WAIT_MS`.
     pub max_wait: Duration,
     /// The primary's system identifier, once read: a replica of another system is never used.
-    /// `Some(None)`: the user may not read it (`pg_control_system()` needs `pg_monitor` or
-    /// superuser), so it is not compared.
+    /// `Some(None)`: the server refused `pg_control_system()` to the user (PostgreSQL lets
+    /// any user call it, but a provider may revoke it), so it is not compared.
     system: Mutex<Option<Option<i64>>>,
 }
 
@@ -191,7 +191,7 @@ impl Replicas {
                         Some(s)
                     }
                     Err(e) if e.db_error().is_some_and(|d| d.code().code() == "42501") => {
-                        tracing::warn!("the database user may not read pg_control_system() (grant pg_monitor): replicas are not checked to be of the primary's system");
+                        tracing::warn!("the database user may not call pg_control_system(): replicas are not checked to be of the primary's system");
                         *self.system.lock().unwrap_or_else(|p| p.into_inner()) = Some(None);
                         None
                     }
