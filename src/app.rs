@@ -186,6 +186,9 @@ pub async fn run(
                 "slot watch",
                 replication::slot::watch(pg.pool.clone(), db.slot.clone(), db.slot_wal_warn_bytes),
             );
+            if let Some(replicas) = pg.authorizer.replicas() {
+                tasks.spawn_until_shutdown("replica watch", replicas.watch(pg.delivery.clone()));
+            }
             tasks.spawn_until_shutdown(
                 "janitor",
                 crate::db::janitor::run(pg.pool.clone(), db.messages_retention, db.run_janitor),
@@ -398,6 +401,13 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
     );
     // One connection open before the first change, so that it is not delivered later for it.
     drop(delivery.get().await?);
+    // Read replicas take row checks once their poll has found them standbys of this database;
+    // until then (and whenever one is behind or fails) the primary answers.
+    let replicas = crate::db::replicas::Replicas::new(
+        &db.replicas,
+        db.delivery_pool_size,
+        db.replica_max_wait,
+    );
     let pg = Arc::new(
         PgChanges::new(
             pool,
@@ -407,6 +417,7 @@ async fn start_database(db: &DatabaseSettings) -> Result<(Arc<PgChanges>, SlotAt
             // Each check in flight holds a delivery connection: never more than there are.
             db.checks_in_flight.min(db.delivery_pool_size),
         )
+        .with_replicas(replicas)
         .with_catchup(db.catchup.clone())
         .with_visibility(db.delete_visibility, db.visibility_memory_bytes),
     );

@@ -59,6 +59,9 @@ pub const DEFAULT_DB_DELIVERY_POOL_SIZE: usize = 2;
 /// 2-core project machine a second concurrent check raised tail latency for the cheap policy
 /// shapes (see BENCHMARKS.md, issue #13); a database with cores to spare can take more.
 pub const DEFAULT_DB_CHECKS_IN_FLIGHT: usize = 1;
+/// Default of `DB_REPLICA_MAX_WAIT_MS`: how long a row check waits on a read replica for it to
+/// replay the batch's commits before it is run on the primary instead.
+pub const DEFAULT_DB_REPLICA_MAX_WAIT_MS: u64 = 20;
 /// Default of `STARTUP_GRACE_MS`: how long a backlog found at start is held for subscribers to
 /// rejoin.
 pub const DEFAULT_STARTUP_GRACE_MS: u64 = 5_000;
@@ -356,6 +359,19 @@ pub struct ServeArgs {
     #[arg(long, env = "VISIBILITY_MEMORY_BYTES", default_value_t = DEFAULT_VISIBILITY_MEMORY_BYTES)]
     pub visibility_memory_bytes: usize,
 
+    /// Read replicas (streaming standbys of the database) for the row checks:
+    /// comma-separated `postgres://` URLs. A URL without user, password or database takes the
+    /// primary's; without `sslmode`, DB_SSL / DB_SSL_CA_CERT apply as for the primary. A batch's
+    /// checks run on a replica only once it has replayed the batch's commits; else on the
+    /// primary. Empty: every check runs on the primary.
+    #[arg(long, env = "DB_REPLICA_URLS", hide_env_values = true)]
+    pub db_replica_urls: Option<String>,
+
+    /// How long a batch's row checks wait on a replica for it to replay the batch's commits
+    /// before they run on the primary instead.
+    #[arg(long, env = "DB_REPLICA_MAX_WAIT_MS", default_value_t = DEFAULT_DB_REPLICA_MAX_WAIT_MS)]
+    pub db_replica_max_wait_ms: u64,
+
     /// The publication whose tables postgres_changes streams (created, empty, when missing).
     #[arg(long, env = "PUBLICATION", default_value = DEFAULT_PUBLICATION)]
     pub publication: String,
@@ -538,6 +554,9 @@ pub enum ConfigError {
     /// A setting with a value outside its list.
     #[error("{0} must be {1}")]
     BadValue(&'static str, &'static str),
+    /// A `DB_REPLICA_URLS` entry that cannot work.
+    #[error("DB_REPLICA_URLS: {0}")]
+    Replica(String),
 }
 
 /// Default of `CATCHUP_WINDOW_MS`.
@@ -634,6 +653,10 @@ pub struct DatabaseSettings {
     pub delivery_pool_size: usize,
     /// `DB_CHECKS_IN_FLIGHT`.
     pub checks_in_flight: usize,
+    /// `DB_REPLICA_URLS`: where the row checks may also run.
+    pub replicas: Vec<crate::db::DbConfig>,
+    /// `DB_REPLICA_MAX_WAIT_MS`.
+    pub replica_max_wait: std::time::Duration,
     /// `PUBLICATION`.
     pub publication: String,
     /// `SLOT_NAME`.
@@ -893,6 +916,65 @@ impl ServeArgs {
         self.database_on(db).map(Some)
     }
 
+    /// `DB_REPLICA_URLS`, each a URL parsed as DATABASE_URL is: the user, password and
+    /// database the URL leaves out are the primary's (`primary`), and without `sslmode` in the
+    /// URL DB_SSL / DB_SSL_CA_CERT apply. A replica must hold the primary's database: one that
+    /// names another database is refused (its checks would answer for other tables).
+    fn replicas_of(
+        &self,
+        primary: &crate::db::DbConfig,
+    ) -> Result<Vec<crate::db::DbConfig>, ConfigError> {
+        use crate::db::tls::SslMode;
+        let mut out = Vec::new();
+        let urls = self.db_replica_urls.as_deref().unwrap_or("");
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let mut r = crate::db::DbConfig::from_url(url).map_err(|e| match e {
+                crate::db::DbError::BadUrl(what) => {
+                    ConfigError::Replica(format!("not a valid postgres:// URL: {what}"))
+                }
+                e => ConfigError::Database(e),
+            })?;
+            let (rest, query) = url.split_once('?').unwrap_or((url, ""));
+            let after_scheme = rest.split_once("://").map_or(rest, |(_, r)| r);
+            let (auth, hostpart) = after_scheme.rsplit_once('@').unwrap_or(("", after_scheme));
+            if auth.is_empty() {
+                r.user = primary.user.clone();
+            }
+            if !auth.contains(':') {
+                r.password = primary.password.clone();
+            }
+            let named_db = hostpart.split_once('/').is_some_and(|(_, d)| !d.is_empty());
+            if !named_db {
+                r.dbname = primary.dbname.clone();
+            } else if r.dbname != primary.dbname {
+                return Err(ConfigError::Replica(format!(
+                    "{} names database {}, but the checks are for database {}; leave the \
+                     database out of the URL or name the primary's",
+                    r.host, r.dbname, primary.dbname
+                )));
+            }
+            let has_sslmode = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "sslmode");
+            let ca = self
+                .db_ssl_ca_cert
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty());
+            if !has_sslmode {
+                match self.db_ssl {
+                    Some(true) if ca.is_some() => r.tls.mode = SslMode::VerifyFull,
+                    Some(true) => r.tls.mode = SslMode::Require,
+                    Some(false) => r.tls.mode = SslMode::Disable,
+                    None => r.tls.mode = primary.tls.mode,
+                }
+            }
+            if r.tls.root_cert.is_none() {
+                r.tls.root_cert = ca.or_else(|| primary.tls.root_cert.clone());
+            }
+            r.tls_config()?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
     /// The database settings for the connection `db` (from [`Self::database`], or `walcast
     /// dev`'s own cluster), every other field from these arguments, validated.
     pub fn database_on(&self, db: crate::db::DbConfig) -> Result<DatabaseSettings, ConfigError> {
@@ -928,9 +1010,12 @@ impl ServeArgs {
                 ))
             }
         };
+        let replicas = self.replicas_of(&db)?;
         Ok(DatabaseSettings {
             delete_visibility,
             visibility_memory_bytes: self.visibility_memory_bytes,
+            replicas,
+            replica_max_wait: std::time::Duration::from_millis(self.db_replica_max_wait_ms),
             db,
             pool_size: self.db_pool_size,
             delivery_pool_size: self.db_delivery_pool_size,
@@ -1029,6 +1114,85 @@ mod tests {
         let s = args.settings().unwrap();
         assert_eq!(s.max_payload_bytes, 3_000_000);
         assert_eq!(s.channel_error_backoff, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn replica_urls_take_what_they_leave_out_from_the_primary_and_must_name_its_database() {
+        use crate::db::tls::SslMode;
+        let settings = |args: &[&str]| {
+            let mut all = vec!["walcast", "serve", "--api-jwt-secret", "s"];
+            all.extend_from_slice(args);
+            let Command::Serve(a) = Cli::try_parse_from(all).unwrap().command else {
+                panic!("serve")
+            };
+            a.database()
+        };
+        let primary = "postgres://u:p@h/db";
+        let s = settings(&[
+            "--database-url",
+            primary,
+            "--db-ssl",
+            "true",
+            "--db-replica-urls",
+            "postgres://r1:5433, postgres://me:pw@r2/db?sslmode=disable,",
+        ])
+        .unwrap()
+        .unwrap();
+        let got: Vec<_> = s
+            .replicas
+            .iter()
+            .map(|r| {
+                (
+                    r.host.as_str(),
+                    r.port,
+                    r.user.as_str(),
+                    r.password.as_deref(),
+                    r.dbname.as_str(),
+                    r.tls.mode,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("r1", 5433, "u", Some("p"), "db", SslMode::Require),
+                ("r2", 5432, "me", Some("pw"), "db", SslMode::Disable),
+            ]
+        );
+        assert_eq!(
+            s.replica_max_wait,
+            std::time::Duration::from_millis(DEFAULT_DB_REPLICA_MAX_WAIT_MS)
+        );
+        // Unset or empty: no replicas.
+        let none = settings(&["--database-url", primary]).unwrap().unwrap();
+        assert!(none.replicas.is_empty());
+        // A replica of another database cannot answer for this one.
+        let err = settings(&[
+            "--database-url",
+            primary,
+            "--db-replica-urls",
+            "postgres://r1/other",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "DB_REPLICA_URLS: r1 names database other, but the checks are for database db; \
+             leave the database out of the URL or name the primary's"
+        );
+        let err = settings(&[
+            "--database-url",
+            primary,
+            "--db-replica-urls",
+            "mysql://me:secret@r1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("DB_REPLICA_URLS: not a valid postgres:// URL")
+                && !err.contains("secret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -219,6 +219,85 @@ impl DevCluster {
         Ok(cluster)
     }
 
+    /// A streaming replica of this cluster: a base backup (`pg_basebackup -R`, so it follows
+    /// this cluster) under `<root>/<name>`, started as a hot standby on a free loopback port.
+    /// For tests and benchmarks of read replicas; stop it like any cluster. `settings` are
+    /// more `-c name=value` options for the replica (e.g. `recovery_min_apply_delay`).
+    pub fn start_replica(&self, name: &str, settings: &[&str]) -> Result<DevCluster, DevError> {
+        let root = self.root.join(name);
+        let data = root.join("data");
+        std::fs::create_dir_all(&root)?;
+        if let Some(user) = &self.run_as {
+            run(
+                Command::new("chown")
+                    .args(["-R", &format!("{user}:{user}")])
+                    .arg(&root),
+                "chown",
+            )?;
+        }
+        let port = self.port.to_string();
+        run(
+            self.command("pg_basebackup").arg("-D").arg(&data).args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+            ]),
+            "pg_basebackup",
+        )?;
+        let mut replica = Self {
+            bin: self.bin.clone(),
+            root: root.clone(),
+            data,
+            run_as: self.run_as.clone(),
+            port: free_port()?,
+        };
+        // A standby needs at least the primary's limits (max_wal_senders and friends).
+        let mut opts = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories='{}' \
+             -c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 \
+             -c hot_standby=on -c track_functions=all",
+            replica.port,
+            root.display()
+        );
+        for s in settings {
+            opts.push_str(&format!(" -c {s}"));
+        }
+        run(
+            replica
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(&replica.data)
+                .arg("-l")
+                .arg(root.join("postgres.log"))
+                .args(["-w", "-o", &opts, "start"]),
+            "pg_ctl start (replica)",
+        )?;
+        replica.root = root;
+        Ok(replica)
+    }
+
+    /// Stops the cluster at once, as a crash would (`pg_ctl -m immediate stop`).
+    pub fn kill(&self) -> Result<(), DevError> {
+        run(
+            self.command("pg_ctl").arg("-D").arg(&self.data).args([
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ]),
+            "pg_ctl stop -m immediate",
+        )
+        .map(|_| ())
+    }
+
     pub fn db_config(&self) -> DbConfig {
         DbConfig {
             host: "127.0.0.1".into(),

@@ -104,6 +104,14 @@ pub const CATCHUP_REMEMBERED: &str = "walcast_catchup_remembered";
 pub const CATCHUP_REJOINS: &str = "walcast_catchup_rejoins_total";
 /// Changes replayed to rejoined channels, before their own row checks (counter).
 pub const CATCHUP_REPLAYED_CHANGES: &str = "walcast_catchup_replayed_changes_total";
+/// Batches whose row checks were answered, by `on` = primary | replica (counter).
+pub const AUTHZ_BATCHES: &str = "walcast_authorization_batches_total";
+/// Batches tried on a replica and answered by the primary instead, by `reason` = behind |
+/// conflict | error | unavailable (counter).
+pub const REPLICA_FALLBACKS: &str = "walcast_replica_fallbacks_total";
+/// Read replicas (`DB_REPLICA_URLS`) usable for row checks now: reachable standbys of the
+/// primary's system (gauge).
+pub const REPLICAS_USABLE: &str = "walcast_replicas_usable";
 
 /// Every metric name, for the docs test.
 pub const ALL: &[&str] = &[
@@ -141,6 +149,9 @@ pub const ALL: &[&str] = &[
     CATCHUP_REMEMBERED,
     CATCHUP_REJOINS,
     CATCHUP_REPLAYED_CHANGES,
+    AUTHZ_BATCHES,
+    REPLICA_FALLBACKS,
+    REPLICAS_USABLE,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();

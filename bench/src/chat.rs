@@ -33,6 +33,13 @@ struct ChatRun {
     /// connections (pool and walsender).
     walcast_cpu: f64,
     pg_cpu: f64,
+    /// With a replica: CPU seconds of the replica's backends serving walcast and of its
+    /// recovery (startup) and WAL receiver processes; and the row-check batches answered on
+    /// the replica and on the primary during the run.
+    replica_cpu: f64,
+    batches_on_replica: f64,
+    batches_on_primary: f64,
+    replica_fallbacks: f64,
 }
 
 impl ChatRun {
@@ -44,7 +51,9 @@ impl ChatRun {
         json!({"commits_per_sec": self.rate, "commits": self.commits, "delivered_per_sec": self.delivered_per_sec(),
             "p50_ms": self.p50, "p95_ms": self.p95, "p99_ms": self.p99, "max_ms": self.max, "lost": self.lost, "duplicated": self.duplicated,
             "walcast_cpu_cores": self.walcast_cpu / self.seconds, "pg_cpu_cores": self.pg_cpu / self.seconds,
-            "pg_cpu_us_per_delivery": self.pg_us_per_delivery()})
+            "pg_cpu_us_per_delivery": self.pg_us_per_delivery(), "replica_cpu_cores": self.replica_cpu / self.seconds,
+            "batches_on_replica": self.batches_on_replica, "batches_on_primary": self.batches_on_primary,
+            "replica_fallbacks": self.replica_fallbacks})
     }
 
     /// CPU time of walcast's PostgreSQL backends per delivery, in microseconds.
@@ -61,9 +70,27 @@ struct Cpu {
 
 impl Cpu {
     async fn sample(sql: &tokio_postgres::Client, walcast_pid: u32) -> anyhow::Result<Self> {
+        Self::sample_where(sql, walcast_pid, "application_name LIKE 'walcast%'").await
+    }
+
+    /// On a replica: its backends serving walcast, and its recovery and WAL receiver.
+    async fn sample_replica(sql: &tokio_postgres::Client) -> anyhow::Result<Self> {
+        Self::sample_where(
+            sql,
+            std::process::id(),
+            "application_name LIKE 'walcast%' OR backend_type IN ('startup', 'walreceiver')",
+        )
+        .await
+    }
+
+    async fn sample_where(
+        sql: &tokio_postgres::Client,
+        walcast_pid: u32,
+        which: &str,
+    ) -> anyhow::Result<Self> {
         let rows = sql
             .query(
-                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'walcast%'",
+                &format!("SELECT pid FROM pg_stat_activity WHERE {which}"),
                 &[],
             )
             .await?;
@@ -237,7 +264,22 @@ pub(crate) struct ChatArgs {
     pub policies: Vec<Policy>,
     /// Seconds per reference measurement (RLS only).
     pub reference_seconds: f64,
+    /// Each policy again with a streaming replica (`--replica`).
+    pub replica: bool,
 }
+
+/// Where the row checks of one load run: the primary alone, or with a streaming replica of it
+/// and this many checks in flight.
+#[derive(Clone, Copy)]
+struct Setup {
+    replica: bool,
+    in_flight: usize,
+}
+
+const PRIMARY_ALONE: Setup = Setup {
+    replica: false,
+    in_flight: 1,
+};
 
 /// One policy's load and its two references (issue #13).
 struct PolicyRun {
@@ -368,6 +410,7 @@ pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
         writers,
         ref policies,
         reference_seconds,
+        replica,
     } = a;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -375,11 +418,12 @@ pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
     println!("chat: {subscribers} subscribers over {conversations} conversations (conversation_id=eq.X), {writers} writers, {seconds} s per rate");
     println!("(loader, walcast and PostgreSQL share this {cores}-core machine; latency = writer send -> subscriber receipt)");
     // With RLS, the same load without it runs first, in the same command: the figure is a ratio.
-    let (plain, _) = chat_runs(&a, None).await?;
+    let (plain, _) = chat_runs(&a, None, PRIMARY_ALONE).await?;
     print_chat_table("without RLS", &plain);
     let mut secured = Vec::new();
+    let mut replicas = Vec::new();
     for &policy in policies {
-        let (runs, refs) = chat_runs(&a, Some(policy)).await?;
+        let (runs, refs) = chat_runs(&a, Some(policy), PRIMARY_ALONE).await?;
         let (direct_one, direct_many, direct_custom, original) = refs.context("references")?;
         for r in [&direct_one, &direct_many, &direct_custom, &original] {
             // Every check asked is one the policy allows: a denial means the shape's schema
@@ -401,6 +445,27 @@ pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
             original,
         };
         run.print(&plain);
+        if replica {
+            let mut with = Vec::new();
+            for in_flight in [1, 2] {
+                let setup = Setup {
+                    replica: true,
+                    in_flight,
+                };
+                let (runs, _) = chat_runs(&a, Some(policy), setup).await?;
+                with.push((in_flight, runs));
+            }
+            print_replica_table(policy, &run.runs, &with);
+            replicas.push(json!({
+                "policy": policy.name(),
+                "primary_alone": run.runs.iter().map(ChatRun::json).collect::<Vec<_>>(),
+                "with_replica": with.iter().map(|(n, runs)| json!({
+                    "checks_in_flight": n,
+                    "runs": runs.iter().map(ChatRun::json).collect::<Vec<_>>(),
+                    "highest_rate_p99_under_100ms": sustainable(runs).map(|r| r.rate),
+                })).collect::<Vec<_>>(),
+            }));
+        }
         secured.push(run);
     }
     let mut out = json!({
@@ -434,15 +499,24 @@ pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
             }
         }
         out["policies"] = json!(secured.iter().map(|p| p.json(&plain)).collect::<Vec<_>>());
+        if replica {
+            out["replica"] = json!(replicas);
+            out["replica_note"] = json!("the replica is a pg_basebackup -R standby on the same machine: it shares the cores with the primary, walcast and the loader");
+        }
         for p in &secured {
             panels.push(chat_panel(&format!("postgres_changes with RLS (policy {}), {subscribers} users in {conversations} conversations (no RLS dashed)", p.policy.name()), &p.runs, Some(&plain)));
         }
     }
     let name = match policies.as_slice() {
         [] => "chat".to_string(),
-        [Policy::Participants] => "chat_rls".to_string(),
+        [Policy::Participants] if !replica => "chat_rls".to_string(),
         [one] => format!("chat_rls_{}", one.name()),
         _ => "chat_rls_policies".to_string(),
+    };
+    let name = if replica {
+        format!("{name}_replica")
+    } else {
+        name
     };
     let _ = rates;
     save_results(&name, &out, &panels)?;
@@ -453,6 +527,7 @@ pub(crate) async fn chat(a: ChatArgs) -> anyhow::Result<()> {
 async fn chat_runs(
     a: &ChatArgs,
     policy: Option<Policy>,
+    setup: Setup,
 ) -> anyhow::Result<(Vec<ChatRun>, Option<References>)> {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -464,11 +539,46 @@ async fn chat_runs(
         a.writers,
     );
     let db = BenchDb::start("chat")?;
+    // The replica is stopped (before the cluster's directory goes) however the run ends.
+    let replica = if setup.replica {
+        Some(StopOnDrop(db.cluster.start_replica("replica", &[])?))
+    } else {
+        None
+    };
     async {
         let db_url = db.url();
-        let mut w = start_walcast_with(&db_url, 4, &[("STARTUP_GRACE_MS", "0"), ("RLIMIT_NOFILE", "20000")]).await?;
+        let in_flight = setup.in_flight.to_string();
+        let replica_url = replica
+            .as_ref()
+            .map(|r| format!("postgres://postgres@127.0.0.1:{}/postgres", r.0.port));
+        let mut env = vec![
+            ("STARTUP_GRACE_MS", "0"),
+            ("RLIMIT_NOFILE", "20000"),
+            ("METRICS_JWT_SECRET", SECRET),
+            ("DB_CHECKS_IN_FLIGHT", in_flight.as_str()),
+        ];
+        if let Some(url) = &replica_url {
+            env.push(("DB_REPLICA_URLS", url.as_str()));
+            // Enough delivery connections for every check in flight plus the privilege lookups.
+            env.push(("DB_DELIVERY_POOL_SIZE", "3"));
+        }
+        let mut w = start_walcast_with(&db_url, 4, &env).await?;
         let (sql, conn) = tokio_postgres::connect(&db_url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
+        let rsql = match &replica_url {
+            Some(url) => {
+                let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                // walcast uses the replica once its poll has found it a standby of the primary.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while metric(w.port, "walcast_replicas_usable").await? < 1.0 {
+                    anyhow::ensure!(Instant::now() < deadline, "walcast never found the replica usable");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(c)
+            }
+            None => None,
+        };
         sql.batch_execute(
             "CREATE TABLE IF NOT EXISTS chat (id bigserial PRIMARY KEY, conversation_id int NOT NULL, sent_us bigint NOT NULL, body text);
              GRANT SELECT ON chat TO anon, authenticated;
@@ -538,6 +648,11 @@ async fn chat_runs(
             let per_writer = total / writers;
             let interval = Duration::from_secs_f64(writers as f64 / rate as f64);
             let cpu_start = Cpu::sample(&sql, walcast_pid).await?;
+            let replica_cpu_start = match &rsql {
+                Some(r) => Some(Cpu::sample_replica(r).await?),
+                None => None,
+            };
+            let batches_start = batches(w.port).await?;
             let started = Instant::now();
             let mut tasks = Vec::new();
             for wi in 0..writers {
@@ -573,6 +688,11 @@ async fn chat_runs(
             }
             let seconds_taken = started.elapsed().as_secs_f64();
             let (walcast_cpu, pg_cpu) = Cpu::sample(&sql, walcast_pid).await?.since(&cpu_start);
+            let replica_cpu = match (&rsql, &replica_cpu_start) {
+                (Some(r), Some(before)) => Cpu::sample_replica(r).await?.since(before).1,
+                _ => 0.0,
+            };
+            let batches_end = batches(w.port).await?;
             let got = received.lock().unwrap().clone();
             let mut lost = 0;
             let mut duplicated = 0;
@@ -605,16 +725,143 @@ async fn chat_runs(
                 max: l.last().copied().unwrap_or(f64::NAN),
                 walcast_cpu,
                 pg_cpu,
+                replica_cpu,
+                batches_on_replica: batches_end.0 - batches_start.0,
+                batches_on_primary: batches_end.1 - batches_start.1,
+                replica_fallbacks: batches_end.2 - batches_start.2,
             });
             all_inserted.extend(inserted.lock().unwrap().iter().copied());
         }
         let _ = w.child.kill().await;
         let _ = w.child.wait().await;
         let refs = match policy {
-            Some(p) => Some(references(&db_url, a, p, &all_inserted).await?),
-            None => None,
+            Some(p) if !setup.replica => Some(references(&db_url, a, p, &all_inserted).await?),
+            _ => None,
         };
         Ok::<_, anyhow::Error>((runs, refs))
     }
     .await
+}
+
+/// A replica cluster, stopped when dropped.
+struct StopOnDrop(walcast::dev::DevCluster);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stop();
+    }
+}
+
+/// One series of the walcast on `port`'s `/metrics` (started with `METRICS_JWT_SECRET`), 0
+/// when absent. A plain HTTP/1.0 request: the loader has no HTTP client of its own.
+async fn metric(port: u16, series: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let bearer = crate::harness::anon_token();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(
+        format!(
+            "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {bearer}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await?;
+    Ok(body
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// Row-check batches so far: (answered on the replica, on the primary, tried on the replica
+/// and answered by the primary).
+async fn batches(port: u16) -> anyhow::Result<(f64, f64, f64)> {
+    let mut fallbacks = 0.0;
+    for reason in ["behind", "conflict", "error", "unavailable"] {
+        fallbacks += metric(
+            port,
+            &format!("walcast_replica_fallbacks_total{{reason=\"{reason}\"}}"),
+        )
+        .await?;
+    }
+    Ok((
+        metric(port, "walcast_authorization_batches_total{on=\"replica\"}").await?,
+        metric(port, "walcast_authorization_batches_total{on=\"primary\"}").await?,
+        fallbacks,
+    ))
+}
+
+/// The primary alone and with a replica, rate by rate, side by side.
+fn print_replica_table(policy: Policy, alone: &[ChatRun], with: &[(usize, Vec<ChatRun>)]) {
+    println!(
+        "\nwith RLS, policy {}: one primary vs primary + streaming replica (same machine)",
+        policy.name()
+    );
+    println!(
+        "{:<32} {:>8} {:>12} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "setup",
+        "commit/s",
+        "delivered/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "lost",
+        "walc CPU",
+        "PG CPU",
+        "repl CPU",
+        "on repl",
+        "fallbk"
+    );
+    let mut rows: Vec<(String, &ChatRun)> = alone
+        .iter()
+        .map(|r| ("primary alone, 1 in flight".to_string(), r))
+        .collect();
+    for (n, runs) in with {
+        rows.extend(
+            runs.iter()
+                .map(|r| (format!("primary + replica, {n} in flight"), r)),
+        );
+    }
+    rows.sort_by_key(|(_, r)| r.rate);
+    for (name, r) in rows {
+        let total = r.batches_on_replica + r.batches_on_primary;
+        let share = if total > 0.0 {
+            format!("{:.0}%", 100.0 * r.batches_on_replica / total)
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{:<32} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>6}",
+            name,
+            r.rate,
+            r.delivered_per_sec(),
+            r.p50,
+            r.p95,
+            r.p99,
+            r.lost,
+            r.walcast_cpu / r.seconds,
+            r.pg_cpu / r.seconds,
+            r.replica_cpu / r.seconds,
+            share,
+            r.replica_fallbacks
+        );
+    }
+    let best = |runs: &[ChatRun]| {
+        sustainable(runs)
+            .map(|r| {
+                format!(
+                    "{} commits/s ({:.0} deliveries/s)",
+                    r.rate,
+                    r.delivered_per_sec()
+                )
+            })
+            .unwrap_or_else(|| "none".into())
+    };
+    println!(
+        "highest rate with p99 <= 100 ms and nothing lost: primary alone {}",
+        best(alone)
+    );
+    for (n, runs) in with {
+        println!("  primary + replica, {n} in flight: {}", best(runs));
+    }
 }

@@ -81,6 +81,12 @@ enum Scenario {
         /// Seconds each reference runs (with --rls).
         #[arg(long, default_value_t = 3.0)]
         reference_seconds: f64,
+        /// With --rls: each policy also runs with a streaming replica of the database
+        /// (`pg_basebackup -R` on this machine) in DB_REPLICA_URLS, with DB_CHECKS_IN_FLIGHT 1
+        /// (checks on the replica) and 2 (spread over primary and replica), printed side by side
+        /// with the primary alone.
+        #[arg(long, requires = "rls")]
+        replica: bool,
     },
     /// Broadcast fan-out against nats-server (Debian package), same subscribers, payloads and
     /// publish rates: one topic with S subscribers, and many topics with a few each.
@@ -200,8 +206,10 @@ async fn main() -> anyhow::Result<()> {
             rls,
             policy,
             reference_seconds,
+            replica,
         } => {
             chat::chat(chat::ChatArgs {
+                replica,
                 subscribers,
                 conversations,
                 rates,

@@ -98,6 +98,27 @@ fn chat_rls_seed() {
     chat_rls_policy("seed", "chat_rls_seed.json");
 }
 
+/// The primary alone against primary + a streaming replica (`--replica`).
+#[test]
+fn chat_rls_seed_replica() {
+    run(
+        "chat",
+        &[
+            &SMALL_CHAT[..],
+            &[
+                "--rls",
+                "--policy",
+                "seed",
+                "--replica",
+                "--reference-seconds",
+                "0.2",
+            ],
+        ]
+        .concat(),
+        "chat_rls_seed_replica.json",
+    );
+}
+
 #[test]
 fn chat_rls_seed_fast() {
     chat_rls_policy("seed-fast", "chat_rls_seed-fast.json");

@@ -169,6 +169,15 @@ impl Server {
         String::from_utf8(body).expect("metrics are text")
     }
 
+    /// The value of one series of `/metrics` (name with labels, exactly as exported), 0 when
+    /// absent; the server must run with `METRICS_JWT_SECRET` = [`SECRET`].
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics(&token("anon")).await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn http(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }

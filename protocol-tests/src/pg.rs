@@ -8,6 +8,7 @@ use tokio_postgres::{Client, NoTls};
 
 pub struct Cluster {
     pub port: u16,
+    dev: walcast::dev::DevCluster,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -19,7 +20,10 @@ pub fn cluster() -> &'static Cluster {
         let c = walcast::dev::DevCluster::start(&dir)
             .unwrap_or_else(|e| panic!("cannot start PostgreSQL for tests: {e}"));
         stop_when_this_process_ends(&c, &dir);
-        Cluster { port: c.port }
+        Cluster {
+            port: c.port,
+            dev: c,
+        }
     })
 }
 
@@ -163,5 +167,133 @@ pub async fn wait_slot_confirmed(sql: &Client, slot: &str, lsn: &str) {
             "{slot} never confirmed {lsn}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A streaming replica of the test binary's cluster (`pg_basebackup -R`, a hot standby on a
+/// port of its own, run as `postgres` like the cluster): it holds every test database.
+/// Stopped when the test process ends, or by [`Replica::kill`].
+pub struct Replica {
+    pub port: u16,
+    dev: walcast::dev::DevCluster,
+}
+
+impl Replica {
+    pub fn start() -> Replica {
+        Self::start_with(&[])
+    }
+
+    /// With more settings for the replica (`name=value`, e.g. `recovery_min_apply_delay=30ms`).
+    pub fn start_with(settings: &[&str]) -> Replica {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let c = cluster();
+        // One base backup at a time: each forces a checkpoint, and PostgreSQL 15 can end a
+        // concurrent backup's WAL stream at another's checkpoint ("terminating process ... to
+        // release replication slot"); such a backup is tried again.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        let mut attempt = 0;
+        let dev = loop {
+            attempt += 1;
+            match c
+                .dev
+                .start_replica(&format!("replica{n}-{attempt}"), settings)
+            {
+                Ok(dev) => break dev,
+                Err(e) if attempt < 3 => eprintln!("replica base backup failed, again: {e}"),
+                Err(e) => panic!("cannot start a replica for tests: {e}"),
+            }
+        };
+        stop_when_this_process_ends(&dev, &dev.root);
+        Replica {
+            port: dev.port,
+            dev,
+        }
+    }
+
+    /// `DB_REPLICA_URLS` for walcast on `db`.
+    pub fn url(&self, db: &TestDb) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
+    }
+
+    pub async fn client(&self, db: &TestDb) -> Client {
+        connect(self.port, &db.name).await
+    }
+
+    /// Waits (at most `crate::WAIT`) until the replica has replayed everything the primary
+    /// (`primary`, a connection to it) has written so far.
+    pub async fn wait_caught_up(&self, primary: &Client, replica: &Client) {
+        let lsn: String = primary
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .expect("primary WAL position")
+            .get(0);
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        loop {
+            let done: bool = replica
+                .query_one(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                    &[&lsn],
+                )
+                .await
+                .expect("replica replay position")
+                .get(0);
+            if done {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the replica never replayed {lsn}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops replaying WAL (it keeps receiving it) and waits until replay has stopped.
+    pub async fn pause(&self, replica: &Client) {
+        replica
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .expect("pause replay");
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        loop {
+            let state: String = replica
+                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
+                .await
+                .expect("replay state")
+                .get(0);
+            if state == "paused" {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "replay never paused");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn resume(&self, replica: &Client) {
+        replica
+            .batch_execute("SELECT pg_wal_replay_resume()")
+            .await
+            .expect("resume replay");
+    }
+
+    /// How many times `walcast.check_cohorts` ran on the replica (its own statistics:
+    /// the replica runs with `track_functions = all`).
+    pub async fn check_calls(&self, replica: &Client) -> i64 {
+        replica
+            .query_opt(
+                "SELECT calls FROM pg_stat_user_functions
+                  WHERE schemaname = 'walcast' AND funcname = 'check_cohorts'",
+                &[],
+            )
+            .await
+            .expect("replica function statistics")
+            .map_or(0, |r| r.get(0))
+    }
+
+    /// Stops the replica at once, as a crash would.
+    pub fn kill(&self) {
+        self.dev.kill().expect("kill the replica");
     }
 }

@@ -11,6 +11,10 @@
 //! `leaves: true` gets a leave (a DELETE marked `left_view`) for an UPDATE its binding matches
 //! when its cohort was allowed at the row's previous change and is not now.
 //!
+//! The same again with a streaming replica (`DB_REPLICA_URLS`) taking the checks: policies,
+//! memberships and rows change between and during the operations, so a replica answering
+//! before it has replayed a change's commit would show up as a difference.
+//!
 //! The seed is printed; `WALCAST_AUTHZ_SEED=<n>` replays a run.
 
 use std::collections::{BTreeSet, HashMap};
@@ -88,6 +92,17 @@ fn random_filter(rng: &mut Rng) -> Option<(String, String)> {
 
 #[tokio::test]
 async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
+    run(false).await;
+}
+
+/// With a replica: the primary's answer is still the ground truth, and the replica must have
+/// answered most batches.
+#[tokio::test]
+async fn with_a_read_replica_every_subscriber_still_receives_exactly_what_the_primary_allows() {
+    run(true).await;
+}
+
+async fn run(with_replica: bool) {
     let seed: u64 = std::env::var("WALCAST_AUTHZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -102,7 +117,25 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
     println!("DELETE_VISIBILITY={rule}");
 
     let db = pg::TestDb::create("authz").await;
-    let server = Server::start_with_db(&db, &[("DELETE_VISIBILITY", rule)]).await;
+    // The replica applies each commit 30 ms late (`recovery_min_apply_delay`): asked as soon as
+    // walcast has a change, it would not have the change yet, nor the policy and membership
+    // changes just before it. walcast must wait for it (or ask the primary).
+    let replica = with_replica.then(|| pg::Replica::start_with(&["recovery_min_apply_delay=30ms"]));
+    let replica_url = replica.as_ref().map(|r| r.url(&db));
+    let mut extra = vec![("METRICS_JWT_SECRET", SECRET), ("DELETE_VISIBILITY", rule)];
+    if let Some(url) = &replica_url {
+        extra.push(("DB_REPLICA_URLS", url.as_str()));
+        // Generous, so that the replica answers nearly every batch on a loaded machine.
+        extra.push(("DB_REPLICA_MAX_WAIT_MS", "1000"));
+    }
+    let server = Server::start_with_db(&db, &extra).await;
+    if with_replica {
+        let deadline = std::time::Instant::now() + WAIT;
+        while server.metric("walcast_replicas_usable").await < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "replica never usable");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
     let mut sql = db.client().await;
     sql.batch_execute(
         "CREATE TABLE members (room int, user_id uuid);
@@ -420,6 +453,34 @@ async fn every_subscriber_receives_exactly_what_postgres_lets_it_select() {
         "{checked} subscriber-change decisions checked against PostgreSQL ({delivered} delivered), {deletes_seen} key-only deletes, {deletes_withheld} withheld, {leaves_seen} leaves"
     );
     assert!(checked >= 3000, "{checked}");
+    let on_replica = server
+        .metric("walcast_authorization_batches_total{on=\"replica\"}")
+        .await;
+    let on_primary = server
+        .metric("walcast_authorization_batches_total{on=\"primary\"}")
+        .await;
+    let mut fallbacks = Vec::new();
+    for reason in ["behind", "conflict", "error", "unavailable"] {
+        let n = server
+            .metric(&format!(
+                "walcast_replica_fallbacks_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        fallbacks.push(format!("{reason} {n}"));
+    }
+    println!(
+        "row-check batches: {on_replica} on the replica, {on_primary} on the primary; \
+         replica fallbacks: {}",
+        fallbacks.join(", ")
+    );
+    if with_replica {
+        assert!(
+            on_replica > on_primary,
+            "the replica answered too few batches to say anything"
+        );
+    } else {
+        assert_eq!(on_replica, 0.0);
+    }
     assert!(
         delivered > 0 && delivered < checked,
         "the cases must include both verdicts"

@@ -1,9 +1,11 @@
-//! Ordinary SQL: connection settings, a small pool, and the migrations runner.
+//! Ordinary SQL: connection settings, a small pool, the migrations runner, and the read
+//! replicas row checks may run on ([`replicas`]).
 
 pub mod handback;
 pub mod janitor;
 pub mod migrations;
 pub mod privileges;
+pub mod replicas;
 pub mod tls;
 
 use std::collections::HashMap;

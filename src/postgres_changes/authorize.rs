@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::types::Type;
 
+use crate::db::replicas::{Replica, Replicas};
 use crate::db::{quote_ident, quote_literal, text_array_literal, DbError, Pool};
 
 use super::catalog::TableInfo;
@@ -39,8 +40,17 @@ pub struct Policies {
 
 type ColumnCache = HashMap<(String, u32), (Instant, Arc<HashSet<String>>)>;
 
+/// How long a replica may take over a batch's checks beyond its wait for replay before it is
+/// left out and the primary answers.
+const REPLICA_ATTEMPT: Duration = Duration::from_secs(5);
+/// SQLSTATEs the replay guard raises (see [`replay_guard_sql`]).
+const BEHIND: &str = "WC001";
+const NOT_STANDBY: &str = "WC002";
+
 pub struct Authorizer {
     pool: Arc<Pool>,
+    /// `DB_REPLICA_URLS`: where row checks may run instead (see [`crate::db::replicas`]).
+    replicas: Option<Arc<Replicas>>,
     columns: Mutex<ColumnCache>,
     bypass: Mutex<HashMap<String, (Instant, bool)>>,
     plans: Mutex<HashMap<u32, PlanChoice>>,
@@ -101,11 +111,24 @@ impl Authorizer {
     pub fn new(pool: Arc<Pool>) -> Self {
         Self {
             pool,
+            replicas: None,
             columns: Mutex::new(HashMap::new()),
             bypass: Mutex::new(HashMap::new()),
             plans: Mutex::new(HashMap::new()),
             policies: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Row checks may also run on these replicas.
+    pub fn set_replicas(&mut self, replicas: Arc<Replicas>) {
+        if !replicas.is_empty() {
+            self.replicas = Some(replicas);
+        }
+    }
+
+    /// The replicas row checks may run on, if any.
+    pub fn replicas(&self) -> Option<Arc<Replicas>> {
+        self.replicas.clone()
     }
 
     /// Columns of `table` that `role` may SELECT. An unknown role may select nothing.
@@ -424,10 +447,13 @@ impl Authorizer {
     /// nothing. Returns the visible primary keys per request, in request order.
     /// `xids` are the transactions whose rows are checked: the check waits until they are
     /// visible (see `walcast.wait_visible`), so that it judges the committed row.
+    /// `commit_lsn` is the start of the batch's last commit record: a replica answers only once
+    /// it has replayed past it (see [`crate::db::replicas`]); else the primary answers.
     pub async fn visible(
         &self,
         requests: &[RlsRequest],
         xids: &[u32],
+        commit_lsn: u64,
     ) -> Vec<HashSet<Vec<String>>> {
         if requests.is_empty() {
             return Vec::new();
@@ -435,6 +461,23 @@ impl Authorizer {
         let started = std::time::Instant::now();
         metrics::histogram!(crate::telemetry::AUTHZ_COHORTS).record(requests.len() as f64);
         let _timer = TimerGuard(started);
+        if let Some(replicas) = &self.replicas {
+            if let Some((replica, _busy)) = replicas.pick(commit_lsn) {
+                match self
+                    .on_replica(&replica, replicas.max_wait, requests, xids, commit_lsn)
+                    .await
+                {
+                    Ok(v) => {
+                        metrics::counter!(crate::telemetry::AUTHZ_BATCHES, "on" => "replica")
+                            .increment(1);
+                        return v;
+                    }
+                    Err(miss) => miss.record(&replica),
+                }
+            }
+        }
+        let _busy = self.replicas.as_ref().map(|r| r.primary_busy());
+        metrics::counter!(crate::telemetry::AUTHZ_BATCHES, "on" => "primary").increment(1);
         match self.visible_batch(requests, xids).await {
             Ok(v) => v,
             Err(e) => {
@@ -476,13 +519,96 @@ impl Authorizer {
         seen
     }
 
+    /// The whole batch on `replica`, all or nothing: any failure (still behind after the wait,
+    /// an error, a recovery conflict, a lost connection) returns why, and the primary answers
+    /// the batch instead. Policy errors are narrowed down on the primary only, so a replica
+    /// never answers for part of a batch.
+    async fn on_replica(
+        &self,
+        replica: &Replica,
+        wait: Duration,
+        requests: &[RlsRequest],
+        xids: &[u32],
+        commit_lsn: u64,
+    ) -> Result<Vec<HashSet<Vec<String>>>, Miss> {
+        let deadline = wait + REPLICA_ATTEMPT;
+        let mut client = match tokio::time::timeout(deadline, replica.pool.get()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                replica.down();
+                return Err(Miss::Unavailable(e.to_string()));
+            }
+            Err(_) => {
+                replica.down();
+                return Err(Miss::Unavailable("no connection in time".into()));
+            }
+        };
+        let attempt = async {
+            let waited_until = tokio::time::Instant::now() + wait;
+            let mut waited = false;
+            loop {
+                match self
+                    .check(&mut client, requests, xids, Some(commit_lsn))
+                    .await
+                {
+                    Ok(v) => return Ok(v),
+                    Err(e) => {
+                        let miss = Miss::of(&e);
+                        if !matches!(miss, Miss::Behind) || waited {
+                            return Err(miss);
+                        }
+                    }
+                }
+                // Not replayed yet: wait for it outside any transaction (a snapshot held while
+                // waiting could hold up the very replay it waits for, on a recovery conflict),
+                // then check again, guard included.
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(|e| Miss::of(&CheckError::Sql(e)))?;
+                waited = true;
+                if !wait_replayed(&client, commit_lsn, waited_until)
+                    .await
+                    .map_err(|e| Miss::of(&CheckError::Sql(e)))?
+                {
+                    return Err(Miss::Behind);
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, attempt).await {
+            Ok(Ok(v)) => {
+                replica.replayed(commit_lsn.saturating_add(1));
+                Ok(v)
+            }
+            Ok(Err(miss)) => {
+                // Its session state is in doubt (an aborted transaction, prepared statements).
+                client.discard();
+                match miss {
+                    Miss::Behind => replica.behind(commit_lsn),
+                    Miss::Unavailable(_) => replica.down(),
+                    Miss::Conflict(_) | Miss::Error(_) => {}
+                }
+                Err(miss)
+            }
+            Err(_) => {
+                // The check is cut off mid-transaction: its connection is not reused.
+                client.discard();
+                replica.down();
+                Err(Miss::Unavailable(format!(
+                    "no answer within {} ms",
+                    deadline.as_millis()
+                )))
+            }
+        }
+    }
+
     async fn visible_batch(
         &self,
         requests: &[RlsRequest],
         xids: &[u32],
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let mut client = self.pool.get().await?;
-        let result = self.check(&mut client, requests, xids).await;
+        let result = self.check(&mut client, requests, xids, None).await;
         if result.is_err() {
             // Its prepared statements may be what failed: start the next check afresh.
             client.discard();
@@ -494,11 +620,15 @@ impl Authorizer {
     /// `walcast.check_cohorts` that, cohort by cohort, set the role and claims and run that
     /// table's prepared key lookup under them: one call per plan mode in use (see
     /// [`PlanChoice`]), and a timed call of its own for each half of a table being compared.
+    /// On a replica, `replay` is the batch's last commit LSN: the transaction first makes sure
+    /// the replica has replayed past it (see [`replay_guard_sql`]), or fails with `WC001`. Nothing here writes (no temporary tables, no sequences): `SET
+    /// LOCAL`, `set_config`, `PREPARE`, savepoints and the lookups all run on a hot standby.
     async fn check(
         &self,
         client: &mut crate::db::PooledClient,
         requests: &[RlsRequest],
         xids: &[u32],
+        replay: Option<u64>,
     ) -> Result<Vec<HashSet<Vec<String>>>, CheckError> {
         let calls = self.plan_calls(requests);
         // Each request's keys as one text array literal per key column.
@@ -561,6 +691,10 @@ impl Authorizer {
             "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; \
              SET LOCAL plan_cache_mode = force_generic_plan;",
         );
+        if let Some(lsn) = replay {
+            // Before any lookup: every later statement's snapshot includes the batch's commits.
+            setup.push_str(&replay_guard_sql(lsn));
+        }
         for p in prepares.iter().flatten() {
             setup.push_str(p);
             setup.push(';');
@@ -687,6 +821,123 @@ impl Authorizer {
     }
 }
 
+/// `commit_lsn` as PostgreSQL writes an LSN (`XXX/XXX`).
+fn lsn_text(commit_lsn: u64) -> String {
+    format!("{:X}/{:X}", commit_lsn >> 32, commit_lsn & 0xFFFF_FFFF)
+}
+
+/// The replay guard of a check on a replica, run first in the check's transaction on the
+/// check's connection: raises `WC001` unless the standby has replayed past `commit_lsn` (the
+/// start of the batch's last commit record; the end of the last record replayed is then at or
+/// past that commit's end), `WC002` if the server is not a standby (promoted: its data is no
+/// longer the primary's). Replay only moves forward while the standby runs, and the connection
+/// dies with it, so the lookups that follow see at least everything up to that commit.
+fn replay_guard_sql(commit_lsn: u64) -> String {
+    let lsn = lsn_text(commit_lsn);
+    format!(
+        "DO $walcast_replay$ BEGIN \
+           IF NOT pg_is_in_recovery() THEN RAISE EXCEPTION 'not a standby' USING ERRCODE = '{NOT_STANDBY}'; END IF; \
+           IF NOT pg_last_wal_replay_lsn() > '{lsn}'::pg_lsn THEN \
+             RAISE EXCEPTION 'replay behind {lsn}' USING ERRCODE = '{BEHIND}'; END IF; \
+         END $walcast_replay$;"
+    )
+}
+
+/// Waits, outside any transaction (each poll a statement of its own, so no snapshot is held
+/// across the wait), until the standby has replayed past `commit_lsn`; false if it has not by
+/// `until`.
+async fn wait_replayed(
+    client: &tokio_postgres::Client,
+    commit_lsn: u64,
+    until: tokio::time::Instant,
+) -> Result<bool, tokio_postgres::Error> {
+    let lsn = lsn_text(commit_lsn);
+    loop {
+        let done: Option<bool> = client
+            .query_one(
+                "SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() > $1::text::pg_lsn",
+                &[&lsn],
+            )
+            .await?
+            .try_get(0)?;
+        if done == Some(true) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= until {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Why a replica did not answer a batch (which the primary then answers).
+#[derive(Debug)]
+enum Miss {
+    /// Not replayed past the batch's commits within `DB_REPLICA_MAX_WAIT_MS`.
+    Behind,
+    /// A query cancelled by a recovery conflict.
+    Conflict(String),
+    /// Any other error of the check (a policy error, a setting): the primary decides.
+    Error(String),
+    /// No connection, a lost one, no answer in time, or no longer a standby.
+    Unavailable(String),
+}
+
+impl Miss {
+    fn of(e: &CheckError) -> Miss {
+        let db = match e {
+            CheckError::Sql(e) => e.as_db_error().map(|d| (d.code().code(), d.message())),
+            CheckError::Lookup { code, message } => Some((code.as_str(), message.as_str())),
+            CheckError::Pool(e) => e.db_error().map(|d| (d.code().code(), d.message())),
+            _ => return Miss::Error(e.to_string()),
+        };
+        match db {
+            None => Miss::Unavailable(e.to_string()),
+            Some((BEHIND, _)) => Miss::Behind,
+            Some((NOT_STANDBY, _)) => Miss::Unavailable("no longer a standby".into()),
+            Some((code, message))
+                if matches!(code, "40001" | "40P01" | "57P04") && message.contains("recovery") =>
+            {
+                Miss::Conflict(format!("{code}: {message}"))
+            }
+            Some((code, message)) => Miss::Error(format!("{code}: {message}")),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            Miss::Behind => "behind",
+            Miss::Conflict(_) => "conflict",
+            Miss::Error(_) => "error",
+            Miss::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// The metric, and a log line where an operator has something to look at.
+    fn record(&self, replica: &Replica) {
+        metrics::counter!(crate::telemetry::REPLICA_FALLBACKS, "reason" => self.reason())
+            .increment(1);
+        match self {
+            Miss::Behind => tracing::debug!(
+                replica = %replica.label,
+                "replica had not replayed the batch's commits in time: checked on the primary"
+            ),
+            Miss::Conflict(e) => tracing::warn!(
+                replica = %replica.label, error = %e,
+                "row check cancelled on the replica by a recovery conflict: checked on the primary"
+            ),
+            Miss::Error(e) => tracing::debug!(
+                replica = %replica.label, error = %e,
+                "row check failed on the replica: checked on the primary"
+            ),
+            Miss::Unavailable(e) => tracing::warn!(
+                replica = %replica.label, error = %e,
+                "replica unavailable: row checks go to the primary until it answers again"
+            ),
+        }
+    }
+}
+
 /// Says, in a metric and a log line, that a row check failed and its rows are not sent.
 fn withheld(r: &RlsRequest, error: &CheckError) {
     metrics::counter!(crate::telemetry::CHANGES_WITHHELD, "reason" => "policy_error").increment(1);
@@ -795,6 +1046,21 @@ fn select_sql(t: &TableInfo, keys: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The guard asks for replay strictly past the commit record's start (the end of the last
+    /// record replayed equals its start only before the commit is replayed), in PostgreSQL's
+    /// LSN notation.
+    #[test]
+    fn the_replay_guard_asks_for_replay_past_the_commit_record() {
+        assert_eq!(lsn_text(0x1_0000_00FF), "1/FF");
+        assert_eq!(lsn_text(0x306_BF00), "0/306BF00");
+        let sql = replay_guard_sql(0x2_ABCD_0001);
+        assert!(
+            sql.contains("IF NOT pg_last_wal_replay_lsn() > '2/ABCD0001'::pg_lsn THEN"),
+            "{sql}"
+        );
+        assert!(sql.contains("IF NOT pg_is_in_recovery()"), "{sql}");
+    }
 
     /// The log text of each error the check makes itself (the wrapped ones keep their own).
     #[test]

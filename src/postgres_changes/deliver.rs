@@ -48,7 +48,12 @@ impl PgChanges {
             }
         }
         let plan = plan_checks(&pending, |role| bypass.get(role).copied().unwrap_or(false));
-        let visible = self.authorizer.visible(&plan.requests, &plan.xids).await;
+        // The replica that answers must have replayed every commit of the batch.
+        let commit_lsn = pending.iter().map(|(c, _)| c.commit_lsn).max().unwrap_or(0);
+        let visible = self
+            .authorizer
+            .visible(&plan.requests, &plan.xids, commit_lsn)
+            .await;
         let exact = self
             .authorizer
             .visible_old_rows(&plan.old_rows, &plan.xids)
@@ -299,6 +304,7 @@ fn leave_change(change: &Change, key: &[String]) -> Change {
         commit_ts: change.commit_ts,
         xid: change.xid,
         left_view: true,
+        commit_lsn: change.commit_lsn,
     }
 }
 
@@ -529,6 +535,7 @@ mod tests {
             commit_ts: 0,
             xid: 7,
             left_view: false,
+            commit_lsn: 0,
         }
     }
 

@@ -40,6 +40,7 @@ impl PgChanges {
         let mut messages_oids: std::collections::HashSet<u32> = std::collections::HashSet::new();
         let mut commit_ts: i64 = 0;
         let mut xid: u32 = 0;
+        let mut commit_lsn: u64 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         // Exactly once across reconnects: PostgreSQL streams again everything after the last
         // confirmed commit, which may include what was already delivered. Commits arrive in
@@ -140,6 +141,7 @@ impl PgChanges {
                     } => {
                         commit_ts = ts;
                         xid = x;
+                        commit_lsn = final_lsn;
                         let delivered = status
                             .acked
                             .load(Ordering::Relaxed)
@@ -182,7 +184,7 @@ impl PgChanges {
                             Action::Insert,
                             Some(new),
                             None,
-                            (commit_ts, xid),
+                            (commit_ts, xid, commit_lsn),
                             &mut pending,
                         );
                     }
@@ -192,7 +194,7 @@ impl PgChanges {
                         Action::Insert,
                         Some(new),
                         None,
-                        (commit_ts, xid),
+                        (commit_ts, xid, commit_lsn),
                         &mut pending,
                     ),
                     Event::Update {
@@ -206,7 +208,7 @@ impl PgChanges {
                         Action::Update,
                         Some(new),
                         old,
-                        (commit_ts, xid),
+                        (commit_ts, xid, commit_lsn),
                         &mut pending,
                     ),
                     Event::Delete { relation, old, lsn } if txn.take(lsn) => self.match_change(
@@ -215,7 +217,7 @@ impl PgChanges {
                         Action::Delete,
                         None,
                         Some(old),
-                        (commit_ts, xid),
+                        (commit_ts, xid, commit_lsn),
                         &mut pending,
                     ),
                     Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
@@ -316,7 +318,7 @@ impl PgChanges {
         action: Action,
         new: Option<Tuple>,
         old: Option<OldTuple>,
-        (commit_ts, xid): (i64, u32),
+        (commit_ts, xid, commit_lsn): (i64, u32, u64),
         pending: &mut Vec<(Change, Vec<Arc<Sub>>)>,
     ) {
         let record = self.history.enabled();
@@ -335,6 +337,7 @@ impl PgChanges {
             commit_ts,
             xid,
             left_view: false,
+            commit_lsn,
         };
         if change.filter_row().is_none() {
             return;

@@ -105,6 +105,12 @@ impl PgChanges {
         self
     }
 
+    /// Row checks may also run on these read replicas (`DB_REPLICA_URLS`).
+    pub fn with_replicas(mut self, replicas: Arc<crate::db::replicas::Replicas>) -> Self {
+        self.authorizer.set_replicas(replicas);
+        self
+    }
+
     /// With these catch-up settings.
     pub fn with_catchup(mut self, cfg: crate::config::CatchupConfig) -> Self {
         self.history = history::History::new(cfg);

@@ -55,6 +55,9 @@ pub struct Change {
     /// A leave (a DELETE of the key only, sent for an UPDATE that took the row out of a
     /// subscriber's view): its payload says `"left_view":true`.
     pub left_view: bool,
+    /// Where its transaction's commit record starts (pgoutput's BEGIN `final_lsn`): a replica
+    /// has replayed the commit once its replay position is past this.
+    pub commit_lsn: u64,
 }
 
 impl Change {
