@@ -407,3 +407,95 @@ async fn the_old_row_decision_reads_arrays_json_and_qualified_columns_as_postgre
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["old_record"], json!({"id": 1}));
 }
+
+/// A row check reads the row as it is when the check runs. A row updated and then deleted
+/// before the UPDATE's check ran is simply gone for that check ("denied" for everyone): that
+/// says nothing about who could see it, so its DELETE follows `DELETE_VISIBILITY` (here the
+/// default, `original`) instead of being withheld from the user who had it on screen (a typing
+/// indicator set and cleared within milliseconds, while checks run behind). Before: the DELETE
+/// was withheld from everyone, its owner included.
+///
+/// The interleaving is forced: an earlier batch's check is held by a lock on a table the policy
+/// reads (after its snapshot), so the next batch's check (one in flight at a time) can only
+/// start once the UPDATE and the DELETE have both committed.
+#[tokio::test]
+async fn a_row_deleted_before_its_last_change_was_checked_is_not_taken_for_hidden() {
+    let (test_db, server, mut db) = setup(&[("DB_CHECKS_IN_FLIGHT", "1")]).await;
+    db.sql
+        .batch_execute(
+            "CREATE TABLE gate (open bool);
+             INSERT INTO gate VALUES (true);
+             CREATE TABLE typing (id int PRIMARY KEY, user_id uuid NOT NULL, state text);
+             ALTER TABLE typing ENABLE ROW LEVEL SECURITY;
+             CREATE POLICY own ON typing FOR SELECT TO authenticated
+                 USING (user_id = auth.uid() AND EXISTS (SELECT 1 FROM gate WHERE open));
+             GRANT SELECT ON typing, gate TO authenticated;
+             ALTER PUBLICATION supabase_realtime ADD TABLE typing;",
+        )
+        .await
+        .unwrap();
+    let typing = json!([{"event":"*","schema":"public","table":"typing"}]);
+    let mut one = subscriber(&server, Vsn::V2, 1, typing.clone()).await;
+    let mut two = subscriber(&server, Vsn::V2, 2, typing).await;
+    db.exec(
+        "INSERT INTO typing VALUES (1, $1::text::uuid, 'typing')",
+        &[&user(1)],
+    )
+    .await;
+    let m = db.mark().await;
+    let got = until_mark(&mut one, m).await;
+    assert_eq!(types(&got), ["INSERT \"typing\""], "{got:?}");
+    assert!(until_mark(&mut two, m).await.is_empty());
+
+    // Another row's check is held on the lock; the UPDATE and DELETE of row 1 come behind it.
+    let mut lock = test_db.client().await;
+    let tx = lock.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    db.exec(
+        "INSERT INTO typing VALUES (2, $1::text::uuid, 'typing')",
+        &[&user(1)],
+    )
+    .await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = db
+            .sql
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the check never waited on the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    db.exec("UPDATE typing SET state = 'idle' WHERE id = 1", &[])
+        .await;
+    db.exec("DELETE FROM typing WHERE id = 1", &[]).await;
+    tx.commit().await.unwrap();
+
+    let m = db.mark().await;
+    let got = until_mark(&mut one, m).await;
+    // Row 2 as usual; row 1's UPDATE found no row when checked (as the original's would): not
+    // sent. Its DELETE is.
+    assert_eq!(
+        types(&got),
+        ["INSERT \"typing\"", "DELETE \"typing\""],
+        "{got:?}"
+    );
+    assert_eq!(got[0]["record"]["id"], 2);
+    assert_eq!(got[1]["old_record"], json!({"id": 1}));
+    // For user 2 too the row's last change (the UPDATE) could not be judged: the rule decides,
+    // as for any row walcast cannot know (an earlier verdict is not the last change's).
+    let other = until_mark(&mut two, m).await;
+    assert_eq!(types(&other), ["DELETE \"typing\""], "{other:?}");
+}

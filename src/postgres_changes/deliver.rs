@@ -58,12 +58,31 @@ impl PgChanges {
             .authorizer
             .visible_old_rows(&plan.old_rows, &plan.xids)
             .await;
+        // Where the WAL stood once the row checks had ended: a later DELETE of a row committed
+        // before this may have been what a check saw (see `Verdicts`).
+        let checked_upto = if plan.requests.is_empty() {
+            0
+        } else {
+            self.wal_position().await.unwrap_or(u64::MAX)
+        };
         Checked {
             pending,
             gates: plan.gates,
             visible,
             exact,
+            checked_upto,
         }
+    }
+
+    /// The primary's WAL insert position now (`None` if it cannot be read: then every denial
+    /// of the batch counts as unknown for later DELETEs).
+    async fn wal_position(&self) -> Option<u64> {
+        let client = self.delivery.get().await.ok()?;
+        let row = client
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .ok()?;
+        crate::replication::conn::parse_lsn(row.try_get::<_, &str>(0).ok()?)
     }
 
     /// Step 2 of delivery: change by change, one message per channel, to the subscribers
@@ -75,6 +94,7 @@ impl PgChanges {
             gates,
             visible,
             exact,
+            checked_upto,
         } = checked;
         for ((change, subs), gates) in pending.iter().zip(&gates) {
             let t = &change.table;
@@ -109,7 +129,7 @@ impl PgChanges {
                 } else {
                     None
                 };
-                let mut verdicts = Verdicts::new();
+                let mut verdicts = Verdicts::new().checked_upto(change.xid, checked_upto);
                 for (s, gate) in subs.iter().zip(gates) {
                     let o = is_open(gate);
                     if let Gate::Check(..) = gate {
@@ -158,10 +178,9 @@ impl PgChanges {
                             delete_decision("exact", o)
                         }
                         Gate::Delete { .. } => {
-                            match known
-                                .as_ref()
-                                .map_or(Known::Unknown, |v| v.get(s.cohort.key))
-                            {
+                            match known.as_ref().map_or(Known::Unknown, |v| {
+                                v.for_delete(s.cohort.key, change.xid, change.commit_lsn)
+                            }) {
                                 Known::Allowed => delete_decision("memory", true),
                                 Known::Denied => delete_decision("memory", false),
                                 Known::Unknown => delete_decision(
@@ -316,6 +335,8 @@ pub(super) struct Checked {
     /// Answers of the old-row requests (DELETEs of `REPLICA IDENTITY FULL` tables); `None`
     /// for a request the old rows could not answer (then as without them).
     exact: Vec<Option<HashSet<Vec<String>>>>,
+    /// A WAL position at or past the end of the row checks (0: none ran).
+    checked_upto: u64,
 }
 
 /// What one subscriber's delivery of one change waits on.

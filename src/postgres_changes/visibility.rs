@@ -24,23 +24,55 @@ pub enum Known {
 }
 
 /// The verdicts of a row's last change.
+///
+/// A row check reads the row as it is when the check runs, which can be after later changes
+/// of the same row committed: a row deleted meanwhile is simply not there, so the check
+/// answers "denied" for every cohort. Such a verdict says nothing about who could see the
+/// row before. `checked_upto` is a WAL position at or past the end of the check (0: not
+/// known); [`Verdicts::for_delete`] turns a denial into "unknown" for a DELETE of another
+/// transaction whose commit record starts before it (the check may have seen the DELETE). A
+/// DELETE in the row's own transaction keeps the denial: that row was never visible to anyone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Verdicts(Vec<(CohortKey, bool)>);
+pub struct Verdicts {
+    cohorts: Vec<(CohortKey, bool)>,
+    checked_upto: u64,
+    xid: u32,
+}
 
 impl Verdicts {
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Verdicts of the change of transaction `xid`, from a check that ended before WAL
+    /// position `lsn` (see the type's comment).
+    pub fn checked_upto(mut self, xid: u32, lsn: u64) -> Self {
+        self.xid = xid;
+        self.checked_upto = lsn;
+        self
+    }
+
+    /// What these verdicts say about `cohort` for a DELETE of transaction `delete_xid` whose
+    /// commit record starts at `delete_lsn`: a denial from a check that may have run after a
+    /// DELETE of another transaction (the row was gone, not hidden) is unknown.
+    pub fn for_delete(&self, cohort: CohortKey, delete_xid: u32, delete_lsn: u64) -> Known {
+        match self.get(cohort) {
+            Known::Denied if delete_xid != self.xid && delete_lsn < self.checked_upto => {
+                Known::Unknown
+            }
+            k => k,
+        }
+    }
+
     pub fn set(&mut self, cohort: CohortKey, allowed: bool) {
-        match self.0.iter_mut().find(|(c, _)| *c == cohort) {
+        match self.cohorts.iter_mut().find(|(c, _)| *c == cohort) {
             Some(v) => v.1 = allowed,
-            None => self.0.push((cohort, allowed)),
+            None => self.cohorts.push((cohort, allowed)),
         }
     }
 
     pub fn get(&self, cohort: CohortKey) -> Known {
-        match self.0.iter().find(|(c, _)| *c == cohort) {
+        match self.cohorts.iter().find(|(c, _)| *c == cohort) {
             Some((_, true)) => Known::Allowed,
             Some((_, false)) => Known::Denied,
             None => Known::Unknown,
@@ -48,7 +80,7 @@ impl Verdicts {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.cohorts.is_empty()
     }
 }
 
@@ -79,7 +111,7 @@ pub struct VisibilityMemory {
 fn cost(key: &RowKey, verdicts: &Verdicts) -> usize {
     let key_bytes: usize = key.1.iter().map(|k| k.len() + 24).sum();
     // The key is held twice (map and order queue).
-    2 * (key_bytes + 48) + verdicts.0.len() * std::mem::size_of::<(CohortKey, bool)>() + 64
+    2 * (key_bytes + 48) + verdicts.cohorts.len() * std::mem::size_of::<(CohortKey, bool)>() + 64
 }
 
 impl VisibilityMemory {
@@ -214,6 +246,19 @@ mod tests {
         assert_eq!(got.get(3), Known::Allowed);
         assert!(m.take(1, &["k".into()]).is_none());
         assert_eq!(m.size(), (0, 0));
+    }
+
+    #[test]
+    fn a_denial_from_a_check_that_may_have_seen_the_delete_is_unknown() {
+        let checked = v(&[(1, true), (2, false)]).checked_upto(7, 1_000);
+        // The DELETE committed before the check ended: the row may simply have been gone.
+        assert_eq!(checked.for_delete(2, 8, 999), Known::Unknown);
+        assert_eq!(checked.for_delete(1, 8, 999), Known::Allowed);
+        // Committed after the check ended: the check saw the row, and it was hidden.
+        assert_eq!(checked.for_delete(2, 8, 1_000), Known::Denied);
+        assert_eq!(checked.for_delete(3, 8, 1_000), Known::Unknown);
+        // Deleted in the transaction that wrote it: nobody ever saw that row.
+        assert_eq!(checked.for_delete(2, 7, 999), Known::Denied);
     }
 
     #[test]
