@@ -104,6 +104,10 @@ pub const CATCHUP_REMEMBERED: &str = "walcast_catchup_remembered";
 pub const CATCHUP_REJOINS: &str = "walcast_catchup_rejoins_total";
 /// Changes replayed to rejoined channels, before their own row checks (counter).
 pub const CATCHUP_REPLAYED_CHANGES: &str = "walcast_catchup_replayed_changes_total";
+/// Cluster mode: positions other nodes published, held here.
+pub const CATCHUP_CLUSTER_POSITIONS: &str = "walcast_catchup_cluster_positions";
+/// Cluster mode: rejoins resumed from a position another node published.
+pub const CATCHUP_CLUSTER_RESUMES: &str = "walcast_catchup_cluster_resumes_total";
 
 /// Every metric name, for the docs test.
 pub const ALL: &[&str] = &[
@@ -141,6 +145,8 @@ pub const ALL: &[&str] = &[
     CATCHUP_REMEMBERED,
     CATCHUP_REJOINS,
     CATCHUP_REPLAYED_CHANGES,
+    CATCHUP_CLUSTER_POSITIONS,
+    CATCHUP_CLUSTER_RESUMES,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -242,6 +248,14 @@ fn describe() {
         "Changes evicted from the catch-up history"
     );
     describe_gauge!(CATCHUP_REMEMBERED, "Remembered subscriber positions");
+    describe_gauge!(
+        CATCHUP_CLUSTER_POSITIONS,
+        "Catch-up positions other cluster nodes published"
+    );
+    describe_counter!(
+        CATCHUP_CLUSTER_RESUMES,
+        "Rejoins resumed from another node's position"
+    );
     describe_counter!(
         CATCHUP_REJOINS,
         "Rejoins resumed from a remembered position"

@@ -535,3 +535,199 @@ async fn stopping_the_slot_holder_gracefully_hands_the_slot_over_losing_nothing(
         "every row once, in order"
     );
 }
+
+/// How the node a subscriber was on goes away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeEnd {
+    /// SIGKILL: its last published positions (at most a second old) are what others know;
+    /// the client rejoins once the others have found it gone (`CLUSTER_NODE_TIMEOUT_MS`).
+    Killed,
+    /// SIGKILL, and the client rejoins before the others have noticed.
+    KilledNotYetNoticed,
+    /// SIGTERM: it publishes its positions as it goes.
+    Stopped,
+}
+
+/// `notes`, readable by alice only, in the publication.
+async fn create_notes(sql: &tokio_postgres::Client) {
+    sql.batch_execute(
+        "CREATE TABLE notes (id serial PRIMARY KEY, k int NOT NULL);
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON notes FOR SELECT TO authenticated USING (auth.jwt()->>'sub' = 'alice');
+         GRANT SELECT ON notes TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE notes;",
+    )
+    .await
+    .expect("schema");
+}
+
+/// Joins `realtime:notes` and returns the payload of "Subscribed to PostgreSQL".
+async fn subscribed_to_notes(c: &mut Client) -> Value {
+    let config = serde_json::json!({"config": {"postgres_changes":
+        [{"event": "INSERT", "schema": "public", "table": "notes"}]}});
+    let (_, reply) = c.join("realtime:notes", config).await;
+    assert_eq!(reply.payload()["status"], "ok", "{reply:?}");
+    let sys = c.recv_until("system", |f| f.event() == "system").await;
+    assert_eq!(sys.payload()["message"], "Subscribed to PostgreSQL");
+    sys.payload().clone()
+}
+
+/// The value of a gauge in a node's metrics (0 when absent).
+async fn gauge(server: &Server, name: &str) -> f64 {
+    let text = server.metrics(&token("anon")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A subscriber on node b, whose node dies (`end`) while a writer commits, rejoins on node c
+/// continuing its message refs (as supabase-js does): resumed there, it gets every row
+/// committed after the last one it had received, in order, and live ones after; rows it
+/// received from b after its last message there may come again (RELIABILITY.md, "Several
+/// nodes"), nothing else. A new page (refs from 1) on node a is fresh.
+async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: &str) {
+    let nats = Nats::start().await;
+    let db = TestDb::create(db_name).await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    create_notes(&sql).await;
+    let mut b = pg_node(&db, &nats.url(), "b", "1000").await;
+    let c = pg_node(&db, &nats.url(), "c", "1000").await;
+    for node in [&a, &b, &c] {
+        assert_eq!(holder(node).await.0, "a");
+    }
+    let alice = sign(
+        serde_json::json!({"role": "authenticated", "sub": "alice", "session_id": "s1", "exp": now() + 3600}),
+    );
+    let mut cl = b.connect(Vsn::V2, &alice).await;
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys.get("catchup"), None, "a new subscriber: {sys}");
+    for k in 1..=5 {
+        sql.execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+            .await
+            .expect("insert");
+    }
+    assert_eq!(ks_until(&mut cl, 5).await, vec![1, 2, 3, 4, 5]);
+    cl.barrier().await;
+    // c has heard of b's positions (published every second).
+    let started = tokio::time::Instant::now();
+    while gauge(&c, "walcast_catchup_cluster_positions").await < 1.0 {
+        assert!(started.elapsed() < WAIT, "c never heard of b's positions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer_sql = db.client().await;
+    let writer = tokio::spawn(async move {
+        let mut k = 5;
+        while !*stop_rx.borrow() {
+            k += 1;
+            writer_sql
+                .execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        k
+    });
+    // Rows arrive from b while the writer runs; then b goes.
+    let mut received = 5;
+    while received < 10 {
+        let f = cl.recv().await;
+        if let Some(k) = k_of(&f) {
+            assert_eq!(k, received + 1, "in order from b");
+            received = k;
+        }
+    }
+    let refs = cl.next_ref();
+    match end {
+        NodeEnd::KilledNotYetNoticed => b.kill().await,
+        NodeEnd::Killed => {
+            b.kill().await;
+            let started = tokio::time::Instant::now();
+            while health(&c).await["cluster"]["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == "b"))
+            {
+                assert!(started.elapsed() < WAIT, "c never found b gone");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        NodeEnd::Stopped => {
+            b.terminate();
+            b.wait_exit(WAIT).await;
+        }
+    }
+    // What b had pushed before it went counts as received (the client read it).
+    let mut last_received = received;
+    loop {
+        let f = cl.recv().await;
+        if matches!(f, Frame::Close(_)) {
+            break;
+        }
+        if let Some(k) = k_of(&f) {
+            assert_eq!(k, last_received + 1, "in order from b");
+            last_received = k;
+        }
+    }
+    drop(cl);
+    let mut cl = c.connect(Vsn::V1, &alice).await;
+    cl.set_next_ref(refs);
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    // Live rows arrive on c, then the writer stops.
+    let mut got = Vec::new();
+    loop {
+        let f = cl.recv().await;
+        assert!(!matches!(f, Frame::Close(_)), "socket closed");
+        if let Some(k) = k_of(&f) {
+            got.push(k);
+            if k > last_received + 20 {
+                break;
+            }
+        }
+    }
+    stop_tx.send_replace(true);
+    let last = i64::from(writer.await.expect("writer"));
+    if got.last() != Some(&last) {
+        got.extend(ks_until(&mut cl, last).await);
+    }
+    let first = got.first().copied().unwrap_or(0);
+    assert!(
+        (1..=last_received + 1).contains(&first),
+        "resumed at or before the first row it had not received ({last_received}): {got:?}"
+    );
+    assert_eq!(
+        got,
+        (first..=last).collect::<Vec<_>>(),
+        "every row after the position once, in order"
+    );
+    eprintln!(
+        "{end:?}: had received up to {last_received}; c replayed from {first} (again: {})",
+        last_received + 1 - first
+    );
+    cl.assert_no_more("postgres_changes", "the rejoined client")
+        .await;
+    // A new page of the same user (its refs start again) is not a rejoin.
+    let mut page = a.connect(Vsn::V2, &alice).await;
+    let sys = subscribed_to_notes(&mut page).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_killed_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Killed, "cluster_pg_move_kill").await;
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_stopped_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Stopped, "cluster_pg_move_term").await;
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_killed_resumes_on_another_node_before_it_is_noticed() {
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::KilledNotYetNoticed,
+        "cluster_pg_move_blip",
+    )
+    .await;
+}

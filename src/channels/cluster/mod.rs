@@ -23,6 +23,7 @@
 
 mod changes;
 mod peers;
+mod positions;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -455,7 +456,8 @@ impl Cluster {
             Message::Heartbeat { .. }
             | Message::Bye { .. }
             | Message::Wal { .. }
-            | Message::Position { .. } => {}
+            | Message::Position { .. }
+            | Message::Positions { .. } => {}
         }
     }
 

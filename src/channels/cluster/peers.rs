@@ -75,6 +75,10 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(_, o), _| *o != origin);
+        // Its channels' last published positions are remembered here now.
+        if let Some(a) = self.pg.get() {
+            a.pg.history.cluster_node_gone(origin);
+        }
         for (key, diff) in self.presence.drop_remote_origin(origin) {
             self.deliver_presence(&key, &diff);
         }
@@ -208,10 +212,19 @@ impl Cluster {
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let _ = shutdown.wait_for(|down| *down).await;
+        // The sockets close now: their positions go first, so that a client rejoining on
+        // another node resumes there (RELIABILITY.md, "Several nodes").
+        let positions = self.last_positions();
         let bytes = wire::encode(&Message::Bye {
             origin: self.instance,
         });
         let sent = tokio::time::timeout(Duration::from_secs(1), async {
+            for p in positions {
+                client
+                    .publish(wire::positions_subject(&self.settings.prefix), p)
+                    .await
+                    .ok()?;
+            }
             client
                 .publish(wire::heartbeat_subject(&self.settings.prefix), bytes)
                 .await

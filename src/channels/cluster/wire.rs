@@ -68,6 +68,11 @@ pub fn heartbeat_subject(prefix: &str) -> String {
     format!("{prefix}.hb")
 }
 
+/// The subject of the nodes' catch-up positions (`<prefix>.cu`).
+pub fn positions_subject(prefix: &str) -> String {
+    format!("{prefix}.cu")
+}
+
 /// The subject of the change stream the slot holder publishes (`<prefix>.pg`).
 pub fn changes_subject(prefix: &str) -> String {
     format!("{prefix}.pg")
@@ -122,6 +127,15 @@ pub enum Message {
     },
     /// A node is shutting down: its presences leave now, not after the node timeout.
     Bye { origin: u64 },
+    /// Catch-up positions of `origin` (RELIABILITY.md, "Several nodes"): `reset` replaces
+    /// what receivers hold of it, `bye` says they are its last (it is shutting down). The body
+    /// is JSON: `[[key, [commit LSN, LSN, gap, last ref] or null], ...]`.
+    Positions {
+        origin: u64,
+        reset: bool,
+        bye: bool,
+        body: Bytes,
+    },
 }
 
 /// A broadcast as it travels.
@@ -162,6 +176,8 @@ struct Header {
     l: u64,
     #[serde(default, skip_serializing_if = "is_false")]
     c: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    b: bool,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -180,6 +196,7 @@ const HEARTBEAT: u8 = b'H';
 const BYE: u8 = b'X';
 const WAL: u8 = b'W';
 const POSITION: u8 = b'P';
+const POSITIONS: u8 = b'C';
 
 fn frame(tag: u8, header: &Header, body: &[u8]) -> Bytes {
     let head = serde_json::to_vec(header).unwrap_or_default();
@@ -313,6 +330,21 @@ pub fn encode(msg: &Message) -> Bytes {
             },
             &[],
         ),
+        Message::Positions {
+            origin,
+            reset,
+            bye,
+            body,
+        } => frame(
+            POSITIONS,
+            &Header {
+                o: *origin,
+                c: *reset,
+                b: *bye,
+                ..Header::default()
+            },
+            body,
+        ),
     }
 }
 
@@ -368,6 +400,12 @@ pub fn decode(bytes: &Bytes) -> Option<Message> {
             node: header.n?,
         },
         BYE => Message::Bye { origin: header.o },
+        POSITIONS => Message::Positions {
+            origin: header.o,
+            reset: header.c,
+            bye: header.b,
+            body,
+        },
         _ => return None,
     })
 }
