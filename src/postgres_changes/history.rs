@@ -851,6 +851,85 @@ mod tests {
         assert_eq!(h.remembered().len(), 2);
     }
 
+    fn change() -> Change {
+        Change {
+            table: Arc::new(crate::postgres_changes::catalog::TableInfo {
+                oid: 1,
+                schema: "public".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: Vec::new(),
+                rls: false,
+                has_pk: false,
+                pk: Vec::new(),
+                stored_broadcasts: false,
+            }),
+            action: Action::Insert,
+            new: None,
+            old: None,
+            commit_ts: 0,
+            xid: 0,
+            left_view: false,
+        }
+    }
+
+    #[test]
+    fn another_nodes_positions_map_onto_this_history_by_stream_point() {
+        let h = History::new(CatchupConfig::default());
+        // This node's history: changes at points (10,1), (10,2), (20,1), (30,1).
+        for p in [(10, 1), (10, 2), (20, 1), (30, 1)] {
+            h.record(1, &change(), p);
+        }
+        let shared = |point: Point, last_ref: u64| Shared {
+            point,
+            gap: false,
+            last_ref,
+        };
+        let k: Key = Arc::from("k");
+        let pos = || Arc::new(AtomicU64::new(0));
+        let c: Vec<ChannelId> = (0..6).map(|_| ChannelId::next()).collect();
+        // A live node's position: resumes after the change at it, and stays.
+        h.cluster_update(7, true, false, vec![(k.clone(), Some(shared((10, 2), 40)))]);
+        assert_eq!(
+            h.join(&k, c[0], pos(), pos(), Some(41)),
+            Rejoin::Resume(Resume {
+                from: 2,
+                gap: false
+            })
+        );
+        h.leave(&k, c[0]);
+        // A new page (refs from 1): fresh.
+        assert_eq!(h.join(&k, c[1], pos(), pos(), Some(1)), Rejoin::Fresh);
+        h.leave(&k, c[1]);
+        // Gone: taken once.
+        h.cluster_node_gone(7);
+        assert!(matches!(
+            h.join(&k, c[2], pos(), pos(), Some(42)),
+            Rejoin::Resume(Resume { from: 2, .. })
+        ));
+        h.leave(&k, c[2]);
+        assert_eq!(h.join(&k, c[3], pos(), pos(), Some(43)), Rejoin::New);
+        h.leave(&k, c[3]);
+        // A point before this history: a gap; one beyond it (this node lags): its newest.
+        h.cluster_update(8, true, true, vec![(k.clone(), Some(shared((5, 1), 0)))]);
+        assert_eq!(
+            h.join(&k, c[4], pos(), pos(), Some(1)),
+            Rejoin::Resume(Resume { from: 0, gap: true })
+        );
+        h.leave(&k, c[4]);
+        h.cluster_update(9, true, true, vec![(k.clone(), Some(shared((99, 1), 0)))]);
+        assert_eq!(
+            h.join(&k, c[5], pos(), pos(), None),
+            Rejoin::Resume(Resume {
+                from: 4,
+                gap: false
+            })
+        );
+        // What this node shares: a live channel's position as a stream point.
+        let shared_here = h.share();
+        assert_eq!(shared_here.get(&k).map(|s| s.point), Some((0, 0)));
+    }
+
     #[test]
     fn a_rejoin_resumes_only_when_its_ref_continues_the_old_sockets() {
         let h = History::new(CatchupConfig::default());

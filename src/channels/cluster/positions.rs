@@ -41,7 +41,7 @@ impl Cluster {
         loop {
             tick.tick().await;
             let now = pg.history.share();
-            let full = count % FULL_EVERY == 0;
+            let full = count.is_multiple_of(FULL_EVERY);
             count = count.wrapping_add(1);
             let entries: Vec<(Key, Option<Shared>)> = if full {
                 now.iter().map(|(k, s)| (k.clone(), Some(*s))).collect()

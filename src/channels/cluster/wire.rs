@@ -3,7 +3,8 @@
 //! One subject per topic (`<prefix>.t.<o|p>.<topic in hex>`: public and private topics apart,
 //! hex so that any topic is one valid subject token) carries the topic's broadcasts, presence
 //! diffs, presence snapshots and snapshot requests, so that what one node publishes on a topic
-//! reaches every other node in publish order. `<prefix>.hb` carries each node's heartbeat.
+//! reaches every other node in publish order. `<prefix>.hb` carries each node's heartbeat, `<prefix>.pg` the change stream and
+//! `<prefix>.cu` the nodes' catch-up positions.
 //!
 //! A message is a tag byte, a JSON header, a newline, and a body of raw bytes: a broadcast's
 //! payload travels as the bytes the publisher received, node-neutral (each receiving node
