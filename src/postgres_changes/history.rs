@@ -74,6 +74,8 @@ struct RemoteNode {
     /// When the node was declared gone (timeout or goodbye): its positions are then
     /// remembered positions, taken once each, until `CATCHUP_WINDOW_MS` after this.
     gone: Option<Instant>,
+    /// It said goodbye (it is not coming back; a late update does not revive it).
+    bye: bool,
 }
 
 /// Who a subscriber was and what it subscribed to (see [`identity_key`]).
@@ -530,13 +532,22 @@ impl History {
             return;
         }
         let max = self.cfg.max_remembered;
+        let window = self.cfg.window;
         let mut remote = self.lock_remote();
+        // Gone nodes' positions past the window go.
+        remote.retain(|id, n| *id == node || n.gone.is_none_or(|g| g.elapsed() <= window));
         let n = remote.entry(node).or_insert_with(|| RemoteNode {
             positions: HashMap::new(),
             gone: None,
+            bye: false,
         });
         if n.gone.is_some() && !bye {
-            return;
+            // A node found gone (cut off from NATS) that is back: its full list revives it.
+            if reset && !n.bye {
+                n.gone = None;
+            } else {
+                return;
+            }
         }
         if reset {
             n.positions.clear();
@@ -554,6 +565,7 @@ impl History {
         }
         if bye {
             n.gone.get_or_insert_with(Instant::now);
+            n.bye = true;
         }
         set_cluster_gauge(&remote);
     }
