@@ -580,26 +580,38 @@ async fn gauge(server: &Server, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A subscriber on node b, whose node dies (`end`) while a writer commits, rejoins on node c
-/// continuing its message refs (as supabase-js does): resumed there, it gets every row
-/// committed after the last one it had received, in order, and live ones after; rows it
-/// received from b after its last message there may come again (RELIABILITY.md, "Several
-/// nodes"), nothing else. A new page (refs from 1) on node a is fresh.
-async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: &str) {
+/// A subscriber on node b (or on the slot holder a: `on_holder`), whose node goes (`end`) while
+/// a writer commits, rejoins on node c continuing its message refs (as supabase-js does):
+/// resumed there, it gets every row committed after the last one it had received, in order,
+/// and live ones after; rows the old node sent after the client's last message there may come
+/// again (RELIABILITY.md, "Several nodes"), nothing else. A new page (refs from 1) on the third
+/// node is fresh.
+async fn a_subscriber_whose_node_goes_resumes_on_another(
+    end: NodeEnd,
+    on_holder: bool,
+    db_name: &str,
+) {
     let nats = Nats::start().await;
     let db = TestDb::create(db_name).await;
     let a = pg_node(&db, &nats.url(), "a", "1000").await;
     let sql = db.client().await;
     create_notes(&sql).await;
-    let mut b = pg_node(&db, &nats.url(), "b", "1000").await;
+    let b = pg_node(&db, &nats.url(), "b", "1000").await;
     let c = pg_node(&db, &nats.url(), "c", "1000").await;
     for node in [&a, &b, &c] {
         assert_eq!(holder(node).await.0, "a");
     }
+    // The subscriber's node (the slot holder a, or the follower b) goes; it rejoins on c; a new
+    // page opens on the remaining one.
+    let (mut gone, gone_name, to, third) = if on_holder {
+        (a, "a", c, b)
+    } else {
+        (b, "b", c, a)
+    };
     let alice = sign(
         serde_json::json!({"role": "authenticated", "sub": "alice", "session_id": "s1", "exp": now() + 3600}),
     );
-    let mut cl = b.connect(Vsn::V2, &alice).await;
+    let mut cl = gone.connect(Vsn::V2, &alice).await;
     let sys = subscribed_to_notes(&mut cl).await;
     assert_eq!(sys.get("catchup"), None, "a new subscriber: {sys}");
     for k in 1..=5 {
@@ -611,8 +623,11 @@ async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: 
     cl.barrier().await;
     // c has heard of b's positions (published every second).
     let started = tokio::time::Instant::now();
-    while gauge(&c, "walcast_catchup_cluster_positions").await < 1.0 {
-        assert!(started.elapsed() < WAIT, "c never heard of b's positions");
+    while gauge(&to, "walcast_catchup_cluster_positions").await < 1.0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "c never heard of the positions of {gone_name}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -629,32 +644,32 @@ async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: 
         }
         k
     });
-    // Rows arrive from b while the writer runs; then b goes.
+    // Rows arrive from the old node while the writer runs; then it goes.
     let mut received = 5;
     while received < 10 {
         let f = cl.recv().await;
         if let Some(k) = k_of(&f) {
-            assert_eq!(k, received + 1, "in order from b");
+            assert_eq!(k, received + 1, "in order from the old node");
             received = k;
         }
     }
     let refs = cl.next_ref();
     match end {
-        NodeEnd::KilledNotYetNoticed => b.kill().await,
+        NodeEnd::KilledNotYetNoticed => gone.kill().await,
         NodeEnd::Killed => {
-            b.kill().await;
+            gone.kill().await;
             let started = tokio::time::Instant::now();
-            while health(&c).await["cluster"]["peers"]
+            while health(&to).await["cluster"]["peers"]
                 .as_array()
-                .is_some_and(|p| p.iter().any(|n| n == "b"))
+                .is_some_and(|p| p.iter().any(|n| n == gone_name))
             {
-                assert!(started.elapsed() < WAIT, "c never found b gone");
+                assert!(started.elapsed() < WAIT, "c never found {gone_name} gone");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         NodeEnd::Stopped => {
-            b.terminate();
-            b.wait_exit(WAIT).await;
+            gone.terminate();
+            gone.wait_exit(WAIT).await;
         }
     }
     // What b had pushed before it went counts as received (the client read it).
@@ -665,12 +680,12 @@ async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: 
             break;
         }
         if let Some(k) = k_of(&f) {
-            assert_eq!(k, last_received + 1, "in order from b");
+            assert_eq!(k, last_received + 1, "in order from the old node");
             last_received = k;
         }
     }
     drop(cl);
-    let mut cl = c.connect(Vsn::V1, &alice).await;
+    let mut cl = to.connect(Vsn::V1, &alice).await;
     cl.set_next_ref(refs);
     let sys = subscribed_to_notes(&mut cl).await;
     assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
@@ -708,26 +723,44 @@ async fn a_subscriber_whose_node_goes_resumes_on_another(end: NodeEnd, db_name: 
     cl.assert_no_more("postgres_changes", "the rejoined client")
         .await;
     // A new page of the same user (its refs start again) is not a rejoin.
-    let mut page = a.connect(Vsn::V2, &alice).await;
+    let mut page = third.connect(Vsn::V2, &alice).await;
     let sys = subscribed_to_notes(&mut page).await;
     assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
 }
 
 #[tokio::test]
 async fn a_subscriber_whose_node_is_killed_resumes_on_another_node() {
-    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Killed, "cluster_pg_move_kill").await;
+    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Killed, false, "cluster_pg_move_kill")
+        .await;
 }
 
 #[tokio::test]
 async fn a_subscriber_whose_node_is_stopped_resumes_on_another_node() {
-    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Stopped, "cluster_pg_move_term").await;
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::Stopped,
+        false,
+        "cluster_pg_move_term",
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_subscriber_whose_node_is_killed_resumes_on_another_node_before_it_is_noticed() {
     a_subscriber_whose_node_goes_resumes_on_another(
         NodeEnd::KilledNotYetNoticed,
+        false,
         "cluster_pg_move_blip",
+    )
+    .await;
+}
+
+/// The same with the subscriber on the slot holder: another node takes the slot over meanwhile.
+#[tokio::test]
+async fn a_subscriber_on_the_slot_holder_killed_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::Killed,
+        true,
+        "cluster_pg_move_holder",
     )
     .await;
 }
