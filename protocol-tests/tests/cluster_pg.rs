@@ -716,6 +716,14 @@ async fn a_subscriber_whose_node_goes_resumes_on_another(
         (first..=last).collect::<Vec<_>>(),
         "every row after the position once, in order"
     );
+    if end == NodeEnd::Stopped {
+        // Its sockets were flushed and their positions published once closed: nothing twice.
+        assert_eq!(
+            first,
+            last_received + 1,
+            "nothing again after a graceful stop"
+        );
+    }
     eprintln!(
         "{end:?}: had received up to {last_received}; c replayed from {first} (again: {})",
         last_received + 1 - first

@@ -255,6 +255,11 @@ impl History {
         outcome
     }
 
+    /// Whether no channel is live under a key (every socket with one has gone).
+    pub fn none_live(&self) -> bool {
+        self.lock_live().is_empty()
+    }
+
     /// A channel is gone; true when no other channel is live under its key.
     pub fn leave(&self, key: &Key, channel: ChannelId) -> bool {
         let mut live = self.lock_live();

@@ -205,7 +205,8 @@ impl Cluster {
     }
 
     /// At shutdown, tells the other nodes at once, so this node's presences leave there now
-    /// rather than after `CLUSTER_NODE_TIMEOUT_MS`.
+    /// rather than after `CLUSTER_NODE_TIMEOUT_MS`; its catch-up positions go before, and again
+    /// once its sockets are closed.
     pub(super) async fn goodbye(
         self: Arc<Self>,
         client: async_nats::Client,
@@ -235,5 +236,29 @@ impl Cluster {
         if !matches!(sent, Ok(Some(()))) {
             tracing::warn!("cluster: could not tell the other nodes this one is leaving; its presences leave there after CLUSTER_NODE_TIMEOUT_MS");
         }
+        // Once the sockets are closed (flushed: everything delivered counts as received, as
+        // on one node), their positions again, exact now.
+        let Some(pg) = self.pg.get().map(|a| a.pg.clone()) else {
+            return;
+        };
+        let closed = tokio::time::timeout(Duration::from_millis(1500), async {
+            while !pg.history.none_live() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if closed.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            for p in self.last_positions() {
+                client
+                    .publish(wire::positions_subject(&self.settings.prefix), p)
+                    .await
+                    .ok()?;
+            }
+            client.flush().await.ok()
+        })
+        .await;
     }
 }
