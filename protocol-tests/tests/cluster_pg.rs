@@ -772,3 +772,74 @@ async fn a_subscriber_on_the_slot_holder_killed_resumes_on_another_node() {
     )
     .await;
 }
+
+/// A rejoin on another node whose history no longer holds part of what the client missed is
+/// told (the same gap notice as on one node), then gets what is still held, in order.
+#[tokio::test]
+async fn a_rejoin_on_another_node_past_its_history_is_told_of_the_gap() {
+    let nats = Nats::start().await;
+    let db = TestDb::create("cluster_pg_move_gap").await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    create_notes(&sql).await;
+    let mut b = pg_node(&db, &nats.url(), "b", "1000").await;
+    // c's history has room for about four changes.
+    let c = Server::start_with_db(
+        &db,
+        &[
+            ("CLUSTER_NATS_URL", &nats.url()),
+            ("NODE_NAME", "c"),
+            ("CLUSTER_HEARTBEAT_MS", "100"),
+            ("CLUSTER_NODE_TIMEOUT_MS", "1000"),
+            ("METRICS_JWT_SECRET", SECRET),
+            ("CATCHUP_HISTORY_BYTES", "1000"),
+        ],
+    )
+    .await;
+    for node in [&a, &b, &c] {
+        assert_eq!(holder(node).await.0, "a");
+    }
+    let alice =
+        sign(serde_json::json!({"role": "authenticated", "sub": "alice", "exp": now() + 3600}));
+    let mut cl = b.connect(Vsn::V2, &alice).await;
+    subscribed_to_notes(&mut cl).await;
+    let insert = |k: i32| {
+        let sql = &sql;
+        async move {
+            sql.execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+                .await
+                .expect("insert");
+        }
+    };
+    insert(1).await;
+    assert_eq!(ks_until(&mut cl, 1).await, vec![1]);
+    cl.barrier().await;
+    let started = tokio::time::Instant::now();
+    while gauge(&c, "walcast_catchup_cluster_positions").await < 1.0 {
+        assert!(started.elapsed() < WAIT, "c never heard of b's positions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refs = cl.next_ref();
+    b.kill().await;
+    drop(cl);
+    for k in 2..=12 {
+        insert(k).await;
+    }
+    let mut cl = c.connect(Vsn::V2, &alice).await;
+    cl.set_next_ref(refs);
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    let gap = cl
+        .recv_until("the gap notice", |f| f.event() == "system")
+        .await;
+    assert_eq!(gap.payload()["status"], "error", "{gap:?}");
+    assert_eq!(gap.payload()["gap"]["reason"], "catchup_history", "{gap:?}");
+    // What c's history still holds follows, in order, ending with the newest.
+    let got = ks_until(&mut cl, 12).await;
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]) && got.first().is_some_and(|k| *k > 1),
+        "in order, nothing before the gap: {got:?}"
+    );
+    cl.assert_no_more("postgres_changes", "the rejoined client")
+        .await;
+}
