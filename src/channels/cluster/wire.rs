@@ -532,6 +532,25 @@ mod tests {
             panic!("a change message")
         };
         assert_eq!((seq, lsn, more, &data[..]), (2, 99, true, &b"I\n\x00"[..]));
+        let positions = Message::Positions {
+            origin: 5,
+            reset: true,
+            bye: true,
+            body: Bytes::from_static(b"[[\"k\",[1,2,false,3]]]"),
+        };
+        let Some(Message::Positions {
+            origin,
+            reset,
+            bye,
+            body,
+        }) = decode(&encode(&positions))
+        else {
+            panic!("positions")
+        };
+        assert_eq!(
+            (origin, reset, bye, &body[..]),
+            (5, true, true, &b"[[\"k\",[1,2,false,3]]]"[..])
+        );
         assert!(decode(&Bytes::from_static(b"Bnot json")).is_none());
         assert!(decode(&Bytes::new()).is_none());
     }
