@@ -142,6 +142,9 @@ pub struct History {
     /// Channels live now, by key, with their socket's position: a rejoin that arrives before
     /// walcast has noticed the old socket is gone (a network blip) resumes from it.
     live: Mutex<Live>,
+    /// Live channels whose rejoin replay has not finished: the position they resumed from
+    /// (their socket's position may already be past what the replay has sent).
+    floors: Mutex<HashMap<ChannelId, u64>>,
     /// When expired positions were last swept.
     swept: Mutex<Instant>,
     /// Rejoins waiting for a turn (bounded by the channels: one per rejoining channel).
@@ -203,6 +206,7 @@ impl History {
             turn: tokio::sync::Mutex::new(()),
             remembered: Mutex::default(),
             live: Mutex::default(),
+            floors: Mutex::default(),
             waiting: Mutex::default(),
             swept: Mutex::new(Instant::now()),
             remote: Mutex::default(),
@@ -215,6 +219,24 @@ impl History {
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_floors(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, u64>> {
+        self.floors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel's position for a rejoin elsewhere: its socket's, or while its own replay
+    /// runs, where that started.
+    fn live_position(&self, channel: ChannelId, position: &AtomicU64) -> u64 {
+        let pos = position.load(Ordering::SeqCst);
+        self.lock_floors()
+            .get(&channel)
+            .map_or(pos, |floor| pos.min(*floor))
+    }
+
+    /// A rejoined channel's replay is done.
+    pub fn caught_up(&self, channel: ChannelId) {
+        self.lock_floors().remove(&channel);
     }
 
     /// A channel joined under `key` with message ref `join_ref`: where it resumes from (a
@@ -245,13 +267,16 @@ impl History {
             None => others
                 .iter()
                 .filter(|(_, _, r)| continues(r.load(Ordering::SeqCst), join_ref))
-                .map(|(_, p, _)| p.load(Ordering::SeqCst))
+                .map(|(c, p, _)| self.live_position(*c, p))
                 .min()
                 .map_or(Rejoin::Fresh, |from| {
                     Rejoin::Resume(Resume { from, gap: false })
                 }),
         };
         others.push((channel, position, last_ref));
+        if let Rejoin::Resume(r) = outcome {
+            self.lock_floors().insert(channel, r.from);
+        }
         outcome
     }
 
@@ -262,6 +287,7 @@ impl History {
 
     /// A channel is gone; true when no other channel is live under its key.
     pub fn leave(&self, key: &Key, channel: ChannelId) -> bool {
+        self.lock_floors().remove(&channel);
         let mut live = self.lock_live();
         let Some(list) = live.get_mut(key) else {
             return true;
@@ -492,8 +518,13 @@ impl History {
             e.2 = e.2.min(r);
         };
         for (k, list) in self.lock_live().iter() {
-            for (_, p, r) in list {
-                merge(k, p.load(Ordering::SeqCst), false, r.load(Ordering::SeqCst));
+            for (c, p, r) in list {
+                merge(
+                    k,
+                    self.live_position(*c, p),
+                    false,
+                    r.load(Ordering::SeqCst),
+                );
             }
         }
         for (k, e) in self.lock_remembered().iter() {
