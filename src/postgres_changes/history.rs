@@ -979,6 +979,26 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_still_replaying_is_shared_at_the_position_it_resumed_from() {
+        let h = History::new(CatchupConfig::default());
+        for p in [(10, 1), (20, 1), (30, 1)] {
+            h.record(1, &change(), p);
+        }
+        let k: Key = Arc::from("k");
+        let c = ChannelId::next();
+        h.remember(k.clone(), 1, 0);
+        // The socket has spoken since (its position is the newest), the replay is running.
+        let socket = Arc::new(AtomicU64::new(3));
+        assert!(matches!(
+            h.join(&k, c, socket, Arc::new(AtomicU64::new(0)), None),
+            Rejoin::Resume(Resume { from: 1, .. })
+        ));
+        assert_eq!(h.share().get(&k).map(|s| s.point), Some((10, 1)));
+        h.caught_up(c);
+        assert_eq!(h.share().get(&k).map(|s| s.point), Some((30, 1)));
+    }
+
+    #[test]
     fn a_rejoin_resumes_only_when_its_ref_continues_the_old_sockets() {
         let h = History::new(CatchupConfig::default());
         let c: Vec<ChannelId> = (0..9).map(|_| ChannelId::next()).collect();
