@@ -144,7 +144,9 @@ pub async fn run(
                     // One node streams the slot, the others receive the stream over NATS.
                     let (tap_tx, tap_rx) = mpsc::channel(CLUSTER_CHANGES_QUEUE);
                     let (in_tx, in_rx) = mpsc::channel(CLUSTER_CHANGES_QUEUE);
-                    for (name, task) in cluster.changes_tasks(status.clone(), tap_rx, in_tx) {
+                    for (name, task) in
+                        cluster.changes_tasks(status.clone(), pg.clone(), tap_rx, in_tx)
+                    {
                         tasks.spawn_until_shutdown(name, task);
                     }
                     let peers = cluster.clone();

@@ -112,6 +112,10 @@ pub const REPLICA_FALLBACKS: &str = "walcast_replica_fallbacks_total";
 /// Read replicas (`DB_REPLICA_URLS`) usable for row checks now: reachable standbys of the
 /// primary's system (gauge).
 pub const REPLICAS_USABLE: &str = "walcast_replicas_usable";
+/// Cluster mode: positions other nodes published, held here.
+pub const CATCHUP_CLUSTER_POSITIONS: &str = "walcast_catchup_cluster_positions";
+/// Cluster mode: rejoins resumed from a position another node published.
+pub const CATCHUP_CLUSTER_RESUMES: &str = "walcast_catchup_cluster_resumes_total";
 
 /// Every metric name, for the docs test.
 pub const ALL: &[&str] = &[
@@ -152,6 +156,8 @@ pub const ALL: &[&str] = &[
     AUTHZ_BATCHES,
     REPLICA_FALLBACKS,
     REPLICAS_USABLE,
+    CATCHUP_CLUSTER_POSITIONS,
+    CATCHUP_CLUSTER_RESUMES,
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -253,6 +259,14 @@ fn describe() {
         "Changes evicted from the catch-up history"
     );
     describe_gauge!(CATCHUP_REMEMBERED, "Remembered subscriber positions");
+    describe_gauge!(
+        CATCHUP_CLUSTER_POSITIONS,
+        "Catch-up positions other cluster nodes published"
+    );
+    describe_counter!(
+        CATCHUP_CLUSTER_RESUMES,
+        "Rejoins resumed from another node's position"
+    );
     describe_counter!(
         CATCHUP_REJOINS,
         "Rejoins resumed from a remembered position"

@@ -74,7 +74,7 @@ export async function startDev(env = {}) {
   }
 }
 
-/** Starts walcast; resolves to { url, port, stop() }. */
+/** Starts walcast; resolves to { url, port, stop(), kill() }. */
 export async function startServer(env = {}) {
   const child = spawn(walcastBin(), ['serve'], {
     env: {
@@ -101,9 +101,16 @@ export async function startServer(env = {}) {
     port,
     url: `http://127.0.0.1:${port}`,
     async stop() {
-      if (child.exitCode !== null) return
+      if (child.exitCode !== null || child.signalCode !== null) return
       const exited = new Promise((resolve) => child.once('exit', resolve))
       child.kill('SIGTERM')
+      await withTimeout(exited, 'walcast exit')
+    },
+    /** SIGKILL: a crash. */
+    async kill() {
+      if (child.exitCode !== null || child.signalCode !== null) return
+      const exited = new Promise((resolve) => child.once('exit', resolve))
+      child.kill('SIGKILL')
       await withTimeout(exited, 'walcast exit')
     },
   }

@@ -535,3 +535,311 @@ async fn stopping_the_slot_holder_gracefully_hands_the_slot_over_losing_nothing(
         "every row once, in order"
     );
 }
+
+/// How the node a subscriber was on goes away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeEnd {
+    /// SIGKILL: its last published positions (at most a second old) are what others know;
+    /// the client rejoins once the others have found it gone (`CLUSTER_NODE_TIMEOUT_MS`).
+    Killed,
+    /// SIGKILL, and the client rejoins before the others have noticed.
+    KilledNotYetNoticed,
+    /// SIGTERM: it publishes its positions as it goes.
+    Stopped,
+}
+
+/// `notes`, readable by alice only, in the publication.
+async fn create_notes(sql: &tokio_postgres::Client) {
+    sql.batch_execute(
+        "CREATE TABLE notes (id serial PRIMARY KEY, k int NOT NULL);
+         ALTER TABLE notes ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY mine ON notes FOR SELECT TO authenticated USING (auth.jwt()->>'sub' = 'alice');
+         GRANT SELECT ON notes TO authenticated;
+         ALTER PUBLICATION supabase_realtime ADD TABLE notes;",
+    )
+    .await
+    .expect("schema");
+}
+
+/// Joins `realtime:notes` and returns the payload of "Subscribed to PostgreSQL".
+async fn subscribed_to_notes(c: &mut Client) -> Value {
+    let config = serde_json::json!({"config": {"postgres_changes":
+        [{"event": "INSERT", "schema": "public", "table": "notes"}]}});
+    let (_, reply) = c.join("realtime:notes", config).await;
+    assert_eq!(reply.payload()["status"], "ok", "{reply:?}");
+    let sys = c.recv_until("system", |f| f.event() == "system").await;
+    assert_eq!(sys.payload()["message"], "Subscribed to PostgreSQL");
+    sys.payload().clone()
+}
+
+/// The value of a gauge in a node's metrics (0 when absent).
+async fn gauge(server: &Server, name: &str) -> f64 {
+    let text = server.metrics(&token("anon")).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A subscriber on node b (or on the slot holder a: `on_holder`), whose node goes (`end`) while
+/// a writer commits, rejoins on node c continuing its message refs (as supabase-js does):
+/// resumed there, it gets every row committed after the last one it had received, in order,
+/// and live ones after; rows the old node sent after the client's last message there may come
+/// again (RELIABILITY.md, "Several nodes"), nothing else. A new page (refs from 1) on the third
+/// node is fresh.
+async fn a_subscriber_whose_node_goes_resumes_on_another(
+    end: NodeEnd,
+    on_holder: bool,
+    db_name: &str,
+) {
+    let nats = Nats::start().await;
+    let db = TestDb::create(db_name).await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    create_notes(&sql).await;
+    let b = pg_node(&db, &nats.url(), "b", "1000").await;
+    let c = pg_node(&db, &nats.url(), "c", "1000").await;
+    for node in [&a, &b, &c] {
+        assert_eq!(holder(node).await.0, "a");
+    }
+    // The subscriber's node (the slot holder a, or the follower b) goes; it rejoins on c; a new
+    // page opens on the remaining one.
+    let (mut gone, gone_name, to, third) = if on_holder {
+        (a, "a", c, b)
+    } else {
+        (b, "b", c, a)
+    };
+    let alice = sign(
+        serde_json::json!({"role": "authenticated", "sub": "alice", "session_id": "s1", "exp": now() + 3600}),
+    );
+    let mut cl = gone.connect(Vsn::V2, &alice).await;
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys.get("catchup"), None, "a new subscriber: {sys}");
+    for k in 1..=5 {
+        sql.execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+            .await
+            .expect("insert");
+    }
+    assert_eq!(ks_until(&mut cl, 5).await, vec![1, 2, 3, 4, 5]);
+    cl.barrier().await;
+    // c has heard of b's positions (published every second).
+    let started = tokio::time::Instant::now();
+    while gauge(&to, "walcast_catchup_cluster_positions").await < 1.0 {
+        assert!(
+            started.elapsed() < WAIT,
+            "c never heard of the positions of {gone_name}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer_sql = db.client().await;
+    let writer = tokio::spawn(async move {
+        let mut k = 5;
+        while !*stop_rx.borrow() {
+            k += 1;
+            writer_sql
+                .execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+                .await
+                .expect("insert");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        k
+    });
+    // Rows arrive from the old node while the writer runs; then it goes.
+    let mut received = 5;
+    while received < 10 {
+        let f = cl.recv().await;
+        if let Some(k) = k_of(&f) {
+            assert_eq!(k, received + 1, "in order from the old node");
+            received = k;
+        }
+    }
+    let refs = cl.next_ref();
+    match end {
+        NodeEnd::KilledNotYetNoticed => gone.kill().await,
+        NodeEnd::Killed => {
+            gone.kill().await;
+            let started = tokio::time::Instant::now();
+            while health(&to).await["cluster"]["peers"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == gone_name))
+            {
+                assert!(started.elapsed() < WAIT, "c never found {gone_name} gone");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        NodeEnd::Stopped => {
+            gone.terminate();
+            gone.wait_exit(WAIT).await;
+        }
+    }
+    // What b had pushed before it went counts as received (the client read it).
+    let mut last_received = received;
+    loop {
+        let f = cl.recv().await;
+        if matches!(f, Frame::Close(_)) {
+            break;
+        }
+        if let Some(k) = k_of(&f) {
+            assert_eq!(k, last_received + 1, "in order from the old node");
+            last_received = k;
+        }
+    }
+    drop(cl);
+    let mut cl = to.connect(Vsn::V1, &alice).await;
+    cl.set_next_ref(refs);
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    // Live rows arrive on c, then the writer stops.
+    let mut got = Vec::new();
+    loop {
+        let f = cl.recv().await;
+        assert!(!matches!(f, Frame::Close(_)), "socket closed");
+        if let Some(k) = k_of(&f) {
+            got.push(k);
+            if k > last_received + 20 {
+                break;
+            }
+        }
+    }
+    stop_tx.send_replace(true);
+    let last = i64::from(writer.await.expect("writer"));
+    if got.last() != Some(&last) {
+        got.extend(ks_until(&mut cl, last).await);
+    }
+    let first = got.first().copied().unwrap_or(0);
+    assert!(
+        (1..=last_received + 1).contains(&first),
+        "resumed at or before the first row it had not received ({last_received}): {got:?}"
+    );
+    assert_eq!(
+        got,
+        (first..=last).collect::<Vec<_>>(),
+        "every row after the position once, in order"
+    );
+    if end == NodeEnd::Stopped {
+        // Its sockets were flushed and their positions published once closed: nothing twice.
+        assert_eq!(
+            first,
+            last_received + 1,
+            "nothing again after a graceful stop"
+        );
+    }
+    eprintln!(
+        "{end:?}: had received up to {last_received}; c replayed from {first} (again: {})",
+        last_received + 1 - first
+    );
+    cl.assert_no_more("postgres_changes", "the rejoined client")
+        .await;
+    // A new page of the same user (its refs start again) is not a rejoin.
+    let mut page = third.connect(Vsn::V2, &alice).await;
+    let sys = subscribed_to_notes(&mut page).await;
+    assert_eq!(sys["catchup"]["status"], "fresh", "{sys}");
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_killed_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(NodeEnd::Killed, false, "cluster_pg_move_kill")
+        .await;
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_stopped_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::Stopped,
+        false,
+        "cluster_pg_move_term",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_subscriber_whose_node_is_killed_resumes_on_another_node_before_it_is_noticed() {
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::KilledNotYetNoticed,
+        false,
+        "cluster_pg_move_blip",
+    )
+    .await;
+}
+
+/// The same with the subscriber on the slot holder: another node takes the slot over meanwhile.
+#[tokio::test]
+async fn a_subscriber_on_the_slot_holder_killed_resumes_on_another_node() {
+    a_subscriber_whose_node_goes_resumes_on_another(
+        NodeEnd::Killed,
+        true,
+        "cluster_pg_move_holder",
+    )
+    .await;
+}
+
+/// A rejoin on another node whose history no longer holds part of what the client missed is
+/// told (the same gap notice as on one node), then gets what is still held, in order.
+#[tokio::test]
+async fn a_rejoin_on_another_node_past_its_history_is_told_of_the_gap() {
+    let nats = Nats::start().await;
+    let db = TestDb::create("cluster_pg_move_gap").await;
+    let a = pg_node(&db, &nats.url(), "a", "1000").await;
+    let sql = db.client().await;
+    create_notes(&sql).await;
+    let mut b = pg_node(&db, &nats.url(), "b", "1000").await;
+    // c's history has room for about four changes.
+    let c = Server::start_with_db(
+        &db,
+        &[
+            ("CLUSTER_NATS_URL", &nats.url()),
+            ("NODE_NAME", "c"),
+            ("CLUSTER_HEARTBEAT_MS", "100"),
+            ("CLUSTER_NODE_TIMEOUT_MS", "1000"),
+            ("METRICS_JWT_SECRET", SECRET),
+            ("CATCHUP_HISTORY_BYTES", "1000"),
+        ],
+    )
+    .await;
+    for node in [&a, &b, &c] {
+        assert_eq!(holder(node).await.0, "a");
+    }
+    let alice =
+        sign(serde_json::json!({"role": "authenticated", "sub": "alice", "exp": now() + 3600}));
+    let mut cl = b.connect(Vsn::V2, &alice).await;
+    subscribed_to_notes(&mut cl).await;
+    let insert = |k: i32| {
+        let sql = &sql;
+        async move {
+            sql.execute("INSERT INTO notes (k) VALUES ($1)", &[&k])
+                .await
+                .expect("insert");
+        }
+    };
+    insert(1).await;
+    assert_eq!(ks_until(&mut cl, 1).await, vec![1]);
+    cl.barrier().await;
+    let started = tokio::time::Instant::now();
+    while gauge(&c, "walcast_catchup_cluster_positions").await < 1.0 {
+        assert!(started.elapsed() < WAIT, "c never heard of b's positions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refs = cl.next_ref();
+    b.kill().await;
+    drop(cl);
+    for k in 2..=12 {
+        insert(k).await;
+    }
+    let mut cl = c.connect(Vsn::V2, &alice).await;
+    cl.set_next_ref(refs);
+    let sys = subscribed_to_notes(&mut cl).await;
+    assert_eq!(sys["catchup"]["status"], "resumed", "{sys}");
+    let gap = cl
+        .recv_until("the gap notice", |f| f.event() == "system")
+        .await;
+    assert_eq!(gap.payload()["status"], "error", "{gap:?}");
+    assert_eq!(gap.payload()["gap"]["reason"], "catchup_history", "{gap:?}");
+    // What c's history still holds follows, in order, ending with the newest.
+    let got = ks_until(&mut cl, 12).await;
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]) && got.first().is_some_and(|k| *k > 1),
+        "in order, nothing before the gap: {got:?}"
+    );
+    cl.assert_no_more("postgres_changes", "the rejoined client")
+        .await;
+}

@@ -20,7 +20,7 @@ use super::db_broadcast::broadcast_stored;
 use super::deliver::{now_since_2000_micros, Checked};
 use super::payload::{Change, Row, RowCell};
 use super::registry::{Cell, Sub};
-use super::PgChanges;
+use super::{history, PgChanges};
 
 /// How many decoded events the dispatcher takes at once before authorizing and delivering.
 const MAX_BATCH_EVENTS: usize = 1024;
@@ -40,7 +40,6 @@ impl PgChanges {
         let mut messages_oids: std::collections::HashSet<u32> = std::collections::HashSet::new();
         let mut commit_ts: i64 = 0;
         let mut xid: u32 = 0;
-        let mut commit_lsn: u64 = 0;
         let mut batch = Vec::with_capacity(MAX_BATCH_EVENTS);
         // Exactly once across reconnects: PostgreSQL streams again everything after the last
         // confirmed commit, which may include what was already delivered. Commits arrive in
@@ -141,7 +140,6 @@ impl PgChanges {
                     } => {
                         commit_ts = ts;
                         xid = x;
-                        commit_lsn = final_lsn;
                         let delivered = status
                             .acked
                             .load(Ordering::Relaxed)
@@ -184,7 +182,7 @@ impl PgChanges {
                             Action::Insert,
                             Some(new),
                             None,
-                            (commit_ts, xid, commit_lsn),
+                            (commit_ts, xid, txn.point()),
                             &mut pending,
                         );
                     }
@@ -194,7 +192,7 @@ impl PgChanges {
                         Action::Insert,
                         Some(new),
                         None,
-                        (commit_ts, xid, commit_lsn),
+                        (commit_ts, xid, txn.point()),
                         &mut pending,
                     ),
                     Event::Update {
@@ -208,7 +206,7 @@ impl PgChanges {
                         Action::Update,
                         Some(new),
                         old,
-                        (commit_ts, xid, commit_lsn),
+                        (commit_ts, xid, txn.point()),
                         &mut pending,
                     ),
                     Event::Delete { relation, old, lsn } if txn.take(lsn) => self.match_change(
@@ -217,7 +215,7 @@ impl PgChanges {
                         Action::Delete,
                         None,
                         Some(old),
-                        (commit_ts, xid, commit_lsn),
+                        (commit_ts, xid, txn.point()),
                         &mut pending,
                     ),
                     Event::Insert { .. } | Event::Update { .. } | Event::Delete { .. } => {}
@@ -318,7 +316,7 @@ impl PgChanges {
         action: Action,
         new: Option<Tuple>,
         old: Option<OldTuple>,
-        (commit_ts, xid, commit_lsn): (i64, u32, u64),
+        (commit_ts, xid, point): (i64, u32, history::Point),
         pending: &mut Vec<(Change, Vec<Arc<Sub>>)>,
     ) {
         let record = self.history.enabled();
@@ -337,13 +335,14 @@ impl PgChanges {
             commit_ts,
             xid,
             left_view: false,
-            commit_lsn,
+            // The transaction's commit LSN (the same on every node of a cluster).
+            commit_lsn: point.0,
         };
         if change.filter_row().is_none() {
             return;
         }
         if record {
-            self.history.record(relation, &change);
+            self.history.record(relation, &change, point);
         }
         // An unchanged TOAST value is the old image's value when the old image carries it.
         let lookup = |col: &str| match table.column_index(col).and_then(|i| change.current_cell(i))
@@ -423,6 +422,11 @@ impl TxnState {
         }
         self.handled_upto = self.handled_upto.max(lsn);
         true
+    }
+
+    /// Where the change just taken stands in the stream, the same on every node of a cluster.
+    fn point(&self) -> history::Point {
+        (self.open.unwrap_or(0), self.handled_upto)
     }
 
     fn commit(&mut self) {

@@ -32,6 +32,7 @@ const CELL_OVERHEAD: usize = 24;
 
 struct Entry {
     seq: u64,
+    point: Point,
     at: Instant,
     bytes: usize,
     relation: u32,
@@ -46,6 +47,35 @@ struct Ring {
     last_seq: u64,
     /// The newest position evicted: a position below it has lost part of what followed it.
     evicted_upto: u64,
+    /// The stream point of the last change recorded.
+    last_point: Point,
+}
+
+/// Where a change stands in the change stream, the same on every node of a cluster (each
+/// decodes the same stream): its transaction's commit LSN, then its own LSN. Positions are
+/// per node; points let a position travel to another node ([`History::share`],
+/// [`History::cluster_update`]).
+pub type Point = (u64, u64);
+
+/// A position another node published for a key (RELIABILITY.md, "Several nodes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shared {
+    /// The stream point up to which the position had received everything.
+    pub point: Point,
+    /// Changes before it were lost already (or its point was unknown there).
+    pub gap: bool,
+    /// The highest numeric message ref its socket sent (0: none).
+    pub last_ref: u64,
+}
+
+/// What this node holds of another node's published positions.
+struct RemoteNode {
+    positions: HashMap<Key, Shared>,
+    /// When the node was declared gone (timeout or goodbye): its positions are then
+    /// remembered positions, taken once each, until `CATCHUP_WINDOW_MS` after this.
+    gone: Option<Instant>,
+    /// It said goodbye (it is not coming back; a late update does not revive it).
+    bye: bool,
 }
 
 /// Who a subscriber was and what it subscribed to (see [`identity_key`]).
@@ -56,6 +86,9 @@ pub type Key = Arc<str>;
 #[derive(Clone, Copy)]
 struct Remembered {
     pos: u64,
+    /// Restored from the last graceful shutdown (its position means "before this process"):
+    /// not published to other nodes.
+    restored: bool,
     at: Instant,
     gap: bool,
     /// The highest numeric message ref the old socket sent (`None`: none was numeric).
@@ -109,10 +142,16 @@ pub struct History {
     /// Channels live now, by key, with their socket's position: a rejoin that arrives before
     /// walcast has noticed the old socket is gone (a network blip) resumes from it.
     live: Mutex<Live>,
+    /// Live channels whose rejoin replay has not finished: the position they resumed from
+    /// (their socket's position may already be past what the replay has sent).
+    floors: Mutex<HashMap<ChannelId, u64>>,
     /// When expired positions were last swept.
     swept: Mutex<Instant>,
     /// Rejoins waiting for a turn (bounded by the channels: one per rejoining channel).
     waiting: Mutex<Vec<CatchupRequest>>,
+    /// Positions other nodes of a cluster published, by node (each bounded by
+    /// `CATCHUP_MAX_REMEMBERED`; a gone node's are dropped after the window).
+    remote: Mutex<HashMap<u64, RemoteNode>>,
 }
 
 /// A rejoin waiting for its turn.
@@ -167,8 +206,10 @@ impl History {
             turn: tokio::sync::Mutex::new(()),
             remembered: Mutex::default(),
             live: Mutex::default(),
+            floors: Mutex::default(),
             waiting: Mutex::default(),
             swept: Mutex::new(Instant::now()),
+            remote: Mutex::default(),
         }
     }
 
@@ -178,6 +219,24 @@ impl History {
 
     fn lock_live(&self) -> std::sync::MutexGuard<'_, Live> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_floors(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelId, u64>> {
+        self.floors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A channel's position for a rejoin elsewhere: its socket's, or while its own replay
+    /// runs, where that started.
+    fn live_position(&self, channel: ChannelId, position: &AtomicU64) -> u64 {
+        let pos = position.load(Ordering::SeqCst);
+        self.lock_floors()
+            .get(&channel)
+            .map_or(pos, |floor| pos.min(*floor))
+    }
+
+    /// A rejoined channel's replay is done.
+    pub fn caught_up(&self, channel: ChannelId) {
+        self.lock_floors().remove(&channel);
     }
 
     /// A channel joined under `key` with message ref `join_ref`: where it resumes from (a
@@ -204,22 +263,31 @@ impl History {
                 gap: e.gap,
             }),
             Some(_) => Rejoin::Fresh,
-            None if others.is_empty() => Rejoin::New,
+            None if others.is_empty() => self.join_from_cluster(key, join_ref),
             None => others
                 .iter()
                 .filter(|(_, _, r)| continues(r.load(Ordering::SeqCst), join_ref))
-                .map(|(_, p, _)| p.load(Ordering::SeqCst))
+                .map(|(c, p, _)| self.live_position(*c, p))
                 .min()
                 .map_or(Rejoin::Fresh, |from| {
                     Rejoin::Resume(Resume { from, gap: false })
                 }),
         };
         others.push((channel, position, last_ref));
+        if let Rejoin::Resume(r) = outcome {
+            self.lock_floors().insert(channel, r.from);
+        }
         outcome
+    }
+
+    /// Whether no channel is live under a key (every socket with one has gone).
+    pub fn none_live(&self) -> bool {
+        self.lock_live().is_empty()
     }
 
     /// A channel is gone; true when no other channel is live under its key.
     pub fn leave(&self, key: &Key, channel: ChannelId) -> bool {
+        self.lock_floors().remove(&channel);
         let mut live = self.lock_live();
         let Some(list) = live.get_mut(key) else {
             return true;
@@ -268,7 +336,8 @@ impl History {
     }
 
     /// Records a decoded change (called by the dispatcher, in commit order, during its turn).
-    pub fn record(&self, relation: u32, change: &Change) {
+    /// `point`: where it stands in the stream ([`Point`]).
+    pub fn record(&self, relation: u32, change: &Change, point: Point) {
         if !self.enabled() {
             return;
         }
@@ -276,10 +345,12 @@ impl History {
         let now = Instant::now();
         let mut ring = self.lock_ring();
         ring.last_seq += 1;
+        ring.last_point = point;
         let seq = ring.last_seq;
         ring.bytes += bytes;
         ring.entries.push_back(Entry {
             seq,
+            point,
             at: now,
             bytes,
             relation,
@@ -318,7 +389,7 @@ impl History {
     /// `last_ref`: the highest numeric message ref its socket sent (0: none).
     pub fn remember(&self, key: Key, position: u64, last_ref: u64) {
         let last_ref = (last_ref > 0).then_some(last_ref);
-        self.insert(key, position, Instant::now(), false, last_ref);
+        self.insert(key, position, Instant::now(), false, last_ref, false);
     }
 
     /// A position saved by the last graceful shutdown: everything this process streams is new
@@ -327,10 +398,18 @@ impl History {
         let at = Instant::now()
             .checked_sub(self.cfg.window.saturating_sub(left))
             .unwrap_or_else(Instant::now);
-        self.insert(key, 0, at, !complete, last_ref);
+        self.insert(key, 0, at, !complete, last_ref, true);
     }
 
-    fn insert(&self, key: Key, pos: u64, at: Instant, gap: bool, last_ref: Option<u64>) {
+    fn insert(
+        &self,
+        key: Key,
+        pos: u64,
+        at: Instant,
+        gap: bool,
+        last_ref: Option<u64>,
+        restored: bool,
+    ) {
         if !self.enabled() {
             return;
         }
@@ -368,12 +447,14 @@ impl History {
             },
             Some(e) => Remembered {
                 pos,
+                restored: e.restored && restored,
                 at,
                 gap: e.gap || gap,
                 last_ref: lower_ref(e),
             },
             None => Remembered {
                 pos,
+                restored: pos == 0 && restored,
                 at,
                 gap,
                 last_ref,
@@ -416,9 +497,199 @@ impl History {
             .collect()
     }
 
+    fn lock_remote(&self) -> std::sync::MutexGuard<'_, HashMap<u64, RemoteNode>> {
+        self.remote.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For the other nodes of a cluster: the position each identity with a live channel here
+    /// would be remembered at if its socket went now, and the remembered positions (not those
+    /// restored from the last shutdown), as stream points. Two channels under one key share
+    /// the earlier position and the lower ref, as [`History::remember`] does.
+    pub fn share(&self) -> HashMap<Key, Shared> {
+        if !self.enabled() {
+            return HashMap::new();
+        }
+        // (position, gap, last ref), one lock at a time.
+        let mut at: HashMap<Key, (u64, bool, u64)> = HashMap::new();
+        let mut merge = |k: &Key, pos: u64, gap: bool, r: u64| {
+            let e = at.entry(k.clone()).or_insert((pos, gap, r));
+            e.0 = e.0.min(pos);
+            e.1 |= gap;
+            e.2 = e.2.min(r);
+        };
+        for (k, list) in self.lock_live().iter() {
+            for (c, p, r) in list {
+                merge(
+                    k,
+                    self.live_position(*c, p),
+                    false,
+                    r.load(Ordering::SeqCst),
+                );
+            }
+        }
+        for (k, e) in self.lock_remembered().iter() {
+            if !e.restored && e.at.elapsed() <= self.cfg.window {
+                merge(k, e.pos, e.gap, e.last_ref.unwrap_or(0));
+            }
+        }
+        let ring = self.lock_ring();
+        at.into_iter()
+            .map(|(k, (pos, gap, last_ref))| {
+                let shared = match point_of(&ring, pos) {
+                    Some(point) => Shared {
+                        point,
+                        gap,
+                        last_ref,
+                    },
+                    // What followed it has partly left the history: the oldest change still
+                    // held, told as a gap.
+                    None => Shared {
+                        point: ring.entries.front().map_or(ring.last_point, |e| e.point),
+                        gap: true,
+                        last_ref,
+                    },
+                };
+                (k, shared)
+            })
+            .collect()
+    }
+
+    /// Positions node `node` published: `reset` replaces what was held of it; `None` removes
+    /// a key. `bye`: the node is shutting down (these are its last). Updates from a node
+    /// already gone are ignored, but for its last ones.
+    pub fn cluster_update(
+        &self,
+        node: u64,
+        reset: bool,
+        bye: bool,
+        entries: Vec<(Key, Option<Shared>)>,
+    ) {
+        if !self.enabled() {
+            return;
+        }
+        let max = self.cfg.max_remembered;
+        let window = self.cfg.window;
+        let mut remote = self.lock_remote();
+        // Gone nodes' positions past the window go.
+        remote.retain(|id, n| *id == node || n.gone.is_none_or(|g| g.elapsed() <= window));
+        let n = remote.entry(node).or_insert_with(|| RemoteNode {
+            positions: HashMap::new(),
+            gone: None,
+            bye: false,
+        });
+        if n.gone.is_some() && !bye {
+            // A node found gone (cut off from NATS) that is back: its full list revives it.
+            if reset && !n.bye {
+                n.gone = None;
+            } else {
+                return;
+            }
+        }
+        if reset {
+            n.positions.clear();
+        }
+        for (k, s) in entries {
+            match s {
+                Some(s) if n.positions.len() < max || n.positions.contains_key(&k) => {
+                    n.positions.insert(k, s);
+                }
+                Some(_) => {}
+                None => {
+                    n.positions.remove(&k);
+                }
+            }
+        }
+        if bye {
+            n.gone.get_or_insert_with(Instant::now);
+            n.bye = true;
+        }
+        set_cluster_gauge(&remote);
+    }
+
+    /// Node `node` is gone (not heard from within the node timeout, or said goodbye): the
+    /// positions it published last are remembered positions here, taken once each, for
+    /// `CATCHUP_WINDOW_MS`.
+    pub fn cluster_node_gone(&self, node: u64) {
+        let mut remote = self.lock_remote();
+        if let Some(n) = remote.get_mut(&node) {
+            n.gone.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// A join with nothing here under its key: a position another node published (a gone
+    /// node's is taken; a live node's stays, as a live channel's here does).
+    fn join_from_cluster(&self, key: &Key, join_ref: Option<u64>) -> Rejoin {
+        let found: Vec<Shared> = {
+            let mut remote = self.lock_remote();
+            let window = self.cfg.window;
+            remote.retain(|_, n| n.gone.is_none_or(|g| g.elapsed() <= window));
+            let mut found = Vec::new();
+            for n in remote.values_mut() {
+                if n.gone.is_some() {
+                    found.extend(n.positions.remove(key));
+                } else {
+                    found.extend(n.positions.get(key).copied());
+                }
+            }
+            set_cluster_gauge(&remote);
+            found
+        };
+        if found.is_empty() {
+            return Rejoin::New;
+        }
+        let ring = self.lock_ring();
+        found
+            .iter()
+            .filter(|s| continues(s.last_ref, join_ref))
+            .map(|s| local_position(&ring, s))
+            .min_by_key(|(from, _)| *from)
+            .map_or(Rejoin::Fresh, |(from, gap)| {
+                metrics::counter!(telemetry::CATCHUP_CLUSTER_RESUMES).increment(1);
+                Rejoin::Resume(Resume { from, gap })
+            })
+    }
+
     /// `CATCHUP_WINDOW_MS`.
     pub fn window(&self) -> Duration {
         self.cfg.window
+    }
+}
+
+fn set_cluster_gauge(remote: &HashMap<u64, RemoteNode>) {
+    let n: usize = remote.values().map(|n| n.positions.len()).sum();
+    metrics::gauge!(telemetry::CATCHUP_CLUSTER_POSITIONS).set(n as f64);
+}
+
+/// The stream point of position `pos` here; `None` when the change at it has left the history.
+fn point_of(ring: &Ring, pos: u64) -> Option<Point> {
+    if pos == ring.last_seq {
+        return Some(ring.last_point);
+    }
+    if pos == 0 {
+        return (ring.evicted_upto == 0).then_some((0, 0));
+    }
+    let first = ring.entries.front()?.seq;
+    let i = usize::try_from(pos.checked_sub(first)?).ok()?;
+    ring.entries.get(i).map(|e| e.point)
+}
+
+/// Where a position another node published stands here: this node's position after which
+/// comes what it had not received, and whether part of that is not in this node's history.
+fn local_position(ring: &Ring, s: &Shared) -> (u64, bool) {
+    if s.point == (0, 0) {
+        return (0, s.gap || ring.evicted_upto > 0);
+    }
+    // Changes are recorded in commit order: points only grow.
+    let i = ring.entries.partition_point(|e| e.point <= s.point);
+    if let Some(e) = i.checked_sub(1).and_then(|i| ring.entries.get(i)) {
+        return (e.seq, s.gap);
+    }
+    match ring.entries.front() {
+        // Everything held is after the point: what came between left the history, or
+        // reached it before this node ran.
+        Some(f) => (f.seq.saturating_sub(1), true),
+        // Nothing held: behind the point (it comes live) or past it with everything evicted.
+        None => (ring.last_seq, s.gap || ring.last_point > s.point),
     }
 }
 
@@ -626,6 +897,105 @@ mod tests {
             h.remember(Arc::from(format!("k{i}")), i, 0);
         }
         assert_eq!(h.remembered().len(), 2);
+    }
+
+    fn change() -> Change {
+        Change {
+            table: Arc::new(crate::postgres_changes::catalog::TableInfo {
+                oid: 1,
+                schema: "public".into(),
+                name: "t".into(),
+                replica_identity: b'd',
+                columns: Vec::new(),
+                rls: false,
+                has_pk: false,
+                pk: Vec::new(),
+                stored_broadcasts: false,
+            }),
+            action: Action::Insert,
+            new: None,
+            old: None,
+            commit_ts: 0,
+            xid: 0,
+            left_view: false,
+        }
+    }
+
+    #[test]
+    fn another_nodes_positions_map_onto_this_history_by_stream_point() {
+        let h = History::new(CatchupConfig::default());
+        // This node's history: changes at points (10,1), (10,2), (20,1), (30,1).
+        for p in [(10, 1), (10, 2), (20, 1), (30, 1)] {
+            h.record(1, &change(), p);
+        }
+        let shared = |point: Point, last_ref: u64| Shared {
+            point,
+            gap: false,
+            last_ref,
+        };
+        let k: Key = Arc::from("k");
+        let pos = || Arc::new(AtomicU64::new(0));
+        let c: Vec<ChannelId> = (0..6).map(|_| ChannelId::next()).collect();
+        // A live node's position: resumes after the change at it, and stays.
+        h.cluster_update(7, true, false, vec![(k.clone(), Some(shared((10, 2), 40)))]);
+        assert_eq!(
+            h.join(&k, c[0], pos(), pos(), Some(41)),
+            Rejoin::Resume(Resume {
+                from: 2,
+                gap: false
+            })
+        );
+        h.leave(&k, c[0]);
+        // A new page (refs from 1): fresh.
+        assert_eq!(h.join(&k, c[1], pos(), pos(), Some(1)), Rejoin::Fresh);
+        h.leave(&k, c[1]);
+        // Gone: taken once.
+        h.cluster_node_gone(7);
+        assert!(matches!(
+            h.join(&k, c[2], pos(), pos(), Some(42)),
+            Rejoin::Resume(Resume { from: 2, .. })
+        ));
+        h.leave(&k, c[2]);
+        assert_eq!(h.join(&k, c[3], pos(), pos(), Some(43)), Rejoin::New);
+        h.leave(&k, c[3]);
+        // A point before this history: a gap; one beyond it (this node lags): its newest.
+        h.cluster_update(8, true, true, vec![(k.clone(), Some(shared((5, 1), 0)))]);
+        assert_eq!(
+            h.join(&k, c[4], pos(), pos(), Some(1)),
+            Rejoin::Resume(Resume { from: 0, gap: true })
+        );
+        h.leave(&k, c[4]);
+        h.cluster_update(9, true, true, vec![(k.clone(), Some(shared((99, 1), 0)))]);
+        assert_eq!(
+            h.join(&k, c[5], pos(), pos(), None),
+            Rejoin::Resume(Resume {
+                from: 4,
+                gap: false
+            })
+        );
+        // What this node shares: a live channel's position as a stream point.
+        let shared_here = h.share();
+        assert_eq!(shared_here.get(&k).map(|s| s.point), Some((0, 0)));
+    }
+
+    #[test]
+    fn a_channel_still_replaying_is_shared_at_the_position_it_resumed_from() {
+        let h = History::new(CatchupConfig::default());
+        for p in [(10, 1), (20, 1), (30, 1)] {
+            h.record(1, &change(), p);
+        }
+        let k: Key = Arc::from("k");
+        let c = ChannelId::next();
+        h.remember(k.clone(), 1, 0);
+        // The socket has spoken since (its position is the newest), the replay is running.
+        let socket = Arc::new(AtomicU64::new(3));
+        assert!(matches!(
+            h.join(&k, c, socket, Arc::new(AtomicU64::new(0)), None),
+            Rejoin::Resume(Resume { from: 1, .. })
+        ));
+        assert_eq!(h.share().get(&k).map(|s| s.point), Some((10, 1)));
+        h.caught_up(c);
+        assert_eq!(h.share().get(&k).map(|s| s.point), Some((30, 1)));
     }
 
     #[test]

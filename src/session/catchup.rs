@@ -150,6 +150,9 @@ impl Session {
         let result = if outcome.gap { "gap" } else { "complete" };
         metrics::counter!(telemetry::CATCHUP_REJOINS, "result" => result).increment(1);
         ch.catchup_from = None;
+        if let Some(pg) = &self.ctx.pg {
+            pg.history.caught_up(ch.id);
+        }
         let gap_before = ch.catchup_gap_told;
         if !ch.pg_job.finished() {
             // A newer token came during the replay: subscribe again under it.

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use super::wire::{self, Message};
 use super::{Cluster, Task};
+use crate::postgres_changes::PgChanges;
 use crate::replication::cluster::{FromCluster, Published, Received};
 use crate::replication::Status;
 use crate::telemetry;
@@ -20,6 +21,8 @@ const HEADER_ROOM: usize = 512;
 /// What the change stream attached to the cluster.
 pub(super) struct Attached {
     pub(super) status: Arc<Status>,
+    /// Whose catch-up positions this node shares ([`super::positions`]).
+    pub(super) pg: Arc<PgChanges>,
     lost: mpsc::Sender<FromCluster>,
 }
 
@@ -29,11 +32,13 @@ impl Cluster {
     pub fn changes_tasks(
         self: &Arc<Self>,
         status: Arc<Status>,
+        pg: Arc<PgChanges>,
         tap: mpsc::Receiver<Published>,
         incoming: mpsc::Sender<FromCluster>,
     ) -> Vec<Task> {
         let _ = self.pg.set(Attached {
             status,
+            pg: pg.clone(),
             lost: incoming.clone(),
         });
         vec![
@@ -44,6 +49,14 @@ impl Cluster {
             (
                 "cluster changes in",
                 Box::pin(self.clone().changes_in(incoming)),
+            ),
+            (
+                "cluster positions out",
+                Box::pin(self.clone().positions_out(pg.clone())),
+            ),
+            (
+                "cluster positions in",
+                Box::pin(self.clone().positions_in(pg)),
             ),
         ]
     }

@@ -19,10 +19,12 @@
 //!   traffic never waits on NATS (a full publish queue drops, counted).
 //!
 //! Here: the broker, following topics, messages on a topic's subject, NATS events;
-//! [`wire`]: subjects and message encoding; `peers.rs`: heartbeats, node liveness, goodbyes.
+//! [`wire`]: subjects and message encoding; `peers.rs`: heartbeats, node liveness, goodbyes;
+//! `changes.rs`: the change stream; `positions.rs`: catch-up positions shared across nodes.
 
 mod changes;
 mod peers;
+mod positions;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -455,7 +457,8 @@ impl Cluster {
             Message::Heartbeat { .. }
             | Message::Bye { .. }
             | Message::Wal { .. }
-            | Message::Position { .. } => {}
+            | Message::Position { .. }
+            | Message::Positions { .. } => {}
         }
     }
 

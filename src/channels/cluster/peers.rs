@@ -75,6 +75,10 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|(_, o), _| *o != origin);
+        // Its channels' last published positions are remembered here now.
+        if let Some(a) = self.pg.get() {
+            a.pg.history.cluster_node_gone(origin);
+        }
         for (key, diff) in self.presence.drop_remote_origin(origin) {
             self.deliver_presence(&key, &diff);
         }
@@ -201,17 +205,27 @@ impl Cluster {
     }
 
     /// At shutdown, tells the other nodes at once, so this node's presences leave there now
-    /// rather than after `CLUSTER_NODE_TIMEOUT_MS`.
+    /// rather than after `CLUSTER_NODE_TIMEOUT_MS`; its catch-up positions go before, and again
+    /// once its sockets are closed.
     pub(super) async fn goodbye(
         self: Arc<Self>,
         client: async_nats::Client,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         let _ = shutdown.wait_for(|down| *down).await;
+        // The sockets close now: their positions go first, so that a client rejoining on
+        // another node resumes there (RELIABILITY.md, "Several nodes").
+        let positions = self.last_positions();
         let bytes = wire::encode(&Message::Bye {
             origin: self.instance,
         });
         let sent = tokio::time::timeout(Duration::from_secs(1), async {
+            for p in positions {
+                client
+                    .publish(wire::positions_subject(&self.settings.prefix), p)
+                    .await
+                    .ok()?;
+            }
             client
                 .publish(wire::heartbeat_subject(&self.settings.prefix), bytes)
                 .await
@@ -222,5 +236,29 @@ impl Cluster {
         if !matches!(sent, Ok(Some(()))) {
             tracing::warn!("cluster: could not tell the other nodes this one is leaving; its presences leave there after CLUSTER_NODE_TIMEOUT_MS");
         }
+        // Once the sockets are closed (flushed: everything delivered counts as received, as
+        // on one node), their positions again, exact now.
+        let Some(pg) = self.pg.get().map(|a| a.pg.clone()) else {
+            return;
+        };
+        let closed = tokio::time::timeout(Duration::from_millis(1500), async {
+            while !pg.history.none_live() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        if closed.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            for p in self.last_positions() {
+                client
+                    .publish(wire::positions_subject(&self.settings.prefix), p)
+                    .await
+                    .ok()?;
+            }
+            client.flush().await.ok()
+        })
+        .await;
     }
 }

@@ -3,7 +3,8 @@
 //! One subject per topic (`<prefix>.t.<o|p>.<topic in hex>`: public and private topics apart,
 //! hex so that any topic is one valid subject token) carries the topic's broadcasts, presence
 //! diffs, presence snapshots and snapshot requests, so that what one node publishes on a topic
-//! reaches every other node in publish order. `<prefix>.hb` carries each node's heartbeat.
+//! reaches every other node in publish order. `<prefix>.hb` carries each node's heartbeat, `<prefix>.pg` the change stream and
+//! `<prefix>.cu` the nodes' catch-up positions.
 //!
 //! A message is a tag byte, a JSON header, a newline, and a body of raw bytes: a broadcast's
 //! payload travels as the bytes the publisher received, node-neutral (each receiving node
@@ -68,6 +69,11 @@ pub fn heartbeat_subject(prefix: &str) -> String {
     format!("{prefix}.hb")
 }
 
+/// The subject of the nodes' catch-up positions (`<prefix>.cu`).
+pub fn positions_subject(prefix: &str) -> String {
+    format!("{prefix}.cu")
+}
+
 /// The subject of the change stream the slot holder publishes (`<prefix>.pg`).
 pub fn changes_subject(prefix: &str) -> String {
     format!("{prefix}.pg")
@@ -122,6 +128,15 @@ pub enum Message {
     },
     /// A node is shutting down: its presences leave now, not after the node timeout.
     Bye { origin: u64 },
+    /// Catch-up positions of `origin` (RELIABILITY.md, "Several nodes"): `reset` replaces
+    /// what receivers hold of it, `bye` says they are its last (it is shutting down). The body
+    /// is JSON: `[[key, [commit LSN, LSN, gap, last ref] or null], ...]`.
+    Positions {
+        origin: u64,
+        reset: bool,
+        bye: bool,
+        body: Bytes,
+    },
 }
 
 /// A broadcast as it travels.
@@ -162,6 +177,8 @@ struct Header {
     l: u64,
     #[serde(default, skip_serializing_if = "is_false")]
     c: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    b: bool,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -180,6 +197,7 @@ const HEARTBEAT: u8 = b'H';
 const BYE: u8 = b'X';
 const WAL: u8 = b'W';
 const POSITION: u8 = b'P';
+const POSITIONS: u8 = b'C';
 
 fn frame(tag: u8, header: &Header, body: &[u8]) -> Bytes {
     let head = serde_json::to_vec(header).unwrap_or_default();
@@ -313,6 +331,21 @@ pub fn encode(msg: &Message) -> Bytes {
             },
             &[],
         ),
+        Message::Positions {
+            origin,
+            reset,
+            bye,
+            body,
+        } => frame(
+            POSITIONS,
+            &Header {
+                o: *origin,
+                c: *reset,
+                b: *bye,
+                ..Header::default()
+            },
+            body,
+        ),
     }
 }
 
@@ -368,6 +401,12 @@ pub fn decode(bytes: &Bytes) -> Option<Message> {
             node: header.n?,
         },
         BYE => Message::Bye { origin: header.o },
+        POSITIONS => Message::Positions {
+            origin: header.o,
+            reset: header.c,
+            bye: header.b,
+            body,
+        },
         _ => return None,
     })
 }
@@ -493,6 +532,25 @@ mod tests {
             panic!("a change message")
         };
         assert_eq!((seq, lsn, more, &data[..]), (2, 99, true, &b"I\n\x00"[..]));
+        let positions = Message::Positions {
+            origin: 5,
+            reset: true,
+            bye: true,
+            body: Bytes::from_static(b"[[\"k\",[1,2,false,3]]]"),
+        };
+        let Some(Message::Positions {
+            origin,
+            reset,
+            bye,
+            body,
+        }) = decode(&encode(&positions))
+        else {
+            panic!("positions")
+        };
+        assert_eq!(
+            (origin, reset, bye, &body[..]),
+            (5, true, true, &b"[[\"k\",[1,2,false,3]]]"[..])
+        );
         assert!(decode(&Bytes::from_static(b"Bnot json")).is_none());
         assert!(decode(&Bytes::new()).is_none());
     }
