@@ -918,6 +918,7 @@ mod tests {
             commit_ts: 0,
             xid: 0,
             left_view: false,
+            commit_lsn: 0,
         }
     }
 
