@@ -57,16 +57,8 @@ struct Ring {
 /// [`History::cluster_update`]).
 pub type Point = (u64, u64);
 
-/// A position another node published for a key (RELIABILITY.md, "Several nodes").
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shared {
-    /// The stream point up to which the position had received everything.
-    pub point: Point,
-    /// Changes before it were lost already (or its point was unknown there).
-    pub gap: bool,
-    /// The highest numeric message ref its socket sent (0: none).
-    pub last_ref: u64,
-}
+/// A position another node published for a key (defined with the cluster, which carries it).
+pub use crate::channels::cluster::positions::Shared;
 
 /// What this node holds of another node's published positions.
 struct RemoteNode {
@@ -79,7 +71,7 @@ struct RemoteNode {
 }
 
 /// Who a subscriber was and what it subscribed to (see [`identity_key`]).
-pub type Key = Arc<str>;
+pub use crate::channels::cluster::positions::Key;
 
 /// A remembered position: where, since when, and whether changes before it were lost (a
 /// position saved by a shutdown that had not received everything delivered before it).

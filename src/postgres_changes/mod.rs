@@ -123,3 +123,29 @@ impl PgChanges {
 pub fn cohort_key(c: &Cohort) -> (String, String) {
     (c.role.clone(), c.claims.clone())
 }
+
+/// The cluster shares and receives catch-up positions through this (it sits below
+/// postgres_changes and knows it only as this trait).
+impl crate::channels::cluster::positions::SharedPositions for PgChanges {
+    fn share(&self) -> std::collections::HashMap<history::Key, history::Shared> {
+        self.history.share()
+    }
+
+    fn cluster_update(
+        &self,
+        node: u64,
+        reset: bool,
+        bye: bool,
+        entries: Vec<(history::Key, Option<history::Shared>)>,
+    ) {
+        self.history.cluster_update(node, reset, bye, entries);
+    }
+
+    fn cluster_node_gone(&self, node: u64) {
+        self.history.cluster_node_gone(node);
+    }
+
+    fn none_live(&self) -> bool {
+        self.history.none_live()
+    }
+}

@@ -8,9 +8,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::positions::SharedPositions;
 use super::wire::{self, Message};
 use super::{Cluster, Task};
-use crate::postgres_changes::PgChanges;
 use crate::replication::cluster::{FromCluster, Published, Received};
 use crate::replication::Status;
 use crate::telemetry;
@@ -22,7 +22,7 @@ const HEADER_ROOM: usize = 512;
 pub(super) struct Attached {
     pub(super) status: Arc<Status>,
     /// Whose catch-up positions this node shares ([`super::positions`]).
-    pub(super) pg: Arc<PgChanges>,
+    pub(super) pg: Arc<dyn SharedPositions>,
     lost: mpsc::Sender<FromCluster>,
 }
 
@@ -32,7 +32,7 @@ impl Cluster {
     pub fn changes_tasks(
         self: &Arc<Self>,
         status: Arc<Status>,
-        pg: Arc<PgChanges>,
+        pg: Arc<dyn SharedPositions>,
         tap: mpsc::Receiver<Published>,
         incoming: mpsc::Sender<FromCluster>,
     ) -> Vec<Task> {

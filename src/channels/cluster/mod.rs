@@ -24,7 +24,7 @@
 
 mod changes;
 mod peers;
-mod positions;
+pub mod positions;
 pub mod wire;
 
 use std::collections::HashMap;

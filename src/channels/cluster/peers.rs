@@ -77,7 +77,7 @@ impl Cluster {
             .retain(|(_, o), _| *o != origin);
         // Its channels' last published positions are remembered here now.
         if let Some(a) = self.pg.get() {
-            a.pg.history.cluster_node_gone(origin);
+            a.pg.cluster_node_gone(origin);
         }
         for (key, diff) in self.presence.drop_remote_origin(origin) {
             self.deliver_presence(&key, &diff);
@@ -242,7 +242,7 @@ impl Cluster {
             return;
         };
         let closed = tokio::time::timeout(Duration::from_millis(1500), async {
-            while !pg.history.none_live() {
+            while !pg.none_live() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

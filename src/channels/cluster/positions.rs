@@ -3,7 +3,7 @@
 //! if their sockets went now (and its remembered ones), as stream points every node reads the
 //! same way, with a full list every [`FULL_EVERY`] publications and a last one, marked, at
 //! shutdown. Every other node keeps them
-//! ([`crate::postgres_changes::history::History::cluster_update`]); once the node is gone
+//! ([`SharedPositions::cluster_update`], which postgres_changes implements); once the node is gone
 //! (timeout or goodbye), a rejoin on another node resumes from them.
 
 use std::collections::HashMap;
@@ -15,9 +15,41 @@ use futures_util::StreamExt;
 
 use super::wire::{self, Message};
 use super::Cluster;
-use crate::postgres_changes::history::{Key, Shared};
-use crate::postgres_changes::PgChanges;
 use crate::telemetry;
+
+/// Who a subscriber was and what it subscribed to, as catch-up names a position.
+pub type Key = Arc<str>;
+
+/// A catch-up position as it travels between nodes (RELIABILITY.md, "Several nodes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shared {
+    /// The stream point (commit LSN, LSN: the same on every node) up to which the position
+    /// had received everything.
+    pub point: (u64, u64),
+    /// Changes before it were lost already (or its point was unknown there).
+    pub gap: bool,
+    /// The highest numeric message ref its socket sent (0: none).
+    pub last_ref: u64,
+}
+
+/// What the cluster needs of catch-up on rejoin (implemented by postgres_changes, which sits
+/// above the channels: the cluster reaches it only through this).
+pub trait SharedPositions: Send + Sync {
+    /// The positions this node shares now (its live channels' and its remembered ones).
+    fn share(&self) -> HashMap<Key, Shared>;
+    /// Positions node `node` published (`reset`: all of them; `bye`: its last).
+    fn cluster_update(
+        &self,
+        node: u64,
+        reset: bool,
+        bye: bool,
+        entries: Vec<(Key, Option<Shared>)>,
+    );
+    /// Node `node` is gone: its positions become remembered ones here.
+    fn cluster_node_gone(&self, node: u64);
+    /// No channel is live on this node any more.
+    fn none_live(&self) -> bool;
+}
 
 /// How often a node publishes its positions: a rejoin on another node after this node died
 /// resumes from a position at most this old (and gets again what was sent meanwhile).
@@ -33,14 +65,14 @@ type WireEntry = (String, Option<(u64, u64, bool, u64)>);
 
 impl Cluster {
     /// Publishes this node's positions until shutdown.
-    pub(super) async fn positions_out(self: Arc<Self>, pg: Arc<PgChanges>) {
+    pub(super) async fn positions_out(self: Arc<Self>, pg: Arc<dyn SharedPositions>) {
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last: HashMap<Key, Shared> = HashMap::new();
         let mut count: u32 = 0;
         loop {
             tick.tick().await;
-            let now = pg.history.share();
+            let now = pg.share();
             let full = count.is_multiple_of(FULL_EVERY);
             count = count.wrapping_add(1);
             let entries: Vec<(Key, Option<Shared>)> = if full {
@@ -77,8 +109,7 @@ impl Cluster {
             return Vec::new();
         };
         let entries =
-            a.pg.history
-                .share()
+            a.pg.share()
                 .into_iter()
                 .map(|(k, s)| (k, Some(s)))
                 .collect();
@@ -138,7 +169,7 @@ impl Cluster {
     }
 
     /// Receives the other nodes' positions.
-    pub(super) async fn positions_in(self: Arc<Self>, pg: Arc<PgChanges>) {
+    pub(super) async fn positions_in(self: Arc<Self>, pg: Arc<dyn SharedPositions>) {
         let subject = wire::positions_subject(&self.settings.prefix);
         let mut sub = loop {
             match self.client.subscribe(subject.clone()).await {
@@ -184,7 +215,7 @@ impl Cluster {
                     )
                 })
                 .collect();
-            pg.history.cluster_update(origin, reset, bye, entries);
+            pg.cluster_update(origin, reset, bye, entries);
         }
     }
 }
