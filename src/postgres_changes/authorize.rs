@@ -357,48 +357,14 @@ impl Authorizer {
             ));
         }
         client.simple_query(&setup).await?;
-        let roles: Vec<&str> = members
-            .iter()
-            .map(|&i| requests[i].cohort.role.as_str())
-            .collect();
-        let claims: Vec<&str> = members
-            .iter()
-            .map(|&i| requests[i].cohort.claims.as_str())
-            .collect();
-        let subs: Vec<&str> = members
-            .iter()
-            .map(|&i| requests[i].cohort.sub.as_str())
-            .collect();
+        let cohorts: Vec<&Cohort> = members.iter().map(|&i| &*requests[i].cohort).collect();
         let stmts: Vec<&str> = members
             .iter()
             .map(|&i| statements[i].as_deref().unwrap_or("SELECT NULL::text[]"))
             .collect();
-        let rows = client
-            .query_typed(
-                "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
-                &[
-                    (&roles, Type::TEXT_ARRAY),
-                    (&claims, Type::TEXT_ARRAY),
-                    (&subs, Type::TEXT_ARRAY),
-                    (&stmts, Type::TEXT_ARRAY),
-                ],
-            )
-            .await
-            .map_err(|e| match e.as_db_error() {
-                Some(db) => CheckError::Lookup {
-                    code: db.code().code().to_owned(),
-                    message: db.message().to_owned(),
-                },
-                None => CheckError::Sql(e),
-            })?;
         let mut out = Vec::with_capacity(members.len());
-        for row in rows {
-            let cohort: i32 = row.try_get(0)?;
-            let visible: Option<Vec<String>> = row.try_get(1)?;
-            let i = usize::try_from(cohort - 1)
-                .ok()
-                .and_then(|i| members.get(i).copied())
-                .ok_or(CheckError::UnknownCohort(cohort))?;
+        for (at, visible) in check_cohorts(client, &cohorts, &stmts).await? {
+            let i = members[at];
             let mut keys = HashSet::new();
             for key in visible.unwrap_or_default() {
                 // Every key comes as a JSON array of its columns' texts.
@@ -725,21 +691,8 @@ impl Authorizer {
         }
         let mut out = vec![HashSet::new(); requests.len()];
         for (n, call) in calls.iter().enumerate() {
-            let roles: Vec<&str> = call
-                .members
-                .iter()
-                .map(|&i| requests[i].cohort.role.as_str())
-                .collect();
-            let claims: Vec<&str> = call
-                .members
-                .iter()
-                .map(|&i| requests[i].cohort.claims.as_str())
-                .collect();
-            let subs: Vec<&str> = call
-                .members
-                .iter()
-                .map(|&i| requests[i].cohort.sub.as_str())
-                .collect();
+            let cohorts: Vec<&Cohort> =
+                call.members.iter().map(|&i| &*requests[i].cohort).collect();
             let stmts: Vec<&str> = call
                 .members
                 .iter()
@@ -752,26 +705,7 @@ impl Authorizer {
                     .await?;
             }
             let started = Instant::now();
-            // One unnamed statement per call (parsed, bound and run in one round trip): the
-            // lookups inside it are prepared statements.
-            let rows = client
-                .query_typed(
-                    "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
-                    &[
-                        (&roles, Type::TEXT_ARRAY),
-                        (&claims, Type::TEXT_ARRAY),
-                        (&subs, Type::TEXT_ARRAY),
-                        (&stmts, Type::TEXT_ARRAY),
-                    ],
-                )
-                .await
-                .map_err(|e| match e.as_db_error() {
-                    Some(db) => CheckError::Lookup {
-                        code: db.code().code().to_owned(),
-                        message: db.message().to_owned(),
-                    },
-                    None => CheckError::Sql(e),
-                })?;
+            let answers = check_cohorts(client, &cohorts, &stmts).await?;
             if let Some(table) = call.timed {
                 let keys = call.members.iter().map(|&i| requests[i].pks.len()).sum();
                 let micros = started.elapsed().as_secs_f64() * 1e6;
@@ -782,13 +716,8 @@ impl Authorizer {
                     .or_default()
                     .record(call.mode, micros, keys);
             }
-            for row in rows {
-                let cohort: i32 = row.try_get(0)?;
-                let visible: Option<Vec<String>> = row.try_get(1)?;
-                let i = usize::try_from(cohort - 1)
-                    .ok()
-                    .and_then(|i| call.members.get(i).copied())
-                    .ok_or(CheckError::UnknownCohort(cohort))?;
+            for (at, visible) in answers {
+                let i = call.members[at];
                 let composite = requests[i].table.pk.len() > 1;
                 for key in visible.unwrap_or_default() {
                     // A composite key comes as a JSON array of its columns' texts.
@@ -989,6 +918,49 @@ fn old_rows_sql(r: &OldRowRequest, p: &Policies) -> Option<String> {
         names.join(", "),
         p.cond
     ))
+}
+
+/// One call of `walcast.check_cohorts`: statement `stmts[n]` run under `cohorts[n]`'s role and
+/// claims, for every `n`; answers (n, the keys it returned), with the function's own errors as
+/// [`CheckError::Lookup`]. One unnamed statement (parsed, bound and run in one round trip): the
+/// lookups inside it are prepared statements.
+async fn check_cohorts(
+    client: &crate::db::PooledClient,
+    cohorts: &[&Cohort],
+    stmts: &[&str],
+) -> Result<Vec<(usize, Option<Vec<String>>)>, CheckError> {
+    let roles: Vec<&str> = cohorts.iter().map(|c| c.role.as_str()).collect();
+    let claims: Vec<&str> = cohorts.iter().map(|c| c.claims.as_str()).collect();
+    let subs: Vec<&str> = cohorts.iter().map(|c| c.sub.as_str()).collect();
+    let rows = client
+        .query_typed(
+            "SELECT cohort, visible FROM walcast.check_cohorts($1, $2, $3, $4)",
+            &[
+                (&roles, Type::TEXT_ARRAY),
+                (&claims, Type::TEXT_ARRAY),
+                (&subs, Type::TEXT_ARRAY),
+                (&stmts, Type::TEXT_ARRAY),
+            ],
+        )
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db) => CheckError::Lookup {
+                code: db.code().code().to_owned(),
+                message: db.message().to_owned(),
+            },
+            None => CheckError::Sql(e),
+        })?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let cohort: i32 = row.try_get(0)?;
+        let visible: Option<Vec<String>> = row.try_get(1)?;
+        let at = usize::try_from(cohort - 1)
+            .ok()
+            .filter(|&at| at < cohorts.len())
+            .ok_or(CheckError::UnknownCohort(cohort))?;
+        out.push((at, visible));
+    }
+    Ok(out)
 }
 
 /// Records the batch's duration when the check ends, however it ends.
