@@ -470,14 +470,8 @@ pub(crate) async fn cluster(a: ClusterArgs) -> anyhow::Result<()> {
                 format!("{}/{}", c.received, c.expected),
             );
         }
-        let best = |pick: &dyn Fn(&(u64, Point, Point)) -> &Point| {
-            rows.iter()
-                .map(pick)
-                .filter(|p| p.p99_ms <= a.p99_bound_ms && p.received == p.expected)
-                .map(|p| p.delivered_per_sec)
-                .fold(0.0_f64, f64::max)
-        };
-        let (one_best, n_best) = (best(&|r| &r.1), best(&|r| &r.2));
+        let one_best = best_within(rows.iter().map(|r| &r.1), a.p99_bound_ms);
+        let n_best = best_within(rows.iter().map(|r| &r.2), a.p99_bound_ms);
         println!(
             "highest deliveries/s with p99 <= {} ms and nothing lost: 1 node {:.0}, {} nodes {:.0}",
             a.p99_bound_ms, one_best, a.nodes, n_best
@@ -504,6 +498,14 @@ pub(crate) async fn cluster(a: ClusterArgs) -> anyhow::Result<()> {
         "shapes": report});
     crate::harness::save_results("cluster", &out, &panels)?;
     Ok(())
+}
+
+/// The highest deliveries/s among `points` with p99 within `bound_ms` and nothing lost (0: none).
+fn best_within<'a>(points: impl Iterator<Item = &'a Point>, bound_ms: f64) -> f64 {
+    points
+        .filter(|p| p.p99_ms <= bound_ms && p.received == p.expected)
+        .map(|p| p.delivered_per_sec)
+        .fold(0.0_f64, f64::max)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -598,15 +600,8 @@ pub(crate) async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 n.cpu_us_per_delivery()
             );
         }
-        let best = |pick: &dyn Fn(&(u64, Point, Point)) -> &Point| {
-            rows.iter()
-                .map(pick)
-                .filter(|p| p.p99_ms <= a.p99_bound_ms && p.received == p.expected)
-                .map(|p| p.delivered_per_sec)
-                .fold(0.0_f64, f64::max)
-        };
-        let wb = best(&|r| &r.1);
-        let nb = best(&|r| &r.2);
+        let wb = best_within(rows.iter().map(|r| &r.1), a.p99_bound_ms);
+        let nb = best_within(rows.iter().map(|r| &r.2), a.p99_bound_ms);
         let ratio = if nb > 0.0 { wb / nb } else { 0.0 };
         println!(
             "highest deliveries/s with p99 <= {} ms and nothing lost: walcast {:.0}, nats-server {:.0}, ratio {:.2}",
